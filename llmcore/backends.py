@@ -1,0 +1,147 @@
+"""Which backends exist here, and the rule that picks one.
+
+Backends: "torch" (eager reference, always), "triton" (the Triton kernels: CUDA tensors, or CPU
+tensors under TRITON_INTERPRET=1), "native" (llmcore._native, the compiled csrc kernels, CPU or
+CUDA) and, for attention only, "flash_attn" (the external package, CUDA only).
+
+"auto" picks the fastest one available for the tensor's device: on CUDA triton, then native,
+then torch; on CPU native, then torch (the Triton interpreter is a testing tool, never picked
+automatically). LLMCORE_BACKEND, read at call time, overrides "auto". A backend asked for by
+name that cannot run raises; it never silently falls back.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+
+import torch
+
+FAMILIES = ("norm", "cross_entropy", "attention")
+BACKENDS = ("triton", "native", "torch", "flash_attn")
+
+# Which backends implement each op family. A backend is listed here once its kernels and
+# registration exist in llmcore/ops/<family>.py.
+IMPLEMENTED: dict[str, tuple[str, ...]] = {
+    "norm": ("torch",),
+    "cross_entropy": ("torch",),
+    "attention": ("torch",),
+}
+
+_AUTO_ORDER = {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name and cannot run for this op and device."""
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed (pip install triton)"
+    try:
+        importlib.import_module("triton.language")
+    except Exception as exc:  # a broken install: report why
+        return f"importing triton failed: {exc}"
+    return None
+
+
+def native_module():
+    """The compiled extension, or None when it was not built here."""
+    return _load_native()[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _load_native():
+    try:
+        mod = importlib.import_module("llmcore._native")
+    except ImportError as exc:
+        return None, f"llmcore._native is not built ({exc}); reinstall without LLMCORE_SKIP_NATIVE"
+    return mod, None
+
+
+def _native_has_cuda() -> bool:
+    mod = native_module()
+    return bool(mod is not None and getattr(mod, "has_cuda", lambda: False)())
+
+
+def _why_not(family: str, backend: str, device_type: str) -> str | None:
+    """None when `backend` can run `family` on `device_type`, else the reason it cannot."""
+    if backend not in IMPLEMENTED[family]:
+        return f"llmcore has no {backend} kernels for {family} yet"
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        err = _triton_import_error()
+        if err:
+            return err
+        if device_type == "cuda":
+            return None if torch.cuda.is_available() else "no CUDA device"
+        if device_type == "cpu":
+            return None if _interpret() else "Triton runs CPU tensors only under TRITON_INTERPRET=1"
+        return f"Triton does not run on {device_type} tensors"
+    if backend == "native":
+        mod, err = _load_native()
+        if mod is None:
+            return err
+        if device_type == "cpu":
+            return None
+        if device_type == "cuda":
+            return None if _native_has_cuda() else "llmcore._native was built without CUDA kernels"
+        return f"no native kernels for {device_type} tensors"
+    if backend == "flash_attn":
+        if importlib.util.find_spec("flash_attn") is None:
+            return "the flash_attn package is not installed"
+        return None if device_type == "cuda" else "flash_attn runs only on CUDA tensors"
+    raise AssertionError(backend)
+
+
+def _auto(family: str, device_type: str) -> str:
+    for name in _AUTO_ORDER.get(device_type, ("torch",)):
+        if _why_not(family, name, device_type) is None:
+            return name
+    return "torch"
+
+
+def resolve(family: str, backend: str, device: torch.device | str) -> str:
+    """The concrete backend to run `family` with on `device`, following the rule above."""
+    device_type = torch.device(device).type
+    if backend == "auto":
+        backend = os.environ.get("LLMCORE_BACKEND", "auto") or "auto"
+    if backend == "auto":
+        return _auto(family, device_type)
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}"
+        )
+    if backend == "flash_attn" and family != "attention":
+        raise ValueError(f"backend 'flash_attn' exists only for attention, not {family}")
+    reason = _why_not(family, backend, device_type)
+    if reason is not None:
+        raise BackendUnavailableError(
+            f"backend {backend!r} cannot run {family} on {device_type} tensors: {reason}"
+        )
+    return backend
+
+
+def available_backends() -> dict:
+    """Per op family and device type: each backend -> {"available": bool, "reason": str|None},
+    plus "auto": the backend "auto" picks there."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    report: dict = {}
+    for family in FAMILIES:
+        report[family] = {}
+        for dev in devices:
+            names = BACKENDS if family == "attention" else BACKENDS[:-1]
+            entry = {}
+            for name in names:
+                reason = _why_not(family, name, dev)
+                entry[name] = {"available": reason is None, "reason": reason}
+            entry["auto"] = _auto(family, dev)
+            report[family][dev] = entry
+    return report

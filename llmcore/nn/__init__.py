@@ -1,0 +1,6 @@
+"""Drop-in modules backed by llmcore ops. They never import Triton."""
+from llmcore.nn.norm import LayerNorm, RMSNorm
+from llmcore.nn.loss import CrossEntropyLoss, LinearCrossEntropyLoss
+from llmcore.nn.attention import SelfAttention
+
+__all__ = ["LayerNorm", "RMSNorm", "CrossEntropyLoss", "LinearCrossEntropyLoss", "SelfAttention"]

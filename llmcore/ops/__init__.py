@@ -1,0 +1,2 @@
+"""Public ops, one module per family: input checks, backend dispatch, torch.library
+registration (fake impls, autograd) of the kernel-backed implementations."""

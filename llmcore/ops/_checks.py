@@ -1,0 +1,67 @@
+"""Input checks shared by the public ops. Each raises with a message that names the argument
+and what was expected, before any kernel runs."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def floating(name: str, t: torch.Tensor) -> None:
+    tensor(name, t)
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def integer(name: str, t: torch.Tensor) -> None:
+    tensor(name, t)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (class indices), got dtype {t.dtype}")
+
+
+def same_device(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str = "input") -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
+
+
+def same_dtype(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str = "input") -> None:
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must have {ref_name}'s dtype {ref.dtype}, got {t.dtype}")
+
+
+def shape(name: str, t: torch.Tensor, expected: Sequence[int]) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def ndim(name: str, t: torch.Tensor, dims: int | Sequence[int]) -> None:
+    allowed = (dims,) if isinstance(dims, int) else tuple(dims)
+    if t.dim() not in allowed:
+        want = " or ".join(str(d) for d in allowed)
+        raise ValueError(f"{name} must be {want}-dimensional, got shape {tuple(t.shape)}")
+
+
+def choice(name: str, value, allowed: Sequence) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+def normalized_shape(shape_arg, input: torch.Tensor) -> tuple[int, ...]:
+    """Checks `normalized_shape` against the trailing dims of `input`; returns it as a tuple."""
+    if isinstance(shape_arg, int):
+        shape_arg = (shape_arg,)
+    try:
+        dims = tuple(int(d) for d in shape_arg)
+    except TypeError:
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {shape_arg!r}")
+    if len(dims) == 0 or len(dims) > input.dim() or tuple(input.shape[-len(dims):]) != dims:
+        raise ValueError(
+            f"normalized_shape {dims} must equal the trailing dims of input, whose shape is "
+            f"{tuple(input.shape)}"
+        )
+    return dims

@@ -1,0 +1,78 @@
+"""Shared fixtures and the oracle tolerance rule.
+
+Rule (from flash-attention's tests): an implementation's error against the float64 oracle may
+be at most 2x the error of eager PyTorch in the same dtype, plus a small atol.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+# Triton decides at @triton.jit time whether a kernel is interpreted, so the interpreter must be
+# switched on before any llmcore kernel module is imported: on a machine without CUDA the whole
+# session runs Triton kernels on the CPU through it.
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def default_atol(dtype: torch.dtype) -> float:
+    return {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3,
+            torch.bfloat16: 1e-2}[dtype]
+
+
+def assert_close_to_oracle(out, eager, oracle, *, atol=None, factor=2.0, name="output"):
+    """|out - oracle| <= factor * max|eager - oracle| + atol, elementwise max.
+
+    `out` is the implementation under test, `eager` eager PyTorch in the same dtype, `oracle`
+    the float64 result. On failure reports the worst index and the three values there."""
+    assert out.shape == oracle.shape, f"{name}: shape {tuple(out.shape)} != {tuple(oracle.shape)}"
+    assert out.dtype == eager.dtype, f"{name}: dtype {out.dtype} != eager's {eager.dtype}"
+    if atol is None:
+        atol = default_atol(out.dtype)
+    o64, e64, r64 = out.double(), eager.double(), oracle.double()
+    if out.numel() == 0:
+        return
+    # non-finite values must agree exactly in position and value
+    fin = torch.isfinite(r64)
+    assert torch.equal(torch.isfinite(o64), fin), f"{name}: non-finite pattern differs from oracle"
+    assert torch.equal(o64[~fin], r64[~fin]) or bool(torch.isnan(r64[~fin]).all() and torch.isnan(o64[~fin]).all()), \
+        f"{name}: non-finite values differ"
+    err = (o64 - r64).abs().where(fin, torch.zeros_like(o64))
+    eager_err = (e64 - r64).abs().where(fin, torch.zeros_like(e64)).max().item()
+    bound = factor * eager_err + atol
+    worst = err.max().item()
+    if worst > bound:
+        idx = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
+        raise AssertionError(
+            f"{name}: max error {worst:.3e} > bound {bound:.3e} (eager error {eager_err:.3e}); "
+            f"worst at {idx}: got {o64[idx].item():.6g}, eager {e64[idx].item():.6g}, "
+            f"oracle {r64[idx].item():.6g}"
+        )
+
+
+def kernel_backends(family: str, device: str = "cpu") -> list[str]:
+    """Backends whose kernels for `family` can run on `device` here (triton on the CPU through
+    the interpreter). Tests parametrise over these so every backend meets the same suite."""
+    from llmcore import backends
+
+    return [name for name in backends.IMPLEMENTED[family]
+            if backends._why_not(family, name, device) is None]
