@@ -18,3 +18,11 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, residual=None):
     h = x if residual is None else x + residual
     out = F.rms_norm(h, normalized_shape, weight, eps)
     return out if residual is None else (out, h)
+
+
+# ---------------------------------------------------------------------------- cross-entropy
+# (cross_entropy, linear_cross_entropy: written by the cross-entropy work)
+
+
+# ---------------------------------------------------------------------------- attention
+# (attention, flash-attn API: written by the attention work)
