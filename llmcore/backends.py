@@ -24,9 +24,9 @@ BACKENDS = ("triton", "native", "torch", "flash_attn")
 # Which backends implement each op family. A backend is listed here once its kernels and
 # registration exist in llmcore/ops/<family>.py.
 IMPLEMENTED: dict[str, tuple[str, ...]] = {
-    "norm": ("torch",),
-    "cross_entropy": ("torch",),
-    "attention": ("torch",),
+    "norm": ("torch", "native", "triton"),
+    "cross_entropy": ("torch", "triton", "native"),
+    "attention": ("torch", "flash_attn", "triton"),
 }
 
 _AUTO_ORDER = {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")}
@@ -108,6 +108,9 @@ def _auto(family: str, device_type: str) -> str:
     return "torch"
 
 
+# Under torch.compile the choice is made once at trace time and baked into the graph (dynamo
+# cannot trace the import probes above, and a per-call choice would break fullgraph=True).
+@torch.compiler.assume_constant_result
 def resolve(family: str, backend: str, device: torch.device | str) -> str:
     """The concrete backend to run `family` with on `device`, following the rule above."""
     device_type = torch.device(device).type

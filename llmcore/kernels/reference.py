@@ -21,8 +21,172 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, residual=None):
 
 
 # ---------------------------------------------------------------------------- cross-entropy
-# (cross_entropy, linear_cross_entropy: written by the cross-entropy work)
+# Semantics (documented in full in llmcore/ops/cross_entropy.py): logits are first capped to
+# softcap*tanh(logits/softcap); the loss is F.cross_entropy's; z_loss adds w[t]*z_loss*lse^2 per
+# valid token (lse = logsumexp of the capped logits, w[t] the class weight of its target, 1
+# without weight), reduced with F's denominator (sum of w[t] over valid tokens for "mean").
+
+def cross_entropy(logits, target, weight=None, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0, z_loss=0.0, softcap=None):
+    # logits (C,), (N, C) or (N, C, d1, ...); target: logits' shape without the class dim.
+    # float16/bfloat16 are computed in float32 and the loss rounded once at the end: F in half
+    # precision overflows, e.g. the label-smoothing sum over a 50k vocabulary in float16.
+    dtype = logits.dtype
+    acc = torch.promote_types(dtype, torch.float32)
+    logits = logits.to(acc)
+    weight = weight.to(acc) if weight is not None else None
+    target = target.long()                                           # F takes int64 only
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    loss = F.cross_entropy(logits, target, weight, ignore_index=ignore_index,
+                           reduction=reduction, label_smoothing=label_smoothing)
+    if z_loss == 0:
+        return loss.to(dtype)
+    class_dim = 1 if logits.dim() > 1 else 0
+    valid = target != ignore_index                                   # target's shape
+    safe_target = torch.where(valid, target, 0)
+    if weight is not None:
+        w_t = torch.where(valid, weight[safe_target], 0)             # w[t], 0 on ignored tokens
+    else:
+        w_t = valid.to(logits.dtype)
+    lse = torch.logsumexp(logits, dim=class_dim)                     # target's shape
+    # torch.where, not a product with the mask: ignored tokens get an exact 0 gradient even
+    # when the "mean" denominator below is 0 (all tokens ignored), as F.cross_entropy gives.
+    z = torch.where(valid, z_loss * w_t * lse * lse, 0)
+    if reduction == "none":
+        return (loss + z).to(dtype)
+    if reduction == "sum":
+        return (loss + z.sum()).to(dtype)
+    return (loss + z.sum() / w_t.sum()).to(dtype)
+
+
+def cross_entropy_rows(logits, target, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+                       softcap=None, grad_scale=None):
+    """Per-row loss of logits (n, V) against class indices target (n,) and, when grad_scale is
+    given, its gradient wrt the logits times grad_scale (a 0-dim or (n,) tensor): the per-chunk
+    step of linear_cross_entropy. No class weight. Returns (loss (n,), dlogits (n, V) or None) in
+    float32 (float64 for float64 logits); ignored rows have loss 0 and gradient 0. May overwrite
+    `logits` (the caller's chunk buffer); a kernel backend's version of this function may return
+    dlogits in the logits' dtype, written in place (the chunk loop casts as it needs).
+
+    With y = softcap*tanh(logits/softcap) (or y = logits), lse = logsumexp(y), p = softmax(y),
+    e = label_smoothing, t the target:
+        loss    = lse - (1-e) y[t] - e/V sum_c y[c] + z_loss lse^2
+        dloss/dy = p (1 + 2 z_loss lse) - (1-e) onehot(t) - e/V
+        dloss/dlogits = dloss/dy * (1 - (y/softcap)^2)
+    """
+    n, n_classes = logits.shape
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    y = logits.to(acc)                                               # (n, V)
+    capped = None
+    if softcap is not None:
+        capped = y.div_(softcap).tanh_()                             # tanh(logits/softcap)
+        y = capped * softcap
+    valid = target != ignore_index                                   # (n,)
+    safe_target = torch.where(valid, target.long(), 0)[:, None]      # (n, 1) int64 for gather
+    lse = torch.logsumexp(y, dim=1)                                  # (n,)
+    loss = lse - (1.0 - label_smoothing) * y.gather(1, safe_target).squeeze(1)
+    if label_smoothing > 0:
+        loss = loss - (label_smoothing / n_classes) * y.sum(1)
+    if z_loss > 0:
+        loss = loss + z_loss * lse * lse
+    loss = torch.where(valid, loss, 0)
+    if grad_scale is None:
+        return loss, None
+    row = torch.where(valid, grad_scale.to(acc), 0).expand(n)        # (n,) scale, 0 if ignored
+    dlogits = y.sub_(lse[:, None]).exp_()                            # p, in place over y
+    dlogits.mul_((row * (1.0 + 2.0 * z_loss * lse))[:, None])
+    dlogits.scatter_add_(1, safe_target, (-(1.0 - label_smoothing) * row)[:, None])
+    if label_smoothing > 0:
+        dlogits.sub_(((label_smoothing / n_classes) * row)[:, None])
+    if capped is not None:
+        dlogits.mul_(capped.square_().neg_().add_(1.0))              # d tanh = 1 - tanh^2
+    return loss, dlogits
 
 
 # ---------------------------------------------------------------------------- attention
-# (attention, flash-attn API: written by the attention work)
+# One generic op that llmcore.attention, flash_attn_func and flash_attn_varlen_func all map onto
+# (its contract is documented at llmcore.ops.attention._attention_core). For query row i and
+# key j of one sequence, with scale c and diagonal offset o (0 top-left, Nk - Nq bottom-right):
+#   s_ij = c * q_i.k_j ;  s_ij = softcap * tanh(s_ij / softcap)   (softcap > 0)
+#   s_ij -= slope * |i + o - j|   (ALiBi) ;  s_ij += attn_mask_ij   (float mask)
+#   allowed_ij = attn_mask_ij (bool mask) and i + o - left <= j <= i + o + right   (-1: unbounded)
+#   p_i = softmax over allowed j of s_i ;  out_i = sum_j dropout(p_ij) v_j
+# A row with no allowed key (or every score -inf) has p_i = 0, so out_i = 0 and zero gradients,
+# like F.scaled_dot_product_attention and flash-attn. This is a materialised (B, H, Nq, Nk)
+# implementation: the oracle semantics, not a fast path.
+
+def _sequence_layout(cu_seqlens, total, device):
+    """For each of `total` packed rows: (sequence index, position inside the sequence), plus the
+    length of every sequence. cu_seqlens (S+1,) int or None (one sequence of `total` rows)."""
+    rows = torch.arange(total, device=device)
+    if cu_seqlens is None:
+        return torch.zeros_like(rows), rows, torch.full((1,), total, device=device)
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    # right=True: a row at a boundary belongs to the next sequence, and empty sequences are skipped
+    seq = torch.searchsorted(cu[1:], rows, right=True)
+    return seq, rows - cu[seq], cu[1:] - cu[:-1]
+
+
+def attention(q, k, v, *, scale, window=(-1, -1), bottom_right=False, softcap=0.0,
+              attn_mask=None, alibi_slopes=None, dropout_p=0.0, cu_seqlens_q=None,
+              cu_seqlens_k=None, return_lse=False, **unused):
+    # q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv); Hq a multiple of Hkv (GQA: query
+    # head h reads kv head h // (Hq / Hkv)). Varlen: B == 1 and rows packed by cu_seqlens_q/k.
+    # `unused` takes the options that only steer kernels (max_seqlen_*, deterministic).
+    B, Hq, Nq, _ = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    # half-precision inputs: scores, softmax and the output sum in float32, one cast at the end
+    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
+    if Hq != Hkv:
+        kc = kc.repeat_interleave(Hq // Hkv, dim=1)
+        vc = vc.repeat_interleave(Hq // Hkv, dim=1)
+    s = torch.matmul(qc, kc.transpose(-2, -1)) * scale                  # (B, Hq, Nq, Nk)
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+
+    left, right = window
+    positional = cu_seqlens_q is not None or left >= 0 or right >= 0 or alibi_slopes is not None
+    keep = None                                                         # bool, broadcasts to s
+    if positional:
+        seq_q, pos_q, len_q = _sequence_layout(cu_seqlens_q, Nq, q.device)
+        seq_k, pos_k, len_k = _sequence_layout(cu_seqlens_k, Nk, q.device)
+        diag = pos_q + (len_k - len_q)[seq_q] if bottom_right else pos_q  # (Nq,)
+        rel = pos_k[None, :] - diag[:, None]                            # (Nq, Nk): j - (i + o)
+        keep = seq_q[:, None] == seq_k[None, :]
+        if left >= 0:
+            keep = keep & (rel >= -left)
+        if right >= 0:
+            keep = keep & (rel <= right)
+        if alibi_slopes is not None:
+            slopes = alibi_slopes.to(compute)                           # (B or S, Hq)
+            if cu_seqlens_q is not None:
+                slopes = slopes[seq_q].t()[None, :, :, None]            # (1, Hq, Nq, 1)
+            else:
+                slopes = slopes[:, :, None, None]                       # (B, Hq, 1, 1)
+            s = s - slopes * rel.abs().to(compute)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            keep = attn_mask if keep is None else keep & attn_mask
+        else:
+            s = s + attn_mask.to(compute)
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+
+    # softmax that maps an all -inf row to 0: the row max is only a shift (no gradient), and 0
+    # where the row has no finite score, so exp gives 0 there instead of exp(nan)
+    m = s.detach().amax(-1, keepdim=True) if Nk > 0 else s.new_zeros(B, Hq, Nq, 1)
+    m = m.masked_fill(m == float("-inf"), 0.0)
+    e = torch.exp(s - m)
+    l = e.sum(-1, keepdim=True)                                         # (B, Hq, Nq, 1)
+    p = e / l.masked_fill(l == 0, 1.0)
+    if dropout_p > 0:
+        p = F.dropout(p, dropout_p, training=True)                      # keeps p / (1 - dropout_p)
+    out = torch.matmul(p, vc).to(q.dtype)                               # (B, Hq, Nq, Dv)
+    if not return_lse:
+        return out, None
+    # logsumexp of the scores before dropout; +inf for a row with no allowed key (flash-attn's
+    # convention, so exp(s - lse) is 0 there in a backward pass)
+    lse = (m + torch.log(l)).squeeze(-1).detach().float()
+    return out, lse.masked_fill(l.squeeze(-1) == 0, float("inf"))

@@ -5,6 +5,8 @@ residual add of a transformer block fused into the norm.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from llmcore import backends
@@ -53,3 +55,180 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None, b
 # Backend -> implementation. Kernel backends add their entries below as they land.
 _LAYER_NORM = {"torch": reference.layer_norm}
 _RMS_NORM = {"torch": reference.rms_norm}
+
+
+# ---------------------------------------------------------------------------- native backend
+# llmcore::norm_fwd / llmcore::norm_bwd are defined in C++ (schemas: csrc/torch/ops.cpp; CPU
+# kernels: csrc/cpu/norm.cpp, CUDA: csrc/cuda/norm.cu). Here: their fake impls (for
+# torch.compile / meta tensors) and autograd. The kernels see a (rows, cols) matrix; mean and
+# rstd are per-row statistics in fp32 (fp64 for fp64 inputs), the only state kept for backward.
+
+def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _norm_fwd_fake(x, residual, weight, bias, eps, rms):
+    rows = x.shape[0]
+    h = torch.empty_like(x) if residual is not None else x.new_empty((0,))
+    mean = x.new_empty((0 if rms else rows,), dtype=_stat_dtype(x))
+    rstd = x.new_empty((rows,), dtype=_stat_dtype(x))
+    return torch.empty_like(x), h, mean, rstd
+
+
+def _norm_bwd_fake(dy, dh, h, weight, mean, rstd, rms, weight_grad, bias_grad):
+    cols = h.shape[1]
+    dw = h.new_empty((cols if weight_grad else 0,), dtype=_stat_dtype(h))
+    db = h.new_empty((cols if bias_grad else 0,), dtype=_stat_dtype(h))
+    return torch.empty_like(h), dw, db
+
+
+def _norm_fwd_setup_context(ctx, inputs, output):
+    x, residual, weight, bias, _eps, rms = inputs
+    _y, h, mean, rstd = output
+    ctx.rms = rms
+    ctx.has_residual = residual is not None
+    ctx.weight_dtype = None if weight is None else weight.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
+
+
+def _norm_fwd_backward(ctx, dy, dh, _dmean, _drstd):
+    h, weight, mean, rstd = ctx.saved_tensors
+    _, dres_needed, dw_needed, db_needed, _, _ = ctx.needs_input_grad
+    dx, dw, db = torch.ops.llmcore.norm_bwd(
+        dy, dh if ctx.has_residual else None, h, weight, mean, rstd, ctx.rms,
+        bool(dw_needed), bool(db_needed))
+    return (dx, dx if dres_needed else None,
+            dw.to(ctx.weight_dtype) if dw_needed else None,
+            db.to(ctx.bias_dtype) if db_needed else None, None, None)
+
+
+def _register_native() -> bool:
+    if backends.native_module() is None:  # loading it registers the C++ ops
+        return False
+    torch.library.register_fake("llmcore::norm_fwd")(_norm_fwd_fake)
+    torch.library.register_fake("llmcore::norm_bwd")(_norm_bwd_fake)
+    torch.library.register_autograd("llmcore::norm_fwd", _norm_fwd_backward,
+                                    setup_context=_norm_fwd_setup_context)
+    return True
+
+
+def _native_norm(x, dims, weight, bias, eps, residual, rms):
+    cols = 1
+    for d in dims:
+        cols *= d
+    flat = lambda t: None if t is None else t.reshape(-1, cols)  # noqa: E731
+    y, h, _mean, _rstd = torch.ops.llmcore.norm_fwd(
+        flat(x), flat(residual), None if weight is None else weight.reshape(cols),
+        None if bias is None else bias.reshape(cols), eps, rms)
+    y = y.view(x.shape)
+    return y if residual is None else (y, h.view(x.shape))
+
+
+def _native_layer_norm(x, dims, weight, bias, eps, residual):
+    return _native_norm(x, dims, weight, bias, eps, residual, False)
+
+
+def _native_rms_norm(x, dims, weight, eps, residual):
+    return _native_norm(x, dims, weight, None, eps, residual, True)
+
+
+if _register_native():
+    _LAYER_NORM["native"] = _native_layer_norm
+    _RMS_NORM["native"] = _native_rms_norm
+
+
+# ---------------------------------------------------------------------------- triton backend
+# llmcore_triton::norm_fwd / norm_bwd: the kernels of llmcore/kernels/triton/norm.py, with the
+# schemas and saved state of the native ops above; their outputs are always contiguous. They are
+# custom_ops (opaque to torch.compile) rather than triton_ops: triton_op traces its body with
+# FakeTensors, which the Triton interpreter that runs these kernels on CPU tensors cannot take.
+# The kernel module is imported on first call, so importing llmcore never imports triton.
+
+@torch.library.custom_op("llmcore_triton::norm_fwd", mutates_args=())
+def _triton_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor],
+                     weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+                     rms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # x, residual (M, N); weight, bias (N,) -> y (M, N), h (M, N) or (0,) without residual,
+    # mean (M,) or (0,) for rms, rstd (M,)
+    from llmcore.kernels.triton import norm as kernels
+
+    y, h, mean, rstd = kernels.norm_fwd(x, residual, weight, bias, eps, rms)
+    if h is None:
+        h = x.new_empty((0,))
+    if mean is None:
+        mean = rstd.new_empty((0,))
+    return y, h, mean, rstd
+
+
+@torch.library.custom_op("llmcore_triton::norm_bwd", mutates_args=())
+def _triton_norm_bwd(dy: torch.Tensor, dh: Optional[torch.Tensor], h: torch.Tensor,
+                     weight: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
+                     rms: bool, weight_grad: bool, bias_grad: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # -> dx (M, N), dweight (N,) or (0,), dbias (N,) or (0,); dweight/dbias in rstd's dtype
+    from llmcore.kernels.triton import norm as kernels
+
+    dx, dw, db = kernels.norm_bwd(dy, dh, h, weight, None if rms else mean, rstd, rms,
+                                  weight_grad, bias_grad)
+    return (dx, dw if dw is not None else rstd.new_empty((0,)),
+            db if db is not None else rstd.new_empty((0,)))
+
+
+def _triton_norm_fwd_backward(ctx, dy, dh, _dmean, _drstd):
+    h, weight, mean, rstd = ctx.saved_tensors
+    _, dres_needed, dw_needed, db_needed, _, _ = ctx.needs_input_grad
+    dx, dw, db = _triton_norm_bwd(dy, dh if ctx.has_residual else None, h, weight, mean, rstd,
+                                  ctx.rms, bool(dw_needed), bool(db_needed))
+    return (dx, dx if dres_needed else None,
+            dw.to(ctx.weight_dtype) if dw_needed else None,
+            db.to(ctx.bias_dtype) if db_needed else None, None, None)
+
+
+@_triton_norm_fwd.register_fake
+def _(x, residual, weight, bias, eps, rms):
+    # as the native ops', but the Triton launchers return contiguous tensors whatever x's strides
+    rows, cols = x.shape
+    stat = _stat_dtype(x)
+    h = x.new_empty((rows, cols)) if residual is not None else x.new_empty((0,))
+    return (x.new_empty((rows, cols)), h, x.new_empty((0 if rms else rows,), dtype=stat),
+            x.new_empty((rows,), dtype=stat))
+
+
+@_triton_norm_bwd.register_fake
+def _(dy, dh, h, weight, mean, rstd, rms, weight_grad, bias_grad):
+    rows, cols = h.shape
+    stat = _stat_dtype(h)
+    return (h.new_empty((rows, cols)), h.new_empty((cols if weight_grad else 0,), dtype=stat),
+            h.new_empty((cols if bias_grad else 0,), dtype=stat))
+
+
+_triton_norm_fwd.register_autograd(_triton_norm_fwd_backward, setup_context=_norm_fwd_setup_context)
+
+
+def _triton_norm(x, dims, weight, bias, eps, residual, rms):
+    cols = 1
+    for d in dims:
+        cols *= d
+    from llmcore.kernels.triton.norm import check_row_size
+
+    # before any tracing or launch: rows longer than the kernels hold raise a clear error
+    check_row_size(cols, x.dtype, "rms_norm" if rms else "layer_norm")
+    flat = lambda t: None if t is None else t.reshape(-1, cols)  # noqa: E731  views when possible
+    y, h, _mean, _rstd = _triton_norm_fwd(
+        flat(x), flat(residual), None if weight is None else weight.reshape(cols),
+        None if bias is None else bias.reshape(cols), eps, rms)
+    y = y.view(x.shape)
+    return y if residual is None else (y, h.view(x.shape))
+
+
+def _triton_layer_norm(x, dims, weight, bias, eps, residual):
+    return _triton_norm(x, dims, weight, bias, eps, residual, False)
+
+
+def _triton_rms_norm(x, dims, weight, eps, residual):
+    return _triton_norm(x, dims, weight, None, eps, residual, True)
+
+
+_LAYER_NORM["triton"] = _triton_layer_norm
+_RMS_NORM["triton"] = _triton_rms_norm

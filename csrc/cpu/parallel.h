@@ -1,0 +1,47 @@
+// Small helpers shared by the CPU kernels: static row partitioning for OpenMP teams.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace llmcore {
+namespace cpu {
+
+// Below this many elements a kernel runs on one thread: waking a team costs more.
+constexpr int64_t kMinParallelElems = 1 << 15;
+
+// Threads to use for `rows` rows of `cols` elements with at most `max_threads` threads.
+inline int team_size(int64_t rows, int64_t cols, int max_threads) {
+  if (max_threads < 1 || rows * cols < kMinParallelElems) return 1;
+  return int(std::min<int64_t>(max_threads, rows));
+}
+
+// Contiguous chunk k of `parts` near-equal chunks of [0, n): rows [*begin, *end).
+inline void chunk(int64_t n, int parts, int k, int64_t* begin, int64_t* end) {
+  const int64_t base = n / parts, extra = n % parts;
+  *begin = k * base + std::min<int64_t>(k, extra);
+  *end = *begin + base + (k < extra ? 1 : 0);
+}
+
+inline int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+inline int team_threads() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
+}  // namespace cpu
+}  // namespace llmcore

@@ -1,0 +1,111 @@
+"""Rough CPU timing of the native kernels against eager PyTorch (a measurement script, not a test).
+
+    python csrc/tests/bench_native.py [--reps 5]
+
+Each case runs forward + backward; time is the median over reps after one warm-up. Peak memory is
+the growth of the process's peak RSS during one forward + backward, measured in a fresh
+subprocess per (case, backend), so the numbers do not contaminate each other.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import llmcore
+
+
+def _case(name: str, backend: str):
+    """(make inputs, run fwd+bwd) for one case; backend "eager" is plain torch.nn.functional."""
+    if name in ("layer_norm", "rms_norm"):
+        def make():
+            x = torch.randn(8192, 1024, requires_grad=True)
+            w = torch.rand(1024, requires_grad=True)
+            b = torch.randn(1024, requires_grad=True)
+            return x, w, b, torch.randn(8192, 1024)
+
+        def run(x, w, b, dy):
+            if name == "layer_norm":
+                y = (F.layer_norm(x, (1024,), w, b) if backend == "eager"
+                     else llmcore.layer_norm(x, 1024, w, b, backend=backend))
+                torch.autograd.grad(y, [x, w, b], dy)
+            else:
+                y = (F.rms_norm(x, (1024,), w, 1e-6) if backend == "eager"
+                     else llmcore.rms_norm(x, 1024, w, 1e-6, backend=backend))
+                torch.autograd.grad(y, [x, w], dy)
+        return make, run
+    if name == "cross_entropy":
+        def make():
+            return (torch.randn(4096, 32000, requires_grad=True), torch.randint(0, 32000, (4096,)))
+
+        def run(x, t):
+            loss = (F.cross_entropy(x, t) if backend == "eager"
+                    else llmcore.cross_entropy(x, t, backend=backend))
+            torch.autograd.grad(loss, [x])
+        return make, run
+    if name == "linear_cross_entropy":
+        def make():
+            return (torch.randn(4096, 512, requires_grad=True),
+                    (torch.randn(32000, 512) / 512 ** 0.5).requires_grad_(),
+                    torch.randint(0, 32000, (4096,)))
+
+        def run(x, w, t):
+            loss = (F.cross_entropy(x @ w.t(), t) if backend == "eager"
+                    else llmcore.linear_cross_entropy(x, w, t, backend=backend))
+            torch.autograd.grad(loss, [x, w])
+        return make, run
+    raise ValueError(name)
+
+
+def _time(name, backend, reps):
+    make, run = _case(name, backend)
+    args = make()
+    run(*args)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run(*args)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times), max(times)
+
+
+def _peak_mib(name, backend):
+    make, run = _case(name, backend)
+    args = make()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run(*args)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (after - before) / 1024.0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--peak", nargs=2, metavar=("CASE", "BACKEND"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.peak:
+        print(json.dumps(_peak_mib(*args.peak)))
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name in ("layer_norm", "rms_norm", "cross_entropy", "linear_cross_entropy"):
+        row = {}
+        for backend in ("eager", "native"):
+            med, lo, hi = _time(name, backend, args.reps)
+            out = subprocess.run([sys.executable, __file__, "--peak", name, backend],
+                                 capture_output=True, text=True, check=True)
+            row[backend] = (med, lo, hi, json.loads(out.stdout))
+        (em, elo, ehi, epk), (nm, nlo, nhi, npk) = row["eager"], row["native"]
+        print(f"{name:22s} eager {em * 1e3:8.1f} ms [{elo * 1e3:.1f}-{ehi * 1e3:.1f}] "
+              f"peak +{epk:7.1f} MiB | native {nm * 1e3:8.1f} ms [{nlo * 1e3:.1f}-{nhi * 1e3:.1f}]"
+              f" peak +{npk:7.1f} MiB | speedup {em / nm:5.2f}x, memory {npk / max(epk, 1e-9):4.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,744 @@
+"""Fused attention in Triton: FlashAttention-2 forward and backward.
+
+Algorithm (Dao, "FlashAttention-2", 2023): a program owns a tile of BLOCK_M queries of one
+(batch, head) and streams BLOCK_N-key tiles of K and V past it, keeping the running row maximum
+m, the running normaliser l and an fp32 output accumulator (the online softmax). The N x N score
+matrix never exists in memory. Scores are kept in base 2: log2(e) is folded into the scale so
+the kernel uses exp2. The forward saves lse = log(sum_j exp(s_ij)) (natural log, fp32) per row.
+
+Backward recomputes the probabilities tile by tile from lse:
+    p_ij  = exp(s_ij - lse_i)                       softmax, recomputed
+    dv_j  = sum_i p~_ij do_i                        p~ = p * keep / (1 - dropout_p)
+    dp_ij = (do_i . v_j) * keep_ij / (1 - dropout_p)
+    ds_ij = p_ij (dp_ij - delta_i),  delta_i = sum_d do_id o_id   (= sum_j p_ij dp_ij)
+    dq_i  = scale sum_j ds'_ij k_j,  dk_j = scale sum_i ds'_ij q_i
+where ds' = ds * (1 - tanh^2(scale q.k / softcap)) with softcap (d/dx c tanh(x/c) = 1 - tanh^2),
+else ds' = ds. A preprocess kernel computes delta; one kernel owns a key tile and loops over the
+query tiles (and over every query head of its GQA group), another owns a query tile and loops
+over key tiles: dq, dk and dv are each written once, deterministically, without atomics.
+
+Visibility of key j to query i (indices local to the sequence), all optional:
+    j <= i + diag + window_right      (causal is window_right = 0)
+    j >= i + diag - window_left
+    mask[b, h, i, j]                  (bool: True = attend; or additive, added to the score)
+with diag = 0 (top-left alignment, torch's SDPA) or Lk - Lq (bottom-right, flash-attn). Tiles
+outside the visible band are skipped by the loop bounds, not just masked. Scores are, in order:
+s = scale q.k; s = softcap tanh(s / softcap); s -= slope_h |i + diag - j| (ALiBi); s += mask.
+A row that sees no key returns 0 with lse = +inf (flash-attn's convention: exp(s - lse) = 0
+there in backward, with no special case), and a zero gradient.
+
+Dropout draws keep_ij = rand(seed, offset(b, h, i, j)) >= p with Triton's counter-based Philox,
+so backward regenerates the same mask from the seed instead of storing it.
+
+Layouts: q/k/v/o are (B, H, N, D) views addressed through their strides, so flash-attn's
+(B, N, H, D) arrives as a transposed view and runs without a copy; packed varlen sequences are a
+(1, H, total, D) view plus cu_seqlens offsets (the batch axis of the grid walks the sequences).
+K/V heads are shared by GROUP = Hq // Hkv query heads. v may have its own head dim Dv.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+LOG2E = 1.4426950408889634  # log2(e)
+LN2 = 0.6931471805599453  # ln(2)
+MAX_HEAD_DIM = 256
+
+
+# ------------------------------------------------------------------------------ jit helpers
+
+# Two gaps of the Triton interpreter (CPU tests) around bfloat16, which it stores as raw uint16
+# bits: its dot multiplies those bits as integers, and its fp32 -> bf16 cast truncates. Under
+# the interpreter, _dot upcasts bf16 operands to fp32 first (what the GPU computes: bf16 x bf16
+# products are exact in fp32, accumulation is fp32 either way) and _to rounds to nearest even by
+# hand (the GPU's cast). Compiled kernels never take these branches.
+_INTERPRETED = tl.constexpr(_INTERPRET)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PREC: tl.constexpr):
+    # acc + a @ b in fp32 (acc None: a @ b)
+    if _INTERPRETED and a.dtype == tl.bfloat16:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _to(x, dtype: tl.constexpr):
+    # fp32 x -> dtype, rounding to nearest even
+    if _INTERPRETED and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits at +-inf (exp2 -> inf or 0), never NaN.
+    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def _dropout_keep(seed, dropout_p, rng_base, i, j, rng_nk):
+    # One Philox counter per (batch, head, i, j): rng_base = (b * H + h) * Nq * Nk, int64.
+    offsets = rng_base + i.to(tl.int64) * rng_nk + j
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
+def _scores(qk, i, j, Lq, Lk, diag, mask_base, smm, smn, slope2, qk_scale2, cap_scale, softcap2,
+            window_left, window_right,
+            HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
+            HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
+    """Scores of one tile in base-2 units, -inf where key j is hidden from query i.
+
+    qk: raw q.k (fp32); i, j: query / key indices broadcast to the tile's orientation, so the
+    same helper serves (BLOCK_M, BLOCK_N) and transposed (BLOCK_N, BLOCK_M) tiles. Also returns
+    t = tanh(scale q.k / softcap) for the softcap derivative (qk itself when there is none)."""
+    if HAS_SOFTCAP:
+        t = _tanh(qk * cap_scale)  # cap_scale = scale / softcap
+        s = t * softcap2  # softcap2 = softcap * log2(e)
+    else:
+        t = qk
+        s = qk * qk_scale2  # qk_scale2 = scale * log2(e)
+    if HAS_ALIBI:
+        s = s - slope2 * tl.abs(i + diag - j).to(tl.float32)  # slope2 = slope * log2(e)
+    inside = (i < Lq) & (j < Lk)
+    valid = inside
+    if HAS_WR:
+        valid = valid & (j <= i + diag + window_right)
+    if HAS_WL:
+        valid = valid & (j >= i + diag - window_left)
+    if MASK_KIND != 0:
+        m = tl.load(mask_base + i.to(tl.int64) * smm + j.to(tl.int64) * smn, mask=inside, other=0)
+        if MASK_KIND == 1:  # bool: True = attend
+            valid = valid & (m != 0)
+        else:  # additive, natural-log units
+            s = s + m.to(tl.float32) * 1.4426950408889634
+    s = tl.where(valid, s, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def _seq_bounds(CU_Q, CU_K, b, N_Q, N_K, IS_VARLEN: tl.constexpr):
+    """(start of the sequence in the packed q / k rows, its q length, its k length)."""
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        Lq = (tl.load(CU_Q + b + 1) - tl.load(CU_Q + b)).to(tl.int32)
+        Lk = (tl.load(CU_K + b + 1) - tl.load(CU_K + b)).to(tl.int32)
+    else:
+        q_start = tl.zeros((), tl.int64)
+        k_start = tl.zeros((), tl.int64)
+        Lq = tl.zeros((), tl.int32) + N_Q
+        Lk = tl.zeros((), tl.int32) + N_K
+    return q_start, k_start, Lq, Lk
+
+
+# ------------------------------------------------------------------------------ forward
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, MASK, SLOPES, CU_Q, CU_K, SEED,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+    slb, slh, slm, smb, smh, smm, smn, ssb, ssh,
+    H, GROUP, N_Q, N_K, HEAD_DIM, HEAD_DIM_V,
+    qk_scale2, cap_scale, softcap2, window_left, window_right, align, dropout_p, drop_scale,
+    SEQ_BUCKET,  # autotune key only: next power of two of the longest query sequence, capped
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # grid: (cdiv(N_Q, BLOCK_M), H, B); one program = BLOCK_M query rows of one (batch, head)
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    q_start, k_start, Lq, Lk = _seq_bounds(CU_Q, CU_K, b, N_Q, N_K, IS_VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= Lq:  # varlen: this sequence is shorter than the longest one
+        return
+    kvh = h // GROUP
+    diag = align * (Lk - Lq)
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
+    q_base = Q + b * sqb + h * sqh + q_start * sqm
+    k_base = K + b * skb + kvh * skh + k_start * skn
+    v_base = V + b * svb + kvh * svh + k_start * svn
+    mask_base = MASK + b * smb + h * smh
+    q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=(offs_m[:, None] < Lq) & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(SLOPES + b * ssb + h * ssh).to(tl.float32) * 1.4426950408889634
+    seed = 0
+    rng_base = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+        rng_base = (b * H + h) * N_Q * N_K
+
+    # key range this query tile can see: skip tiles outside the causal / window band
+    lo = 0
+    hi = Lk
+    if HAS_WR:
+        hi = tl.minimum(hi, m0 + BLOCK_M + diag + window_right)
+    if HAS_WL:
+        lo = tl.maximum(0, m0 + diag - window_left)
+        lo = (lo // BLOCK_N) * BLOCK_N
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running max, base 2
+    l_i = tl.zeros((BLOCK_M,), tl.float32)  # running sum of exp2(s - m_i)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Lk
+        kT = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+        qk = _dot(q, kT, None, DOT_PREC)  # (BLOCK_M, BLOCK_N) fp32
+        s, t = _scores(qk, offs_m[:, None], offs_n[None, :], Lq, Lk, diag, mask_base, smm, smn,
+                       slope2, qk_scale2, cap_scale, softcap2, window_left, window_right,
+                       HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row that has seen no key yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, dropout_p, rng_base, offs_m[:, None], offs_n[None, :], N_K)
+            p = tl.where(keep, p, 0.0)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+                    mask=n_ok[:, None] & dv_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
+        acc = _dot(_to(p, v.dtype), v, acc, DOT_PREC)
+        m_i = m_new
+
+    # o = acc / l (x 1/(1-p) with dropout); rows that saw no key: o = 0, lse = +inf
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc * (drop_scale / l_safe)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("inf"))
+    m_ok = offs_m < Lq
+    o_base = O + b * sob + h * soh + q_start * som
+    tl.store(o_base + offs_m[:, None] * som + offs_dv[None, :] * sod, _to(out, O.dtype.element_ty),
+             mask=m_ok[:, None] & dv_ok[None, :])
+    tl.store(LSE + b * slb + h * slh + (q_start + offs_m) * slm, lse, mask=m_ok)
+
+
+# ------------------------------------------------------------------------------ backward
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O, DO, DELTA, CU_Q,
+    sob, soh, som, sod, sdb, sdh, sdm, sdd, slb, slh, slm,
+    N_Q, HEAD_DIM_V,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    # delta_i = sum_d do_id * o_id (fp32); grid (cdiv(N_Q, BLOCK_M), H, B)
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    q_start, _k_start, Lq, _Lk = _seq_bounds(CU_Q, CU_Q, b, N_Q, N_Q, IS_VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= Lq:
+        return
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_DV)
+    ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM_V)
+    o = tl.load(O + b * sob + h * soh + q_start * som + offs_m[:, None] * som + offs_d[None, :] * sod,
+                mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * sdb + h * sdh + q_start * sdm + offs_m[:, None] * sdm
+                 + offs_d[None, :] * sdd, mask=ok, other=0.0).to(tl.float32)
+    tl.store(DELTA + b * slb + h * slh + (q_start + offs_m) * slm, tl.sum(o * do, 1),
+             mask=offs_m < Lq)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, DQ, DMASK, LSE, DELTA, MASK, SLOPES, CU_Q, CU_K, SEED,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
+    sdqb, sdqh, sdqm, sdqd, slb, slh, slm, smb, smh, smm, smn, ssb, ssh,
+    H, GROUP, N_Q, N_K, HEAD_DIM, HEAD_DIM_V,
+    sm_scale, qk_scale2, cap_scale, softcap2, window_left, window_right, align, dropout_p,
+    drop_scale, SEQ_BUCKET,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, MASK_GRAD: tl.constexpr,
+):
+    # dq_i = scale * sum_j ds'_ij k_j; grid (cdiv(N_Q, BLOCK_M), H, B), loop over key tiles.
+    # MASK_GRAD: an additive mask enters as s += mask, so d mask_ij = ds_ij: written to DMASK,
+    # fp32 (B, H, N_Q, N_K) contiguous (each (i, j) is visited once: deterministic).
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    q_start, k_start, Lq, Lk = _seq_bounds(CU_Q, CU_K, b, N_Q, N_K, IS_VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= Lq:
+        return
+    kvh = h // GROUP
+    diag = align * (Lk - Lq)
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
+    m_ok = offs_m < Lq
+    q = tl.load(Q + b * sqb + h * sqh + q_start * sqm + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    do = tl.load(DO + b * sdob + h * sdoh + q_start * sdom + offs_m[:, None] * sdom
+                 + offs_dv[None, :] * sdod, mask=m_ok[:, None] & dv_ok[None, :],
+                 other=0.0)  # (BLOCK_M, BLOCK_DV)
+    # lse in base 2; +inf on rows that saw no key, where every s = -inf, so p = 0 there
+    lse2 = tl.load(LSE + b * slb + h * slh + (q_start + offs_m) * slm, mask=m_ok,
+                   other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + b * slb + h * slh + (q_start + offs_m) * slm, mask=m_ok, other=0.0)
+    k_base = K + b * skb + kvh * skh + k_start * skn
+    v_base = V + b * svb + kvh * svh + k_start * svn
+    mask_base = MASK + b * smb + h * smh
+
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(SLOPES + b * ssb + h * ssh).to(tl.float32) * 1.4426950408889634
+    seed = 0
+    rng_base = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+        rng_base = (b * H + h) * N_Q * N_K
+
+    lo = 0
+    hi = Lk
+    if HAS_WR:
+        hi = tl.minimum(hi, m0 + BLOCK_M + diag + window_right)
+    if HAS_WL:
+        lo = tl.maximum(0, m0 + diag - window_left)
+        lo = (lo // BLOCK_N) * BLOCK_N
+
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n[None, :] < Lk
+        kT = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                     mask=n_ok & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+        vT = tl.load(v_base + offs_n[None, :] * svn + offs_dv[:, None] * svd,
+                     mask=n_ok & dv_ok[:, None], other=0.0)  # (BLOCK_DV, BLOCK_N)
+        qk = _dot(q, kT, None, DOT_PREC)  # (BLOCK_M, BLOCK_N)
+        s, t = _scores(qk, offs_m[:, None], offs_n[None, :], Lq, Lk, diag, mask_base, smm, smn,
+                       slope2, qk_scale2, cap_scale, softcap2, window_left, window_right,
+                       HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR)
+        p = tl.exp2(s - lse2[:, None])
+        dp = _dot(do, vT, None, DOT_PREC)  # (BLOCK_M, BLOCK_N)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, dropout_p, rng_base, offs_m[:, None], offs_n[None, :], N_K)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        if MASK_GRAD:
+            tl.store(DMASK + (b * H + h) * N_Q * N_K + offs_m[:, None].to(tl.int64) * N_K
+                     + offs_n[None, :], ds, mask=m_ok[:, None] & n_ok)
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq = _dot(_to(ds, kT.dtype), tl.trans(kT), dq, DOT_PREC)
+    dq = dq * sm_scale
+    tl.store(DQ + b * sdqb + h * sdqh + q_start * sdqm + offs_m[:, None] * sdqm
+             + offs_d[None, :] * sdqd, _to(dq, DQ.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, MASK, SLOPES, CU_Q, CU_K, SEED,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
+    sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, slb, slh, slm, smb, smh, smm, smn, ssb, ssh,
+    H, GROUP, N_Q, N_K, HEAD_DIM, HEAD_DIM_V,
+    sm_scale, qk_scale2, cap_scale, softcap2, window_left, window_right, align, dropout_p,
+    drop_scale, SEQ_BUCKET,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # dv_j = sum_i p~_ij do_i, dk_j = scale * sum_i ds'_ij q_i, summed over the GROUP query
+    # heads that share kv head `kvh`. grid (cdiv(N_K, BLOCK_N), Hkv, B). Tiles are transposed
+    # (keys along rows): sT = k q^T is (BLOCK_N, BLOCK_M).
+    pid_n = tl.program_id(0)
+    kvh = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    q_start, k_start, Lq, Lk = _seq_bounds(CU_Q, CU_K, b, N_Q, N_K, IS_VARLEN)
+    n0 = pid_n * BLOCK_N
+    if n0 >= Lk:
+        return
+    diag = align * (Lk - Lq)
+
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
+    n_ok = offs_n[:, None] < Lk
+    k = tl.load(K + b * skb + kvh * skh + k_start * skn + offs_n[:, None] * skn
+                + offs_d[None, :] * skd, mask=n_ok & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+    v = tl.load(V + b * svb + kvh * svh + k_start * svn + offs_n[:, None] * svn
+                + offs_dv[None, :] * svd, mask=n_ok & dv_ok[None, :],
+                other=0.0)  # (BLOCK_N, BLOCK_DV)
+
+    # query range that can see this key tile: i >= j - diag - right, i <= j - diag + left
+    lo = 0
+    hi = Lq
+    if HAS_WR:
+        lo = tl.maximum(0, n0 - diag - window_right)
+        lo = (lo // BLOCK_M) * BLOCK_M
+    if HAS_WL:
+        hi = tl.minimum(hi, n0 + BLOCK_N - diag + window_left)
+
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
+    for g in range(0, GROUP):  # the query heads of this kv head, in a fixed order
+        h = kvh * GROUP + g
+        q_base = Q + b * sqb + h * sqh + q_start * sqm
+        do_base = DO + b * sdob + h * sdoh + q_start * sdom
+        l_base = b * slb + h * slh + q_start * slm
+        mask_base = MASK + b * smb + h * smh
+        slope2 = 0.0
+        if HAS_ALIBI:
+            slope2 = tl.load(SLOPES + b * ssb + h * ssh).to(tl.float32) * 1.4426950408889634
+        rng_base = 0
+        if HAS_DROPOUT:
+            rng_base = (b * H + h) * N_Q * N_K
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < Lq
+            qT = tl.load(q_base + offs_m[None, :] * sqm + offs_d[:, None] * sqd,
+                         mask=m_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_M)
+            do = tl.load(do_base + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
+                         mask=m_ok[:, None] & dv_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_DV)
+            lse2 = tl.load(LSE + l_base + offs_m * slm, mask=m_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + l_base + offs_m * slm, mask=m_ok, other=0.0)
+            qkT = _dot(k, qT, None, DOT_PREC)  # (BLOCK_N, BLOCK_M)
+            sT, tT = _scores(qkT, offs_m[None, :], offs_n[:, None], Lq, Lk, diag, mask_base, smm,
+                             smn, slope2, qk_scale2, cap_scale, softcap2, window_left,
+                             window_right, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR)
+            pT = tl.exp2(sT - lse2[None, :])
+            dpT = _dot(v, tl.trans(do), None, DOT_PREC)  # (BLOCK_N, BLOCK_M)
+            if HAS_DROPOUT:
+                keepT = _dropout_keep(seed, dropout_p, rng_base, offs_m[None, :], offs_n[:, None],
+                                      N_K)
+                pdT = tl.where(keepT, pT * drop_scale, 0.0)
+                dpT = tl.where(keepT, dpT * drop_scale, 0.0)
+            else:
+                pdT = pT
+            dv = _dot(_to(pdT, do.dtype), do, dv, DOT_PREC)
+            dsT = pT * (dpT - delta[None, :])
+            if HAS_SOFTCAP:
+                dsT = dsT * (1.0 - tT * tT)
+            dk = _dot(_to(dsT, qT.dtype), tl.trans(qT), dk, DOT_PREC)
+    dk = dk * sm_scale
+    tl.store(DK + b * sdkb + kvh * sdkh + k_start * sdkn + offs_n[:, None] * sdkn
+             + offs_d[None, :] * sdkd, _to(dk, DK.dtype.element_ty), mask=n_ok & d_ok[None, :])
+    tl.store(DV + b * sdvb + kvh * sdvh + k_start * sdvn + offs_n[:, None] * sdvn
+             + offs_dv[None, :] * sdvd, _to(dv, DV.dtype.element_ty), mask=n_ok & dv_ok[None, :])
+
+
+@triton.jit
+def _dropout_mask_kernel(KEEP, SEED, dropout_p, N_Q, N_K,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The keep mask the attention kernels draw, written out as int8 (B, H, N_Q, N_K): debugging
+    # and tests only. grid (cdiv(N_Q, BLOCK_M), cdiv(N_K, BLOCK_N), B * H)
+    bh = tl.program_id(2).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    seed = tl.load(SEED)
+    keep = _dropout_keep(seed, dropout_p, bh * N_Q * N_K, offs_m[:, None], offs_n[None, :], N_K)
+    ptrs = KEEP + bh * N_Q * N_K + offs_m[:, None].to(tl.int64) * N_K + offs_n[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K))
+
+
+# ------------------------------------------------------------------------------ launch configs
+# Under the interpreter one small config keeps CPU tests fast (BLOCK_M != BLOCK_N on purpose, so
+# the tile-skipping bounds are exercised with unequal tiles). On CUDA a short pruned list is
+# autotuned per (head-dim block, causal/window, dtype, sequence bucket). NOT YET TUNED ON A GPU:
+# the lists follow the usual FlashAttention-2 Triton choices (64/64 or 128/64 tiles, 4 or 8
+# warps) and must be measured on an H100/H200 before anyone trusts them.
+
+_INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16}
+_AUTOTUNE_KEY = ["BLOCK_D", "HAS_WR", "SEQ_BUCKET"]  # + every tensor's dtype (added by triton)
+
+
+def _fwd_configs():
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
+                                 (128, 32, 4, 3), (64, 32, 4, 2)]]
+
+
+def _bwd_configs():
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2),
+                                 (32, 32, 4, 2)]]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles longer than the sequence, and the largest tiles for head dims above 128 (their
+    tiles no longer fit shared memory with several pipeline stages)."""
+    d = max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"])
+    bucket = named_args["SEQ_BUCKET"]
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_M"] <= max(bucket, 32)
+            and not (d > 128 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64)]
+    return kept or configs[-1:]
+
+
+def _autotuned(kernel, configs):
+    return triton.autotune(configs, key=_AUTOTUNE_KEY,
+                           prune_configs_by={"early_config_prune": _prune})(kernel)
+
+
+if _INTERPRET:
+    _fwd_kernel, _dq_kernel, _dkdv_kernel = (_attn_fwd_kernel, _attn_bwd_dq_kernel,
+                                             _attn_bwd_dkdv_kernel)
+else:
+    _fwd_kernel = _autotuned(_attn_fwd_kernel, _fwd_configs())
+    _dq_kernel = _autotuned(_attn_bwd_dq_kernel, _bwd_configs())
+    _dkdv_kernel = _autotuned(_attn_bwd_dkdv_kernel, _bwd_configs())
+
+
+def _launch(kernel, grid_axis0, H, B, args, consts):
+    """grid_axis0(meta) -> programs along axis 0. The interpreter gets the fixed small config."""
+    if _INTERPRET:
+        meta = dict(_INTERPRET_CONFIG)
+        kernel[(grid_axis0(meta), H, B)](*args, **consts, **meta)
+    else:
+        kernel[lambda meta: (grid_axis0(meta), H, B)](*args, **consts)
+
+
+# ------------------------------------------------------------------------------ launchers
+
+def _strides4(t: torch.Tensor, varlen: bool) -> tuple[int, int, int, int]:
+    """(batch, head, seq, dim) strides of a (B, H, N, D) view; packed varlen (1, H, total, D)
+    has no batch stride (the sequence offsets come from cu_seqlens)."""
+    return (0 if varlen else t.stride(0)), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _like_layout(ref: torch.Tensor, shape, dtype=None) -> torch.Tensor:
+    """An uninitialised (B, H, N, d) tensor of `shape`, in memory order (B, N, H, d) when `ref` is
+    a transposed view of such memory (flash-attn layouts), else contiguous (B, H, N, d). Used for
+    outputs and gradients, and by the fake impls, so both agree on strides."""
+    dtype = ref.dtype if dtype is None else dtype
+    if ref.dim() == 4 and ref.stride(1) < ref.stride(2):  # heads inside sequence positions
+        b, h, n, d = shape
+        return torch.empty((b, n, h, d), dtype=dtype, device=ref.device).transpose(1, 2)
+    return torch.empty(shape, dtype=dtype, device=ref.device)
+
+
+class _Features:
+    """Kernel scalars and constexpr flags shared by forward and backward."""
+
+    def __init__(self, q, k, v, scale, window, bottom_right, softcap, alibi_slopes, attn_mask,
+                 dropout_p, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+        self.varlen = cu_seqlens_q is not None
+        _, self.H, self.Nq, self.D = q.shape
+        self.Hkv, self.Nk, self.Dv = k.shape[1], k.shape[2], v.shape[3]
+        self.B = q.shape[0]
+        if self.varlen:  # the grid's batch axis walks the packed sequences
+            self.B = cu_seqlens_q.shape[0] - 1
+            self.Nq, self.Nk = int(max_seqlen_q), int(max_seqlen_k)
+        if max(self.D, self.Dv) > MAX_HEAD_DIM:
+            raise ValueError(f"the triton attention kernels take head dims up to {MAX_HEAD_DIM}, "
+                             f"got query/key {self.D} and value {self.Dv}")
+        if self.H % self.Hkv != 0:
+            raise ValueError(f"query heads ({self.H}) must be a multiple of key/value heads "
+                             f"({self.Hkv})")
+        self.group = self.H // self.Hkv
+        self.block_d = max(16, triton.next_power_of_2(self.D))
+        self.block_dv = max(16, triton.next_power_of_2(self.Dv))
+        self.seq_bucket = min(triton.next_power_of_2(max(self.Nq, 1)), 8192)
+        left, right = (int(w) for w in window)
+        self.window_left, self.window_right = max(left, 0), max(right, 0)
+        self.has_wl, self.has_wr = left >= 0, right >= 0
+        self.align = 1 if bottom_right else 0
+        self.scale = float(scale)
+        self.softcap = float(softcap)
+        self.has_softcap = self.softcap > 0.0
+        self.alibi = alibi_slopes
+        self.mask = attn_mask
+        self.dropout_p = float(dropout_p)
+        self.has_dropout = self.dropout_p > 0.0
+        if self.has_dropout and seed is None:
+            raise ValueError("dropout_p > 0 needs a seed tensor (draw_seed)")
+        self.seed = seed
+        self.cu_q, self.cu_k = cu_seqlens_q, cu_seqlens_k
+        # fp32 inputs: exact fp32 products (no TF32), so fp32 meets the oracle rule on GPUs too
+        self.dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+
+    def pointers(self, q):
+        """(MASK, SLOPES, CU_Q, CU_K, SEED); absent ones point at q and are never read."""
+        mask = q if self.mask is None else self.mask
+        if mask.dtype == torch.bool:
+            mask = mask.view(torch.uint8)
+        return (mask, q if self.alibi is None else self.alibi,
+                q if self.cu_q is None else self.cu_q, q if self.cu_k is None else self.cu_k,
+                q if self.seed is None else self.seed)
+
+    def mask_strides(self):
+        if self.mask is None:
+            return 0, 0, 0, 0
+        m = self.mask.expand(self.B, self.H, self.Nq, self.Nk)  # broadcast dims -> stride 0
+        return m.stride(0), m.stride(1), m.stride(2), m.stride(3)
+
+    def slope_strides(self):
+        if self.alibi is None:
+            return 0, 0
+        if self.alibi.dim() == 1:  # (H,)
+            return 0, self.alibi.stride(0)
+        # (B or S, H), or (1, H) for every batch row
+        return (0 if self.alibi.shape[0] == 1 else self.alibi.stride(0)), self.alibi.stride(1)
+
+    def lse_strides(self, lse):
+        return (0 if self.varlen else lse.stride(0)), lse.stride(1), lse.stride(2)
+
+    def sizes(self):
+        return (self.H, self.group, self.Nq, self.Nk, self.D, self.Dv)
+
+    def score_args(self):
+        softcap = self.softcap if self.has_softcap else 1.0
+        return (self.scale * LOG2E, self.scale / softcap, softcap * LOG2E, self.window_left,
+                self.window_right, self.align, self.dropout_p,
+                1.0 / (1.0 - self.dropout_p) if self.has_dropout else 1.0)
+
+    def consts(self):
+        mask_kind = 0 if self.mask is None else (1 if self.mask.dtype == torch.bool else 2)
+        return dict(BLOCK_D=self.block_d, BLOCK_DV=self.block_dv, IS_VARLEN=self.varlen,
+                    HAS_SOFTCAP=self.has_softcap, HAS_ALIBI=self.alibi is not None,
+                    MASK_KIND=mask_kind, HAS_WL=self.has_wl, HAS_WR=self.has_wr,
+                    HAS_DROPOUT=self.has_dropout, DOT_PREC=self.dot_prec)
+
+
+def attention_fwd(q, k, v, *, scale, window=(-1, -1), bottom_right=False, softcap=0.0,
+                  attn_mask=None, alibi_slopes=None, dropout_p=0.0, seed=None,
+                  cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
+    """Fused attention forward: (out, lse).
+
+    q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv): any strides, Hq % Hkv == 0, head
+    dims <= 256. Varlen: (1, H, total, D) views with int32 cu_seqlens_q/k (S + 1,) and the
+    longest lengths max_seqlen_q/k. window (left, right) with causal folded in (right = 0), -1
+    unbounded, aligned on i + (Lk - Lq) when bottom_right else on i. softcap > 0 caps scores.
+    alibi_slopes (H,), (B, H) or (1, H), fp32: bias -slope |i + diag - j|. attn_mask: bool (True
+    = attend) or additive, 4-D broadcastable to (B, Hq, Nq, Nk); dense only. dropout_p > 0 needs
+    seed, an int64 tensor (1,) on q's device (draw_seed).
+    out: (B, Hq, Nq, Dv) in q's dtype, in q's memory order (see _like_layout). lse: fp32
+    (B, Hq, Nq) natural-log logsumexp of the scores, +inf on rows that see no key (out = 0).
+    No input checks beyond what the kernels need: llmcore.ops checks."""
+    f = _Features(q, k, v, scale, window, bottom_right, softcap, alibi_slopes, attn_mask,
+                  dropout_p, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    B, H, Nq = q.shape[:3]
+    out = _like_layout(q, (B, H, Nq, f.Dv))
+    lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    if f.varlen:  # rows outside every sequence (none when cu_seqlens end at total) stay defined
+        out.zero_()
+        lse.fill_(float("inf"))
+    if out.numel() == 0 or f.B == 0:
+        return out, lse.fill_(float("inf"))
+    args = (q, k, v, out, lse, *f.pointers(q),
+            *_strides4(q, f.varlen), *_strides4(k, f.varlen), *_strides4(v, f.varlen),
+            *_strides4(out, f.varlen), *f.lse_strides(lse), *f.mask_strides(),
+            *f.slope_strides(), *f.sizes(), *f.score_args(), f.seq_bucket)
+    _launch(_fwd_kernel, lambda meta: triton.cdiv(f.Nq, meta["BLOCK_M"]), f.H, f.B, args,
+            f.consts())
+    return out, lse
+
+
+def attention_bwd(grad_out, q, k, v, out, lse, *, scale, window=(-1, -1), bottom_right=False,
+                  softcap=0.0, attn_mask=None, alibi_slopes=None, dropout_p=0.0, seed=None,
+                  cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+                  mask_grad=False):
+    """Fused attention backward: (dq, dk, dv, dmask) with dq, dk, dv in the shapes, dtypes and
+    memory orders of q, k, v.
+
+    The arguments of attention_fwd (the same seed), its (out, lse), and grad_out (out's shape,
+    any strides). mask_grad (additive attn_mask only): dmask is the gradient of the mask in the
+    mask's shape and dtype (summed over its broadcast dims); else None. Deterministic: no
+    atomics; dk/dv sum a GQA group's query heads in order."""
+    f = _Features(q, k, v, scale, window, bottom_right, softcap, alibi_slopes, attn_mask,
+                  dropout_p, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    dq, dk, dv = (_like_layout(t, t.shape) for t in (q, k, v))
+    if f.varlen:
+        for t in (dq, dk, dv):
+            t.zero_()
+    mask_grad = bool(mask_grad)
+    if mask_grad and (attn_mask is None or attn_mask.dtype == torch.bool or f.varlen):
+        raise ValueError("mask_grad needs an additive (float) attn_mask on dense inputs")
+    # d mask over the full (B, H, Nq, Nk); reduced to the mask's broadcast shape at the end
+    dmask = (torch.zeros((f.B, f.H, f.Nq, f.Nk), device=q.device, dtype=torch.float32)
+             if mask_grad else None)
+    if q.numel() == 0 or k.numel() == 0 or f.B == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), _reduce_dmask(dmask, attn_mask)
+    delta = torch.empty_like(lse)  # rowsum(do * o), fp32, lse's layout
+    lse_strides = f.lse_strides(lse)
+    delta_block = 32 if _INTERPRET else 64
+    _attn_bwd_delta_kernel[(triton.cdiv(f.Nq, delta_block), f.H, f.B)](
+        out, grad_out, delta, q if f.cu_q is None else f.cu_q,
+        *_strides4(out, f.varlen), *_strides4(grad_out, f.varlen), *lse_strides,
+        f.Nq, f.Dv, BLOCK_M=delta_block, BLOCK_DV=f.block_dv, IS_VARLEN=f.varlen)
+
+    common = (*f.pointers(q), *_strides4(q, f.varlen), *_strides4(k, f.varlen),
+              *_strides4(v, f.varlen), *_strides4(grad_out, f.varlen))
+    tail = (*f.mask_strides(), *f.slope_strides(), *f.sizes(), f.scale, *f.score_args(),
+            f.seq_bucket)
+    _launch(_dq_kernel, lambda meta: triton.cdiv(f.Nq, meta["BLOCK_M"]), f.H, f.B,
+            (q, k, v, grad_out, dq, q if dmask is None else dmask, lse, delta, *common,
+             *_strides4(dq, f.varlen), *lse_strides, *tail),
+            {**f.consts(), "MASK_GRAD": mask_grad})
+    _launch(_dkdv_kernel, lambda meta: triton.cdiv(f.Nk, meta["BLOCK_N"]), f.Hkv, f.B,
+            (q, k, v, grad_out, dk, dv, lse, delta, *common, *_strides4(dk, f.varlen),
+             *_strides4(dv, f.varlen), *lse_strides, *tail), f.consts())
+    return dq, dk, dv, _reduce_dmask(dmask, attn_mask)
+
+
+def _reduce_dmask(dmask, attn_mask):
+    # sum the (B, H, Nq, Nk) gradient over the dims the mask broadcasts along
+    if dmask is None:
+        return None
+    dims = [d for d in range(4) if attn_mask.shape[d] == 1 and dmask.shape[d] != 1]
+    if dims:
+        dmask = dmask.sum(dims, keepdim=True)
+    return dmask.to(attn_mask.dtype)
+
+
+# ------------------------------------------------------------------------------ dropout RNG
+
+def draw_seed(device) -> torch.Tensor:
+    """A fresh dropout seed, an int64 tensor (1,) on `device`, drawn from torch's generator for
+    that device, so torch.manual_seed makes attention dropout reproducible."""
+    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
+
+
+def dropout_mask(seed: torch.Tensor, dropout_p: float, batch: int, heads: int, seqlen_q: int,
+                 seqlen_k: int) -> torch.Tensor:
+    """The keep mask (bool, (batch, heads, seqlen_q, seqlen_k)) the attention kernels draw for
+    `seed` (an int64 tensor (1,) from draw_seed). A debugging and testing aid: attention with
+    this seed and dropout_p equals softmax(s) * mask / (1 - dropout_p) @ v. For varlen, sequence
+    b uses mask[b, :, :Lq_b, :Lk_b] with seqlen_q/seqlen_k the longest lengths; for the dense
+    layouts the query heads index dim 1."""
+    keep = torch.empty((batch, heads, seqlen_q, seqlen_k), device=seed.device, dtype=torch.int8)
+    if keep.numel() == 0:
+        return keep.bool()
+    block = 32
+    grid = (triton.cdiv(seqlen_q, block), triton.cdiv(seqlen_k, block), batch * heads)
+    _dropout_mask_kernel[grid](keep, seed, float(dropout_p), seqlen_q, seqlen_k,
+                               BLOCK_M=block, BLOCK_N=block)
+    return keep.bool()

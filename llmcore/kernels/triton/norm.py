@@ -1,0 +1,215 @@
+"""LayerNorm and RMSNorm in Triton: forward and backward, with the fused pre-norm residual add.
+
+Shapes: every launcher works on 2-D views (M rows, N features); rows and features may be strided
+(nothing is copied to make them contiguous). Outputs are contiguous. Statistics and sums are fp32
+(fp64 for fp64 inputs): the kernels compute in the dtype of the rstd buffer they are given.
+
+    h    = x + residual                          (when a residual is given; stored, rounded)
+    mean = sum(h) / N                            (layer norm only)
+    rstd = 1 / sqrt(sum((h - mean)^2) / N + eps) (rms norm: mean = 0)
+    y    = (h - mean) * rstd * weight + bias
+
+The whole row lives in registers, so a row may hold at most MAX_ROW_BYTES bytes.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+# One row is held in registers by one program: 64 KB of input per row at most (hidden 32768 in
+# bf16, 16384 in fp32). Longer rows need a two-pass kernel that llmcore does not have.
+MAX_ROW_BYTES = 64 * 1024
+
+
+def check_row_size(n: int, dtype: torch.dtype, op: str) -> None:
+    """Raises ValueError when a row of `n` elements of `dtype` is too long for these kernels."""
+    nbytes = n * (torch.finfo(dtype).bits // 8)
+    if nbytes > MAX_ROW_BYTES:
+        raise ValueError(
+            f"{op} on the triton backend: the normalised size {n} in {dtype} is {nbytes} bytes "
+            f"per row, and these kernels hold one row in registers, at most {MAX_ROW_BYTES} "
+            f"bytes; use backend='torch' or 'native' for rows this long"
+        )
+
+
+def _num_warps(block: int) -> int:
+    # Untuned (no GPU measured yet): about 256 elements per warp, 1..16 warps.
+    return min(max(block // 256, 1), 16)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_partials(m: int, device: torch.device) -> int:
+    """Programs of the backward kernel = rows of the weight-gradient partials. Depends only on
+    M and the device, so the reduction order (hence every bit of dweight) is reproducible."""
+    if device.type == "cuda":
+        return max(1, min(m, 4 * _sm_count(device.index if device.index is not None else 0)))
+    return max(1, min(m, 4))  # the interpreter: few programs, many rows each
+
+
+@triton.jit
+def _norm_fwd_kernel(
+    X, R, W, B, Y, H, Mean, Rstd,
+    N, stride_xm, stride_xn, stride_rm, stride_rn, stride_ym, stride_hm,
+    eps,
+    IS_RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # one program per row
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    x = tl.load(X + row * stride_xm + cols * stride_xn, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(R + row * stride_rm + cols * stride_rn, mask=mask, other=0.0)
+        # h = x + residual, rounded to the input dtype: the norm is taken of the returned h
+        h = (x.to(Rstd.dtype.element_ty) + r.to(Rstd.dtype.element_ty)).to(H.dtype.element_ty)
+        tl.store(H + row * stride_hm + cols, h, mask=mask)
+        x = h
+    acc_ty = Rstd.dtype.element_ty  # fp32, fp64 for fp64 inputs
+    x = x.to(acc_ty)
+    if IS_RMS:
+        xc = x
+    else:
+        mean = tl.sum(x, axis=0) / N
+        tl.store(Mean + row, mean)
+        xc = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(xc * xc, axis=0) / N
+    rstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(Rstd + row, rstd)
+    y = xc * rstd
+    if HAS_W:
+        y = y * tl.load(W + cols, mask=mask, other=0.0).to(acc_ty)
+    if HAS_B:
+        y = y + tl.load(B + cols, mask=mask, other=0.0).to(acc_ty)
+    tl.store(Y + row * stride_ym + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+# Backward, per row, with xhat = (h - mean) * rstd and g = dy * weight (g = dy without weight):
+#   layer norm: dh = rstd * (g - xhat * mean(g * xhat) - mean(g))
+#   rms norm:   dh = rstd * (g - xhat * mean(g * xhat))
+#   dweight = sum_rows(dy * xhat), dbias = sum_rows(dy)
+# With a residual, the gradient of the h output (dh_out) adds to dh, and dx = dresidual = dh.
+# Each program walks a contiguous block of rows and keeps its dweight/dbias sums in fp32
+# registers; it writes them as one row of a (programs, N) partials buffer, which the launcher
+# sums in a fixed order: no atomics, bit-identical results run after run.
+@triton.jit
+def _norm_bwd_kernel(
+    DY, DHO, Hx, W, Mean, Rstd, DX, DWp, DBp,
+    M, N, rows_per_program,
+    stride_dym, stride_dyn, stride_dhm, stride_dhn, stride_hm, stride_hn, stride_dxm,
+    IS_RMS: tl.constexpr, HAS_DHO: tl.constexpr, HAS_W: tl.constexpr, DW: tl.constexpr,
+    DB: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    acc_ty = Rstd.dtype.element_ty  # fp32, fp64 for fp64 inputs
+    pid = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    if HAS_W:
+        w = tl.load(W + cols, mask=mask, other=0.0).to(acc_ty)
+    dw_acc = tl.zeros((BLOCK_N,), dtype=acc_ty)
+    db_acc = tl.zeros((BLOCK_N,), dtype=acc_ty)
+    for row in range(row_start, row_end):
+        h = tl.load(Hx + row * stride_hm + cols * stride_hn, mask=mask, other=0.0).to(acc_ty)
+        dy = tl.load(DY + row * stride_dym + cols * stride_dyn, mask=mask, other=0.0).to(acc_ty)
+        rstd = tl.load(Rstd + row)
+        if IS_RMS:
+            xhat = h * rstd
+        else:
+            mean = tl.load(Mean + row)
+            xhat = tl.where(mask, (h - mean) * rstd, 0.0)
+        if HAS_W:
+            g = dy * w
+        else:
+            g = dy
+        if DW:
+            dw_acc += dy * xhat
+        if DB:
+            db_acc += dy
+        c1 = tl.sum(g * xhat, axis=0) / N
+        if IS_RMS:
+            dh = (g - xhat * c1) * rstd
+        else:
+            c2 = tl.sum(g, axis=0) / N
+            dh = (g - xhat * c1 - c2) * rstd
+        if HAS_DHO:
+            dho = tl.load(DHO + row * stride_dhm + cols * stride_dhn, mask=mask, other=0.0)
+            dh += dho.to(acc_ty)
+        tl.store(DX + row * stride_dxm + cols, dh.to(DX.dtype.element_ty), mask=mask)
+    if DW:
+        tl.store(DWp + pid * N + cols, dw_acc, mask=mask)
+    if DB:
+        tl.store(DBp + pid * N + cols, db_acc, mask=mask)
+
+
+def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def norm_fwd(x, residual, weight, bias, eps: float, is_rms: bool):
+    """x, residual: (M, N), any strides; weight, bias: (N,) or None.
+
+    Returns y (M, N), h = x + residual (M, N) or None without residual, mean (M,) or None for
+    rms, rstd (M,); statistics in fp32 (fp64 for fp64 x). Outputs are contiguous."""
+    m, n = x.shape
+    check_row_size(n, x.dtype, "rms_norm" if is_rms else "layer_norm")
+    stat = _stat_dtype(x)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    h = torch.empty((m, n), dtype=x.dtype, device=x.device) if residual is not None else None
+    mean = None if is_rms else torch.empty(m, dtype=stat, device=x.device)
+    rstd = torch.empty(m, dtype=stat, device=x.device)
+    if m == 0:
+        return y, h, mean, rstd
+    block = triton.next_power_of_2(n)
+    r = residual
+    _norm_fwd_kernel[(m,)](
+        x, r, weight, bias, y, h, mean, rstd,
+        n, x.stride(0), x.stride(1),
+        r.stride(0) if r is not None else 0, r.stride(1) if r is not None else 0,
+        y.stride(0), h.stride(0) if h is not None else 0,
+        eps,
+        IS_RMS=is_rms, HAS_RES=r is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+        BLOCK_N=block, num_warps=_num_warps(block),
+    )
+    return y, h, mean, rstd
+
+
+def norm_bwd(dy, dh_out, h, weight, mean, rstd, is_rms: bool, weight_grad: bool,
+             bias_grad: bool):
+    """dy, dh_out (or None), h: (M, N), any strides; h is the normalised input (x, or x +
+    residual); mean (None for rms) and rstd as norm_fwd returned them.
+
+    Returns dh (M, N) contiguous in h's dtype (the gradient of x, and of the residual), and
+    dweight, dbias (N,) as sums in the statistics' dtype, or None where not asked for
+    (weight_grad / bias_grad): the caller casts them to the parameters' dtypes."""
+    m, n = h.shape
+    check_row_size(n, h.dtype, "rms_norm" if is_rms else "layer_norm")
+    stat = rstd.dtype
+    dx = torch.empty((m, n), dtype=h.dtype, device=h.device)
+    p = _num_partials(m, h.device)
+    dw_part = torch.zeros((p, n), dtype=stat, device=h.device) if weight_grad else None
+    db_part = torch.zeros((p, n), dtype=stat, device=h.device) if bias_grad else None
+    if m > 0:
+        block = triton.next_power_of_2(n)
+        _norm_bwd_kernel[(p,)](
+            dy, dh_out, h, weight, mean, rstd, dx, dw_part, db_part,
+            m, n, triton.cdiv(m, p),
+            dy.stride(0), dy.stride(1),
+            dh_out.stride(0) if dh_out is not None else 0,
+            dh_out.stride(1) if dh_out is not None else 0,
+            h.stride(0), h.stride(1), dx.stride(0),
+            IS_RMS=is_rms, HAS_DHO=dh_out is not None, HAS_W=weight is not None,
+            DW=weight_grad, DB=bias_grad, BLOCK_N=block, num_warps=_num_warps(block),
+        )
+    # the one reduction over the per-program partials: fixed shape, fixed order
+    dw = dw_part.sum(0) if weight_grad else None
+    db = db_part.sum(0) if bias_grad else None
+    return dx, dw, db

@@ -1,0 +1,385 @@
+"""The Triton flash-attention kernels (llmcore/kernels/triton/attention.py), called through their
+launchers and through the llmcore_triton torch.library ops: forward, dq, dk, dv (and d mask)
+against a float64 oracle with the tolerance rule in conftest, every feature and the useful
+combinations, dropout statistics, registration (opcheck, torch.compile).
+
+On a machine without CUDA this runs under TRITON_INTERPRET=1 (set by conftest), so shapes are
+small but awkward: lengths 1, 17, 97, 130, head dims that are not powers of two."""
+import math
+
+import pytest
+import torch
+
+from conftest import HAS_CUDA, assert_close_to_oracle
+
+pytest.importorskip("triton")
+A = pytest.importorskip("llmcore.kernels.triton.attention")
+import llmcore  # noqa: E402
+import llmcore.ops.attention  # noqa: E402,F401  (registers the llmcore_triton ops)
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+# ---------------------------------------------------------------------------- reference
+
+def _reference(q, k, v, *, scale, window=(-1, -1), bottom_right=False, softcap=0.0, mask=None,
+               alibi=None, keep=None, dropout_p=0.0):
+    """Attention computed plainly in q's dtype (float64: the oracle; the input dtype: eager).
+    q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D/Dv); window with causal folded in; alibi (B or 1, Hq);
+    keep: the dropout keep mask (B, Hq, Nq, Nk). A row that sees no key gives 0."""
+    nq, nk = q.shape[2], k.shape[2]
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = (q @ k.transpose(-1, -2)) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    i = torch.arange(nq, device=q.device)[:, None]
+    j = torch.arange(nk, device=q.device)[None, :]
+    diag = i + (nk - nq if bottom_right else 0)
+    allowed = torch.ones(nq, nk, dtype=torch.bool, device=q.device)
+    if window[0] >= 0:
+        allowed = allowed & (j >= diag - window[0])
+    if window[1] >= 0:
+        allowed = allowed & (j <= diag + window[1])
+    if alibi is not None:
+        s = s - alibi[:, :, None, None].to(s.dtype) * (diag - j).abs().to(s.dtype)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            allowed = allowed & mask
+        else:
+            s = s + mask.to(s.dtype)
+    s = s.masked_fill(~allowed, float("-inf"))
+    empty = ~torch.isfinite(s).any(-1, keepdim=True)
+    p = torch.softmax(s.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
+    if keep is not None:
+        p = p * keep / (1 - dropout_p)
+    return p @ v
+
+
+def _leaves(shapes, dtype):
+    return [torch.randn(s, device=DEVICE, dtype=dtype).requires_grad_() for s in shapes]
+
+
+class _KernelFn(torch.autograd.Function):
+    """The launchers wrapped for autograd, so a test calls the kernels with no ops layer."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kw):
+        out, lse = A.attention_fwd(q, k, v, **kw)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.kw = kw
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        dq, dk, dv, _ = A.attention_bwd(do, *ctx.saved_tensors, **ctx.kw)
+        return dq, dk, dv, None
+
+
+def _check(shapes, dtype, kernel_kw, ref_kw, *, layout="bhnd", atol=None):
+    """Forward and dq/dk/dv of the kernels vs the oracle. layout "bnhd" feeds (B, N, H, D)
+    memory as transposed (B, H, N, D) views, as flash_attn_func does."""
+    leaves = _leaves(shapes, dtype)
+    views = leaves if layout == "bhnd" else [t.transpose(1, 2) for t in leaves]
+    got = _KernelFn.apply(*views, kernel_kw)
+    eager = _reference(*views, **ref_kw)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    views64 = leaves64 if layout == "bhnd" else [t.transpose(1, 2) for t in leaves64]
+    oracle = _reference(*views64, **ref_kw)
+    assert_close_to_oracle(got, eager, oracle, name="out")
+    seed = torch.randn(oracle.shape, device=DEVICE, dtype=torch.float64)
+    grads = torch.autograd.grad(got, leaves, seed.to(dtype))
+    g_eager = torch.autograd.grad(eager, leaves, seed.to(dtype))
+    g_oracle = torch.autograd.grad(oracle, leaves64, seed)
+    grad_atol = 1e-5 if dtype == torch.float32 else atol
+    for name, a, e, o, leaf in zip(("dq", "dk", "dv"), grads, g_eager, g_oracle, leaves):
+        assert a.stride() == leaf.stride(), f"{name}: strides {a.stride()} != {leaf.stride()}"
+        assert_close_to_oracle(a, e, o, name=name, atol=grad_atol)
+
+
+def _kw(d, **extra):
+    scale = extra.pop("scale", 1 / math.sqrt(d))
+    kernel = dict(scale=scale, **extra)
+    ref = {key: val for key, val in kernel.items() if key not in ("alibi_slopes", "attn_mask")}
+    ref["alibi"] = extra.get("alibi_slopes")
+    ref["mask"] = extra.get("attn_mask")
+    return kernel, ref
+
+
+# ---------------------------------------------------------------------------- dense features
+
+# (B, Hq, Hkv, Nq, Nk, D, Dv): every supported odd head dim, lengths 1/17/97/130
+SHAPES = [
+    (2, 2, 2, 17, 17, 16, 16),
+    (1, 2, 1, 97, 130, 48, 48),
+    (1, 3, 3, 130, 97, 80, 80),
+    (2, 4, 2, 1, 17, 96, 96),
+    (1, 2, 2, 17, 1, 112, 112),
+    (1, 1, 1, 33, 20, 160, 160),
+    (1, 2, 1, 19, 23, 192, 192),
+    (1, 1, 1, 18, 21, 256, 256),
+    (1, 2, 2, 21, 18, 40, 72),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_head_dims_and_lengths(shape):
+    b, hq, hkv, nq, nk, d, dv = shape
+    kernel, ref = _kw(d)
+    _check([(b, hq, nq, d), (b, hkv, nk, d), (b, hkv, nk, dv)], torch.float32, kernel, ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [
+    dict(),                                                   # plain
+    dict(window=(-1, 0)),                                     # causal, top-left
+    dict(window=(-1, 0), bottom_right=True),                  # causal, bottom-right
+    dict(window=(6, 0)),                                      # sliding window + causal
+    dict(window=(4, 9), bottom_right=True),                   # two-sided window
+    dict(window=(-1, 3)),                                     # right-only window
+    dict(softcap=2.0, scale=0.7),                             # softcap with its derivative
+    dict(alibi=True, window=(-1, 0), bottom_right=True),      # ALiBi + causal
+    dict(softcap=5.0, alibi=True, window=(9, 2)),             # everything positional
+], ids=str)
+@pytest.mark.parametrize("sizes", [(37, 61), (61, 37)], ids=["Nq<Nk", "Nq>Nk"])
+def test_features_gqa_both_alignments(dtype, case, sizes):
+    nq, nk = sizes
+    b, hq, hkv, d = 2, 4, 2, 48
+    case = dict(case)
+    slopes = (torch.rand(1, hq, device=DEVICE) + 0.1) if case.pop("alibi", False) else None
+    kernel, ref = _kw(d, alibi_slopes=slopes, **case)
+    _check([(b, nq, hq, d), (b, nk, hkv, d), (b, nk, hkv, d)], dtype, kernel, ref,
+           layout="bnhd")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["key_padding", "bool", "additive", "padding+causal"])
+def test_masks_with_gqa(dtype, kind):
+    b, hq, hkv, nq, nk, d = 2, 4, 2, 19, 45, 32
+    if kind == "bool":
+        mask = torch.rand(b, hq, nq, nk, device=DEVICE) > 0.4
+        mask[1, 2, 5] = False                                 # a row that sees nothing
+    elif kind == "additive":
+        mask = (torch.randn(1, hq, nq, nk, device=DEVICE) * 2).to(dtype)
+        mask[0, 1, 3, 10:] = float("-inf")
+    else:
+        mask = torch.ones(b, 1, 1, nk, dtype=torch.bool, device=DEVICE)
+        mask[0, ..., 30:] = False
+        mask[1, ..., 3:] = False
+    window = (-1, 0) if kind == "padding+causal" else (-1, -1)
+    kernel, ref = _kw(d, attn_mask=mask, window=window)
+    _check([(b, hq, nq, d), (b, hkv, nk, d), (b, hkv, nk, d)], dtype, kernel, ref)
+
+
+def test_additive_mask_gradient():
+    q, k, v = _leaves([(2, 2, 17, 16), (2, 1, 23, 16), (2, 1, 23, 16)], torch.float32)
+    mask = torch.randn(1, 2, 17, 23, device=DEVICE, requires_grad=True)
+    kw = dict(scale=0.25, attn_mask=mask, window=(-1, 0), softcap=3.0)
+    out, lse = A.attention_fwd(q, k, v, **kw)
+    do = torch.randn_like(out)
+    dmask = A.attention_bwd(do, q, k, v, out, lse, mask_grad=True, **kw)[3]
+    ref = dict(scale=0.25, mask=mask, window=(-1, 0), softcap=3.0)
+    eager = torch.autograd.grad(_reference(q, k, v, **ref), mask, do)[0]
+    m64 = mask.detach().double().requires_grad_()
+    oracle = torch.autograd.grad(
+        _reference(*(t.double() for t in (q, k, v)), **{**ref, "mask": m64}), m64, do.double())[0]
+    assert_close_to_oracle(dmask, eager, oracle, name="dmask", atol=1e-5)
+    # and through the registered op's autograd, broadcast over the batch
+    got = torch.autograd.grad(llmcore.attention(q, k, v, mask[0], enable_gqa=True, softcap=3.0,
+                                                is_causal=True, scale=0.25, backend="triton"),
+                              mask, do)[0]
+    assert_close_to_oracle(got, eager, oracle, name="dmask via op", atol=1e-5)
+
+
+def test_empty_rows_zero_output_inf_lse_zero_grad():
+    q, k, v = _leaves([(1, 2, 20, 16), (1, 2, 7, 16), (1, 2, 7, 16)], torch.float32)
+    kw = dict(scale=0.25, window=(-1, 0), bottom_right=True)  # rows 0..12 see no key
+    out, lse = A.attention_fwd(q, k, v, **kw)
+    assert torch.equal(out[:, :, :13], torch.zeros_like(out[:, :, :13]))
+    assert torch.isposinf(lse[:, :, :13]).all() and torch.isfinite(lse[:, :, 13:]).all()
+    want = torch.logsumexp((q @ k.transpose(-1, -2) * 0.25).masked_fill(
+        torch.ones(20, 7, dtype=torch.bool).triu(-12), 0).masked_fill(
+        ~torch.ones(20, 7, dtype=torch.bool).tril(-13), float("-inf")), -1)
+    torch.testing.assert_close(lse[:, :, 13:], want[:, :, 13:].detach())
+    do = torch.zeros_like(out)
+    do[:, :, :13] = 1.0
+    dq, dk, dv, _ = A.attention_bwd(do, q, k, v, out, lse, **kw)
+    for g in (dq, dk, dv):
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+# ---------------------------------------------------------------------------- varlen
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [dict(window=(-1, 0)), dict(window=(5, 1)),
+                                  dict(alibi=True, softcap=4.0)], ids=str)
+def test_varlen_per_sequence(dtype, case):
+    lens_q, lens_k = [17, 1, 0, 40, 9], [23, 1, 5, 33, 9]    # Nq<Nk, 1, empty, Nq>Nk, equal
+    hq, hkv, d = 4, 2, 80
+    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32,
+                        device=DEVICE)
+    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32,
+                        device=DEVICE)
+    case = dict(case)
+    slopes = torch.rand(len(lens_q), hq, device=DEVICE) if case.pop("alibi", False) else None
+    q, k, v = _leaves([(sum(lens_q), hq, d), (sum(lens_k), hkv, d), (sum(lens_k), hkv, d)],
+                      dtype)
+    kw = dict(scale=d ** -0.5, bottom_right=True, alibi_slopes=slopes, cu_seqlens_q=cu_q,
+              cu_seqlens_k=cu_k, max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k), **case)
+    got = _KernelFn.apply(*(t.transpose(0, 1)[None] for t in (q, k, v)), kw)[0].transpose(0, 1)
+
+    def ref(q, k, v):
+        outs = []
+        for s in range(len(lens_q)):
+            sq, sk = slice(cu_q[s], cu_q[s + 1]), slice(cu_k[s], cu_k[s + 1])
+            one = [t[r].transpose(0, 1)[None] for t, r in ((q, sq), (k, sk), (v, sk))]
+            outs.append(_reference(*one, scale=d ** -0.5, bottom_right=True,
+                                   alibi=None if slopes is None else slopes[s:s + 1],
+                                   **case)[0].transpose(0, 1))
+        return torch.cat(outs)
+
+    eager = ref(q, k, v)
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    oracle = ref(*leaves64)
+    assert_close_to_oracle(got, eager, oracle, name="out")
+    seed = torch.randn(oracle.shape, device=DEVICE, dtype=torch.float64)
+    for name, a, e, o in zip(("dq", "dk", "dv"),
+                             torch.autograd.grad(got, (q, k, v), seed.to(dtype)),
+                             torch.autograd.grad(eager, (q, k, v), seed.to(dtype)),
+                             torch.autograd.grad(oracle, leaves64, seed)):
+        assert_close_to_oracle(a, e, o, name=name, atol=1e-5 if dtype == torch.float32 else None)
+
+
+# ---------------------------------------------------------------------------- dropout
+
+def test_dropout_keep_rate_and_independence():
+    p = 0.3
+    seed = A.draw_seed(DEVICE)
+    keep = A.dropout_mask(seed, p, 2, 3, 97, 130)
+    n = keep.numel()
+    rate = keep.float().mean().item()
+    assert abs(rate - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n), rate
+    # no visible structure: rows, columns and heads keep at the same rate
+    for dim in (2, 3):
+        per = keep.float().mean(dim)
+        sd = math.sqrt(p * (1 - p) / keep.shape[dim])
+        assert (per - (1 - p)).abs().max().item() < 6 * sd
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0], keep[1])
+    assert not torch.equal(keep, A.dropout_mask(A.draw_seed(DEVICE), p, 2, 3, 97, 130))
+    assert torch.equal(keep, A.dropout_mask(seed, p, 2, 3, 97, 130))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", [dict(), dict(window=(-1, 0), bottom_right=True)], ids=str)
+def test_dropout_fwd_bwd_match_reference_with_same_mask(dtype, case):
+    b, hq, hkv, nq, nk, d, p = 2, 4, 2, 33, 47, 32, 0.2
+    seed = A.draw_seed(DEVICE)
+    keep = A.dropout_mask(seed, p, b, hq, nq, nk)
+    kernel, ref = _kw(d, dropout_p=p, seed=seed, **case)
+    ref.pop("seed")
+    _check([(b, hq, nq, d), (b, hkv, nk, d), (b, hkv, nk, d)], dtype, kernel,
+           dict(ref, keep=keep))
+
+
+def test_dropout_varlen_uses_mask_of_longest_lengths():
+    lens_q, lens_k, h, d, p = [5, 17], [9, 12], 2, 16, 0.4
+    cu_q = torch.tensor([0, 5, 22], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 9, 21], dtype=torch.int32, device=DEVICE)
+    q, k, v = (torch.randn(n, h, d, device=DEVICE) for n in (22, 21, 21))
+    seed = A.draw_seed(DEVICE)
+    out, _ = A.attention_fwd(*(t.transpose(0, 1)[None] for t in (q, k, v)), scale=0.25,
+                             dropout_p=p, seed=seed, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                             max_seqlen_q=17, max_seqlen_k=12)
+    keep = A.dropout_mask(seed, p, 2, h, 17, 12)
+    for s in range(2):
+        sq, sk = slice(cu_q[s], cu_q[s + 1]), slice(cu_k[s], cu_k[s + 1])
+        one = [t[r].transpose(0, 1)[None] for t, r in ((q, sq), (k, sk), (v, sk))]
+        want = _reference(*one, scale=0.25, keep=keep[s:s + 1, :, :lens_q[s], :lens_k[s]],
+                          dropout_p=p)
+        torch.testing.assert_close(out[0, :, sq], want[0])
+
+
+def test_dropout_unbiased_over_seeds():
+    q, k, v = (torch.randn(1, 2, 9, 16, device=DEVICE) for _ in range(3))
+    plain, _ = A.attention_fwd(q, k, v, scale=0.25)
+    runs = 200
+    mean = sum(A.attention_fwd(q, k, v, scale=0.25, dropout_p=0.5, seed=A.draw_seed(DEVICE))[0]
+               for _ in range(runs)) / runs
+    # each output is a mean of 9 terms with keep/(1-p) weights: sd of the mean over runs is
+    # about |v| / sqrt(9 * runs) per element; a biased kernel (no 1/(1-p)) would be 2x off
+    err = (mean - plain).abs().max().item()
+    assert err < 0.35, err
+
+
+def test_dropout_reproducible_from_torch_seed():
+    q, k, v = _leaves([(1, 2, 17, 16)] * 3, torch.float32)
+    runs = []
+    for s in (7, 7, 8):
+        torch.manual_seed(s)
+        out = llmcore.attention(q, k, v, dropout_p=0.3, backend="triton")
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        runs.append((out, *grads))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    assert not torch.equal(runs[0][0], runs[2][0])
+
+
+# ---------------------------------------------------------------------------- contract
+
+def test_backward_is_deterministic_with_gqa():
+    q, k, v = (torch.randn(1, 8, 45, 32, device=DEVICE) for _ in range(3))
+    k, v = k[:, :2], v[:, :2]
+    kw = dict(scale=0.2, window=(-1, 0))
+    out, lse = A.attention_fwd(q, k, v, **kw)
+    do = torch.randn_like(out)
+    first = A.attention_bwd(do, q, k, v, out, lse, **kw)[:3]
+    second = A.attention_bwd(do, q, k, v, out, lse, **kw)[:3]
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_rejects_what_it_cannot_run():
+    q = torch.randn(1, 1, 4, 272, device=DEVICE)
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        A.attention_fwd(q, q, q, scale=1.0)
+    x = torch.randn(1, 1, 4, 16, device=DEVICE, dtype=torch.float64)
+    with pytest.raises(llmcore.BackendUnavailableError, match="float16, bfloat16 and float32"):
+        llmcore.attention(x, x, x, backend="triton")
+    with pytest.raises(ValueError, match="seed"):
+        A.attention_fwd(q, q, q, scale=1.0, dropout_p=0.5)
+
+
+def _op_args(with_mask=False, varlen=False, dropout=False):
+    if varlen:
+        q, k, v = (torch.randn(1, 2, 23, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+        cu = torch.tensor([0, 9, 23], dtype=torch.int32, device=DEVICE)
+        return (q, k, v, None, torch.rand(1, 2, device=DEVICE), cu, cu, None,
+                [0.25, 0.0, 0.0], [-1, 0, 1, 14, 14])
+    q = torch.randn(2, 2, 13, 16, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(2, 1, 19, 16, device=DEVICE, requires_grad=True) for _ in range(2))
+    mask = torch.randn(2, 1, 13, 19, device=DEVICE, requires_grad=True) if with_mask else None
+    seed = A.draw_seed(DEVICE) if dropout else None
+    return (q, k, v, mask, None, None, None, seed, [0.3, 2.0, 0.25 if dropout else 0.0],
+            [3, 0, 0, 0, 0])
+
+
+@pytest.mark.parametrize("kind", ["plain", "mask", "varlen", "dropout"])
+def test_opcheck(kind):
+    args = _op_args(with_mask=kind == "mask", varlen=kind == "varlen", dropout=kind == "dropout")
+    torch.library.opcheck(torch.ops.llmcore_triton.attention_fwd.default, args)
+
+
+def test_torch_compile_fullgraph():
+    q, k, v = (torch.randn(2, 13, 4, 32, device=DEVICE, requires_grad=True) for _ in range(3))
+    slopes = torch.rand(4, device=DEVICE)
+
+    def f(q, k, v):
+        return llmcore.flash_attn_func(q, k, v, causal=True, alibi_slopes=slopes,
+                                       backend="triton")
+
+    eager = f(q, k, v)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    torch.testing.assert_close(compiled, eager)
+    g1 = torch.autograd.grad(eager.sum(), (q, k, v))
+    g2 = torch.autograd.grad(compiled.sum(), (q, k, v))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)

@@ -1,0 +1,113 @@
+"""The native cross-entropy ops as torch.library ops: opcheck (schema, fake impl, autograd
+registration, AOT dispatch, the declared in-place mutation), torch.compile(fullgraph=True)
+through the public functions, and native-only behaviour (class weights that require grad)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llmcore
+from conftest import kernel_backends
+
+pytestmark = pytest.mark.skipif("native" not in kernel_backends("cross_entropy"),
+                                reason="llmcore._native is not built")
+
+
+def _target(n, v, ignored=(1,)):
+    t = torch.randint(0, v, (n,))
+    for i in ignored:
+        t[i] = -100
+    return t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weighted,ls,z,cap", [(False, 0.0, 0.0, 0.0), (True, 0.1, 1e-3, 7.0)])
+def test_cross_entropy_fwd_opcheck(dtype, weighted, ls, z, cap):
+    x = torch.randn(6, 131, dtype=dtype, requires_grad=True)
+    w = torch.rand(131, dtype=dtype) + 0.5 if weighted else None
+    args = (x, _target(6, 131), w, -100, ls, z, cap)
+    torch.library.opcheck(torch.ops.llmcore.cross_entropy_fwd.default, args)
+
+
+def test_cross_entropy_bwd_and_rows_opcheck():
+    x = torch.randn(5, 77)
+    t = _target(5, 77)
+    _, lse = torch.ops.llmcore.cross_entropy_fwd(x, t, None, -100, 0.1, 1e-3, 0.0)
+    torch.library.opcheck(torch.ops.llmcore.cross_entropy_bwd.default,
+                          (torch.randn(5), x, t, None, lse, -100, 0.1, 1e-3, 0.0))
+    torch.library.opcheck(torch.ops.llmcore.cross_entropy_rows_.default,
+                          (x.clone(), t, None, -100, 0.1, 1e-3, 0.0, torch.tensor(0.25)))
+
+
+def test_rows_inplace_equals_fwd_then_bwd():
+    x = torch.randn(7, 301) * 4
+    t = _target(7, 301, ignored=(0, 5))
+    scale = torch.randn(7)
+    loss, lse = torch.ops.llmcore.cross_entropy_fwd(x, t, None, -100, 0.1, 1e-3, 9.0)
+    dx = torch.ops.llmcore.cross_entropy_bwd(scale, x, t, None, lse, -100, 0.1, 1e-3, 9.0)
+    buf = x.clone()
+    loss2 = torch.ops.llmcore.cross_entropy_rows_(buf, t, None, -100, 0.1, 1e-3, 9.0, scale)
+    assert torch.equal(loss, loss2) and torch.equal(buf, dx)
+    assert not dx[0].any() and not dx[5].any() and loss[0] == 0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compile_fullgraph(reduction):
+    torch._dynamo.reset()
+
+    def loss_fn(x, t, w):
+        out = llmcore.cross_entropy(x, t, w, reduction=reduction, label_smoothing=0.1,
+                                    z_loss=1e-3, softcap=20.0, backend="native")
+        return out.sum()
+
+    x = torch.randn(9, 3, 211, requires_grad=True)                  # (N, C, d1) layout
+    t = torch.randint(0, 3, (9, 211)).where(torch.rand(9, 211) > 0.1, -100)
+    xt = torch.randn(9, 211, requires_grad=True)
+    w = torch.rand(3) + 0.5
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    for args in ((x, t, w), (xt, torch.randint(0, 211, (9,)), None)):
+        got = compiled(*args)
+        (g,) = torch.autograd.grad(got, args[0])
+        ref = llmcore.cross_entropy(*args[:2], args[2], reduction=reduction, label_smoothing=0.1,
+                                    z_loss=1e-3, softcap=20.0, backend="torch").sum()
+        (g_ref,) = torch.autograd.grad(ref, args[0])
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-5)
+
+
+def test_compile_linear_cross_entropy():
+    torch._dynamo.reset()
+    x = torch.randn(37, 16, requires_grad=True)
+    w = torch.randn(97, 16, requires_grad=True)
+    t = torch.randint(0, 97, (37,))
+
+    def fn(x, w):
+        return llmcore.linear_cross_entropy(x, w, t, chunk_size=8, backend="native")
+
+    got = torch.compile(fn, backend="aot_eager")(x, w)
+    gx, gw = torch.autograd.grad(got, [x, w])
+    ref = F.cross_entropy(x @ w.t(), t)
+    rx, rw = torch.autograd.grad(ref, [x, w])
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(gx, rx, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gw, rw, atol=1e-6, rtol=1e-5)
+
+
+def test_class_weight_requiring_grad_is_refused():
+    x = torch.randn(4, 10, requires_grad=True)
+    w = torch.rand(10, requires_grad=True)
+    with pytest.raises(ValueError, match="weight must not require grad with backend 'native'"):
+        llmcore.cross_entropy(x, torch.randint(0, 10, (4,)), w, backend="native")
+    with torch.no_grad():
+        llmcore.cross_entropy(x, torch.randint(0, 10, (4,)), w, backend="native")
+
+
+def test_op_level_errors_name_the_argument():
+    x = torch.randn(3, 8)
+    t = torch.zeros(3, dtype=torch.long)
+    with pytest.raises(TypeError, match="target must be int64"):
+        torch.ops.llmcore.cross_entropy_fwd(x, t.int(), None, -100, 0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match=r"weight must have shape \[8\]"):
+        torch.ops.llmcore.cross_entropy_fwd(x, t, torch.ones(7), -100, 0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="logits must be contiguous"):
+        torch.ops.llmcore.cross_entropy_rows_(torch.randn(8, 3).t(), t, None, -100, 0.0, 0.0,
+                                              0.0, torch.tensor(1.0))

@@ -1,0 +1,175 @@
+"""llmcore.patch on Hugging Face BERT / GPT-2 / Llama / Mistral (sliding window) and on plain
+torch models: outputs, losses and every gradient vs the unpatched model in float64 (oracle
+rule, unpatched fp32 = eager), state_dict keys and parameter objects unchanged, HF Trainer."""
+import copy
+import importlib.util
+import pathlib
+
+import pytest
+import torch
+
+import llmcore
+from conftest import assert_close_to_oracle
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+V = 103
+
+
+def _hf(name):
+    T = transformers
+    llama = dict(vocab_size=V, hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
+                 num_key_value_heads=2, intermediate_size=72, max_position_embeddings=64)
+    bert = dict(vocab_size=V, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=80, max_position_embeddings=40, num_labels=3)
+    return {
+        "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(**llama)),
+        "mistral-window": lambda: T.MistralForCausalLM(T.MistralConfig(**llama,
+                                                                        sliding_window=4)),
+        "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=V, n_embd=48, n_layer=2,
+                                                       n_head=4, n_positions=40,
+                                                       bos_token_id=1, eos_token_id=2)),
+        "bert-mlm": lambda: T.BertForMaskedLM(T.BertConfig(**bert)),
+        "bert-cls": lambda: T.BertForSequenceClassification(T.BertConfig(**bert)),
+        "bert-tok": lambda: T.BertForTokenClassification(T.BertConfig(**bert)),
+    }[name]()
+
+
+def _batch(name, padded):
+    B, N = 3, 11
+    ids = torch.randint(1, V, (B, N))
+    mask = torch.ones(B, N, dtype=torch.long)
+    if padded:
+        mask[1, 7:] = 0
+        mask[2, 3:] = 0
+    if name == "bert-cls":
+        labels = torch.tensor([2, 0, 1])
+    elif name == "bert-tok":
+        labels = torch.randint(0, 3, (B, N))
+    elif name == "bert-mlm":
+        labels = torch.where(torch.rand(B, N) < 0.4, ids, torch.full_like(ids, -100))
+        labels[:, 0] = ids[:, 0]
+    else:
+        labels = ids.clone()
+    if labels.dim() == 2:
+        labels = labels.masked_fill(mask == 0, -100)
+    return ids, mask if padded else None, labels
+
+
+def _perturb(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
+@pytest.mark.parametrize("name", ["llama", "mistral-window", "gpt2", "bert-mlm", "bert-cls",
+                                  "bert-tok"])
+def test_patched_hf_matches_unpatched(name, padded):
+    eager = _hf(name).eval()
+    _perturb(eager)
+    oracle = copy.deepcopy(eager).double()
+    patched = copy.deepcopy(eager)
+    keys, params = list(patched.state_dict()), [id(p) for p in patched.parameters()]
+    assert llmcore.patch(patched) is patched
+    assert list(patched.state_dict()) == keys
+    assert [id(p) for p in patched.parameters()] == params          # shared, not copied
+    assert patched.config._attn_implementation == "llmcore"
+    kinds = {type(m) for m in patched.modules()}
+    assert kinds & {llmcore.nn.LayerNorm, llmcore.nn.RMSNorm}
+    assert not any(type(m).__name__ in ("LlamaRMSNorm", "MistralRMSNorm") or
+                   type(m) is torch.nn.LayerNorm for m in patched.modules())
+
+    ids, mask, labels = _batch(name, padded)
+    real = (mask if mask is not None else torch.ones_like(ids)).bool()
+    outs = {}
+    for key, model in (("got", patched), ("eager", eager), ("oracle", oracle)):
+        with_labels = model(input_ids=ids, attention_mask=mask, labels=labels)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        outs[key] = (with_labels.loss, logits[real] if logits.dim() == 3 else logits)
+        if key == "got" and name in ("llama", "mistral-window", "gpt2"):
+            assert with_labels.logits is None        # fused linear cross-entropy: no logits
+        with_labels.loss.backward()
+    for i, what in enumerate(("loss", "logits")):
+        assert_close_to_oracle(outs["got"][i], outs["eager"][i], outs["oracle"][i], name=what)
+    named = {k: dict(m.named_parameters()) for k, m in
+             (("got", patched), ("eager", eager), ("oracle", oracle))}
+    for pname, p in named["got"].items():
+        e, o = named["eager"][pname].grad, named["oracle"][pname].grad
+        if o is None:
+            assert p.grad is None or not p.grad.any(), pname
+            continue
+        assert_close_to_oracle(p.grad, e, o, name=f"grad {pname}")
+
+
+def test_patched_generation_and_num_items_in_batch():
+    model = _hf("llama").eval()
+    ref = copy.deepcopy(model)
+    llmcore.patch(model)
+    prompt = torch.randint(1, V, (2, 4))
+    assert torch.equal(model.generate(prompt, max_new_tokens=5, do_sample=False),
+                       ref.generate(prompt, max_new_tokens=5, do_sample=False))
+    ids = torch.randint(1, V, (2, 8))
+    n = torch.tensor(9)
+    got = model(input_ids=ids, labels=ids, num_items_in_batch=n).loss
+    want = ref(input_ids=ids, labels=ids, num_items_in_batch=n).loss
+    torch.testing.assert_close(got, want)
+    positional = model(ids, None, labels=ids).loss                  # positional arguments too
+    torch.testing.assert_close(positional, ref(ids, labels=ids).loss)
+
+
+def test_flags_leave_parts_alone():
+    model = _hf("llama")
+    llmcore.patch(model, norm=False, loss=False)
+    assert model.config._attn_implementation == "llmcore"
+    assert any(type(m).__name__ == "LlamaRMSNorm" for m in model.modules())
+    assert "forward" not in vars(model)
+    bert = llmcore.patch(_hf("bert-mlm"), attention=False)
+    assert bert.config._attn_implementation != "llmcore"
+    assert not any(type(m) is torch.nn.LayerNorm for m in bert.modules())
+
+
+def test_plain_torch_model():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln = torch.nn.LayerNorm(24)
+            self.rms = torch.nn.RMSNorm(24, eps=1e-6)
+            self.proj = torch.nn.Linear(24, 7)
+            self.loss = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+
+        def forward(self, x, y):
+            return self.loss(self.proj(self.rms(self.ln(x))), y)
+
+    net = Net()
+    _perturb(net)
+    ref = copy.deepcopy(net)
+    keys = list(net.state_dict())
+    llmcore.patch(net)
+    assert type(net.ln) is llmcore.nn.LayerNorm and type(net.rms) is llmcore.nn.RMSNorm
+    assert type(net.loss) is llmcore.nn.CrossEntropyLoss and net.loss.label_smoothing == 0.1
+    assert list(net.state_dict()) == keys
+    x, y = torch.randn(13, 24), torch.randint(0, 7, (13,))
+    a, b = net(x, y), ref(x, y)
+    torch.testing.assert_close(a, b)
+    a.backward()
+    b.backward()
+    for p, q in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        llmcore.patch("model")
+
+
+def test_hf_trainer_runs_patched():
+    """A few HF Trainer steps through the example script: patched losses == unpatched."""
+    path = pathlib.Path(__file__).parents[1] / "examples" / "patch_hf_trainer.py"
+    spec = importlib.util.spec_from_file_location("patch_hf_trainer", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    args = ["--model", "llama", "--steps", "3", "--batch-size", "4", "--seq-len", "16"]
+    patched = example.main(args)
+    plain = example.main(args + ["--no-patch"])
+    assert len(patched) == 3
+    assert patched == pytest.approx(plain, rel=1e-4)
