@@ -13,7 +13,7 @@
 #   GPU_CHECK_BENCH_MINUTES  time budget of the benchmark stage (default 8)
 #   GPU_CHECK_DRY_RUN=1      on a machine without CUDA: run every stage that can run (build,
 #                            pytest -m gpu, which then skips everything, and the suite on the
-#                            CPU with the tiny sizes) to check the script itself
+#                            CPU with the tiny sizes, eager providers) to check the script
 #   LLMCORE_CUDA_ARCHS       passed to the build (default here: 90, Hopper only, to build fast)
 #
 # Writes: build.log, pytest_gpu.log, info.txt, results.json, results.md, <op>.png, bench.log,
@@ -74,7 +74,7 @@ for stage in $stages; do
             args=(--device cuda --quick --max-minutes "$minutes"
                   --ops train_step,attention,attention_varlen,linear_cross_entropy,cross_entropy,rms_norm,layer_norm)
         else
-            args=(--device cpu --size-set tiny)
+            args=(--device cpu --size-set tiny --providers torch,sdpa)
         fi
         say "bench: llmcore bench ${args[*]} --out $out"
         t0=$SECONDS

@@ -104,6 +104,39 @@ def test_patched_hf_matches_unpatched(name, padded):
         assert_close_to_oracle(p.grad, e, o, name=f"grad {pname}")
 
 
+def _full_backends():
+    from conftest import kernel_backends
+    return [b for b in kernel_backends("norm")
+            if b in kernel_backends("cross_entropy") and b in kernel_backends("attention")]
+
+
+@pytest.mark.parametrize("backend", _full_backends())
+@pytest.mark.parametrize("name", ["llama", "bert-mlm"])
+def test_patch_on_each_backend(name, backend):
+    """patch(model, backend=...) runs every op on that backend (Triton via the interpreter)."""
+    T = transformers
+    small = {"llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(
+                 vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=40)),
+             "bert-mlm": lambda: T.BertForMaskedLM(T.BertConfig(
+                 vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 intermediate_size=40, max_position_embeddings=16))}[name]
+    eager = small().eval()
+    _perturb(eager)
+    oracle = copy.deepcopy(eager).double()
+    patched = llmcore.patch(copy.deepcopy(eager), backend=backend)
+    assert patched.config._attn_implementation == ("llmcore" if backend == "auto"
+                                                   else f"llmcore_{backend}")
+    ids, mask, labels = _batch(name, padded=True)
+    losses = [m(input_ids=ids, attention_mask=mask, labels=labels).loss
+              for m in (patched, eager, oracle)]
+    assert_close_to_oracle(*losses, name="loss")
+    grads = [torch.autograd.grad(loss, list(m.parameters()))
+             for loss, m in zip(losses, (patched, eager, oracle))]
+    for (pname, _), g, e, o in zip(patched.named_parameters(), *grads):
+        assert_close_to_oracle(g, e, o, name=f"grad {pname}")
+
+
 def test_patched_generation_and_num_items_in_batch():
     model = _hf("llama").eval()
     ref = copy.deepcopy(model)

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "llmcore/cross_entropy.h"
@@ -98,40 +99,64 @@ double row_fwd(const Setup<C>& k, const T* x, int64_t t, C* buf, double* loss) {
   return lse;
 }
 
+// dy_c = (ga p_c - ge w_c) * (1 - tanh^2) for one block of n classes into out (compute type);
+// the branches are resolved outside the loops so each loop vectorises.
+template <typename T, typename C>
+void block_bwd(const Setup<C>& k, const T* x, const C* w, int64_t n, C lse, C ga, C ge, C* out) {
+  if (k.cap > C(0)) {
+    if (w) {
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) {
+        const C th = cpu::tanh_approx(widen(x[c]) * k.inv_cap);
+        out[c] = (ga * cpu::exp_nonpos(C(k.cap * th - lse)) - ge * w[c]) * (C(1) - th * th);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) {
+        const C th = cpu::tanh_approx(widen(x[c]) * k.inv_cap);
+        out[c] = (ga * cpu::exp_nonpos(C(k.cap * th - lse)) - ge) * (C(1) - th * th);
+      }
+    }
+  } else if (w) {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) out[c] = ga * cpu::exp_nonpos(C(widen(x[c]) - lse)) - ge * w[c];
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) out[c] = ga * cpu::exp_nonpos(C(widen(x[c]) - lse)) - ge;
+  }
+}
+
 // Backward of one valid row, g = dloss of the row (derivation in the header):
 //   dlogits_c = g (p_c a - (e/C) w[c] - (1-e) w[t] [c == t]) * (1 - tanh^2) (softcap)
-// dx may alias x (the in-place variant): each element is read before it is written, and the
-// target's logit is read before the loop.
+// dx may alias x (the in-place variant): each block is read before it is written, and the
+// target's logit is read before the loop. buf: kBlock scratch (unused when T is C).
 template <typename T, typename C>
-void row_bwd(const Setup<C>& k, const T* x, T* dx, int64_t t, C lse, C g) {
+void row_bwd(const Setup<C>& k, const T* x, T* dx, int64_t t, C lse, C g, C* buf) {
   const int64_t V = k.V;
   const double wt = k.w ? double(k.w[t]) : 1.0;
   const C a = C((1.0 - k.e) * wt + k.e / double(V) * k.W + 2.0 * k.z_loss * wt * double(lse));
   const C ga = g * a;
   const C ge = g * C(k.e / double(V));
   const C x_t = widen(x[t]);
-  const C w_t = k.w ? k.w[t] : C(1);
-  const C hot = g * C((1.0 - k.e) * wt);
-  if (k.cap > C(0)) {
-#pragma omp simd
-    for (int64_t c = 0; c < V; ++c) {
-      const C th = cpu::tanh_approx(widen(x[c]) * k.inv_cap);
-      const C pc = cpu::exp_nonpos(C(k.cap * th - lse));
-      const C wc = k.w ? k.w[c] : C(1);
-      dx[c] = narrow<T>((ga * pc - ge * wc) * (C(1) - th * th));
+  for (int64_t c0 = 0; c0 < V; c0 += kBlock) {
+    const int64_t n = std::min(kBlock, V - c0);
+    const C* w = k.w ? k.w + c0 : nullptr;
+    if constexpr (std::is_same_v<T, C>) {
+      block_bwd(k, x + c0, w, n, lse, ga, ge, dx + c0);
+    } else {
+      block_bwd(k, x + c0, w, n, lse, ga, ge, buf);
+      for (int64_t j = 0; j < n; ++j) dx[c0 + j] = narrow<T>(buf[j]);
     }
+  }
+  // the target's own term, -g (1-e) w[t], through the same softcap derivative
+  const C hot = g * C((1.0 - k.e) * wt);
+  const C w_t = k.w ? k.w[t] : C(1);
+  if (k.cap > C(0)) {
     const C th = cpu::tanh_approx(x_t * k.inv_cap);
     const C pt = cpu::exp_nonpos(C(k.cap * th - lse));
     dx[t] = narrow<T>((ga * pt - ge * w_t - hot) * (C(1) - th * th));
   } else {
-#pragma omp simd
-    for (int64_t c = 0; c < V; ++c) {
-      const C pc = cpu::exp_nonpos(C(widen(x[c]) - lse));
-      const C wc = k.w ? k.w[c] : C(1);
-      dx[c] = narrow<T>(ga * pc - ge * wc);
-    }
-    const C pt = cpu::exp_nonpos(C(x_t - lse));
-    dx[t] = narrow<T>(ga * pt - ge * w_t - hot);
+    dx[t] = narrow<T>(ga * cpu::exp_nonpos(C(x_t - lse)) - ge * w_t - hot);
   }
 }
 
@@ -155,7 +180,7 @@ void run(const CrossEntropyParams& p, Mode mode) {
   {
     int64_t r0, r1;
     cpu::chunk(p.rows, cpu::team_threads(), cpu::thread_id(), &r0, &r1);
-    std::vector<C> buf(mode == Mode::kBwd ? 0 : std::min(V, kBlock));
+    std::vector<C> buf(std::min(V, kBlock));
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t t = p.target[r];
       const T* x = logits + r * V;
@@ -173,7 +198,7 @@ void run(const CrossEntropyParams& p, Mode mode) {
         loss_out[r] = C(l);
         lse_io[r] = lse;
       }
-      if (mode != Mode::kFwd) row_bwd(k, x, dlogits + r * V, t, lse, dloss[r]);
+      if (mode != Mode::kFwd) row_bwd(k, x, dlogits + r * V, t, lse, dloss[r], buf.data());
     }
   }
 }

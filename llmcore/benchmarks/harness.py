@@ -45,7 +45,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -135,7 +135,8 @@ class OpBench:
         """Bytes (GB/s ops), floating-point operations (TFLOP/s ops) or tokens per call."""
         raise NotImplementedError
 
-    def extra(self, shape: dict, dtype: str, mode: str, ms: float, device: str) -> dict:
+    def extra(self, shape: dict, dtype: str, mode: str, ms: float, device: str,
+              provider: str | None = None) -> dict:
         """Additional derived fields for a record (e.g. MFU)."""
         return {}
 
@@ -562,7 +563,7 @@ def _run_case(bench: OpBench, provider: str, shape: dict, dtype: torch.dtype, mo
     dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
     return {"ms": ms, "ms_p20": p20, "ms_p80": p80, "reps": len(ms_all), "input_sets": n_sets,
             "peak_mb": peak, "throughput": work / (ms * 1e-3) / scale, "throughput_unit": bench.unit,
-            **bench.extra(shape, dtype_name, mode, ms, cfg.device)}
+            **bench.extra(shape, dtype_name, mode, ms, cfg.device, provider)}
 
 
 def _fill_cpu_memory(group: list, cfg: BenchConfig) -> list:

@@ -7,6 +7,8 @@ A provider is a name for one implementation of an op:
   sdpa            F.scaled_dot_product_attention (attention only)
   llmcore_triton  llmcore with backend="triton"
   llmcore_native  llmcore with backend="native" (the compiled csrc kernels)
+  llmcore_auto    llmcore with backend="auto": per op family what "auto" picks on the device
+                  (train step only: the model as a user gets it)
   flash_attn      the flash-attn package (attention only)
   liger           Liger-Kernel (norms and cross-entropy)
   hf              the Hugging Face transformers model (train step only)
@@ -25,11 +27,11 @@ import shutil
 
 import torch
 
-PROVIDERS = ("torch", "torch_compile", "sdpa", "llmcore_triton", "llmcore_native", "flash_attn",
-             "liger", "hf")
+PROVIDERS = ("torch", "torch_compile", "sdpa", "llmcore_triton", "llmcore_native", "llmcore_auto",
+             "flash_attn", "liger", "hf")
 
 # llmcore provider -> the backend name it passes to llmcore
-LLMCORE_BACKEND = {"llmcore_triton": "triton", "llmcore_native": "native"}
+LLMCORE_BACKEND = {"llmcore_triton": "triton", "llmcore_native": "native", "llmcore_auto": "auto"}
 
 
 @functools.lru_cache(maxsize=None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from llmcore.benchmarks.harness import load_op
+from llmcore.benchmarks.harness import MODES, load_op
 
 
 def _key(rec: dict, provider: str) -> tuple:
@@ -62,6 +62,7 @@ def markdown(result: dict) -> str:
         bench = load_op(op)
         unit = recs[0]["throughput_unit"]
         extra_mfu = any(r.get("mfu") is not None for r in recs)
+        extra_backends = any(r.get("backends") for r in recs)
         lines += [f"## {op}", ""]
         tables = defaultdict(list)
         for r in recs:
@@ -69,7 +70,8 @@ def markdown(result: dict) -> str:
         for (dtype, mode), rows in tables.items():
             base_cols = [b for b in bench.baselines if any(r["provider"] == b for r in rows)]
             cols = ["variant", "shape", "provider", "ms (p20-p80)", unit, "peak MB"]
-            cols += (["MFU"] if extra_mfu else []) + [f"vs {b}" for b in base_cols]
+            cols += (["MFU"] if extra_mfu else []) + (["llmcore backends"] if extra_backends else [])
+            cols += [f"vs {b}" for b in base_cols]
             cols += [f"mem vs {b}" for b in base_cols]
             lines += [f"### {dtype}, {mode}", "", "| " + " | ".join(cols) + " |",
                       "|" + "---|" * len(cols)]
@@ -79,6 +81,9 @@ def markdown(result: dict) -> str:
                          _num(r["throughput"], ".3g"), _num(r["peak_mb"], ".1f")]
                 if extra_mfu:
                     cells.append(_num(r.get("mfu"), ".1%"))
+                if extra_backends:
+                    cells.append(", ".join(f"{k}={v}" for k, v in (r.get("backends") or {}).items())
+                                 or "-")
                 for b in base_cols:
                     base = by_key.get(_key(r, b))
                     cells.append(f"{base['ms'] / r['ms']:.2f}x" if base else "-")
@@ -105,7 +110,10 @@ def plots(result: dict, out: Path) -> list[Path]:
         by_op[r["op"]].append(r)
     for op, recs in by_op.items():
         bench = load_op(op)
-        panels = sorted({(r["variant"], r["dtype"], r["mode"]) for r in recs})
+        # panels in the order the records came (variants as swept), modes in MODES order
+        panels = list(dict.fromkeys((r["variant"], r["dtype"], r["mode"]) for r in recs))
+        variants = list(dict.fromkeys(r["variant"] for r in recs))
+        panels.sort(key=lambda p: (variants.index(p[0]), p[1], MODES.index(p[2])))
         ncols = min(3, len(panels))
         nrows = -(-len(panels) // ncols)
         fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.6 * nrows), squeeze=False)
@@ -114,10 +122,14 @@ def plots(result: dict, out: Path) -> list[Path]:
             for r in recs:
                 if (r["variant"], r["dtype"], r["mode"]) == (variant, dtype, mode):
                     lines[r["provider"]].append((r["shape"][bench.x_key], r["throughput"]))
+            xs = set()
             for provider, pts in lines.items():
                 pts.sort()
+                xs.update(p[0] for p in pts)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
             ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted(xs), [str(x) for x in sorted(xs)])
+            ax.minorticks_off()
             ax.set_xlabel(bench.x_key)
             ax.set_ylabel(recs[0]["throughput_unit"])
             ax.set_title(f"{variant}, {dtype}, {mode}", fontsize=9)

@@ -1,7 +1,7 @@
 """A whole training step (forward, backward, AdamW step) of the gpt2 and bert flavours.
 
 Providers: the llmcore Transformer with every op family on one backend ("llmcore_triton",
-"llmcore_native"), against the same architecture with the backend forced to "torch" (eager
+"llmcore_native") or as "auto" picks per family ("llmcore_auto"; records say which), against the same architecture with the backend forced to "torch" (eager
 PyTorch, and "torch_compile": that model under torch.compile) and the Hugging Face model with
 the same weights ("hf", via llmcore.models.to_hf; transformers' default attention).
 Every provider trains with the same inputs and the same torch.optim.AdamW (default settings).
@@ -59,7 +59,7 @@ def peak_flops(device: str, dtype: str) -> float | None:
 class TrainStepBench(OpBench):
     name = "train_step"
     families = ("norm", "cross_entropy", "attention")
-    providers = ("torch", "torch_compile", "llmcore_triton", "llmcore_native", "hf")
+    providers = ("torch", "torch_compile", "llmcore_auto", "llmcore_triton", "llmcore_native", "hf")
     modes = ("step",)
     unit = "tokens/s"
     x_key = "T"
@@ -123,15 +123,19 @@ class TrainStepBench(OpBench):
     def work(self, shape, dtype, mode):
         return shape["B"] * shape["T"]
 
-    def extra(self, shape, dtype, mode, ms, device):
+    def extra(self, shape, dtype, mode, ms, device, provider=None):
+        from llmcore import backends
         from llmcore.models import Transformer
 
         with torch.device("meta"):
             flops = Transformer(_config(shape, "torch")).estimate_flops_per_token(shape["T"])
         peak = peak_flops(device, dtype)
         tokens_per_s = shape["B"] * shape["T"] / (ms * 1e-3)
+        backend = LLMCORE_BACKEND.get(provider, "torch")
         return {"flops_per_token": flops,
-                "mfu": tokens_per_s * flops / peak if peak else None}
+                "mfu": tokens_per_s * flops / peak if peak else None,
+                "backends": None if provider == "hf" else
+                {f: backends.resolve(f, backend, device) for f in self.families}}
 
 
 BENCHES = {"train_step": TrainStepBench()}

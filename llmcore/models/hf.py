@@ -167,7 +167,8 @@ def _family(cfg: TransformerConfig) -> str:
     if family in ("bert", "gpt2") and not (cfg.attn_bias and cfg.mlp_bias):
         raise ValueError(f"{family} has biases on every projection: attn_bias and mlp_bias "
                          "must be True")
-    if family == "gpt2" and (cfg.n_kv_heads != cfg.n_heads or cfg.head_dim * cfg.n_heads != cfg.dim):
+    mha = cfg.n_kv_heads == cfg.n_heads and cfg.head_dim * cfg.n_heads == cfg.dim
+    if family == "gpt2" and not mha:
         raise ValueError("GPT-2 needs n_kv_heads == n_heads and head_dim * n_heads == dim")
     if family == "bert" and cfg.head_dim * cfg.n_heads != cfg.dim:
         raise ValueError("BERT needs head_dim * n_heads == dim")
@@ -289,7 +290,10 @@ def _read_checkpoint(path: str) -> dict:
             state.update(load_file(full))
         else:
             state.update(torch.load(full, map_location="cpu", weights_only=True))
-    return state
+    # old BERT checkpoints (e.g. bert-base-uncased) name LayerNorm parameters gamma / beta
+    renamed = {".gamma": ".weight", ".beta": ".bias"}
+    return {next((k[:-len(old)] + new for old, new in renamed.items() if k.endswith(old)), k): v
+            for k, v in state.items()}
 
 
 # ----------------------------------------------------------------------------- public

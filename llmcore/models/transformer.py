@@ -81,7 +81,7 @@ def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (..., P, H, D) rotated pairwise: x*cos + rotate_half(x)*sin, rotate_half(a, b) = (-b, a)."""
+    """x (..., P, H, D) rotated: x * cos + rotate_half(x) * sin, rotate_half(a, b) = (-b, a)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
@@ -322,20 +322,21 @@ class Transformer(nn.Module):
         cfg = self.config
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point \
                 or input_ids.dtype == torch.bool or input_ids.dim() != 2:
-            raise TypeError("input_ids must be a 2-D integer tensor (batch, seq_len), got "
-                            + (f"{input_ids.dtype} of shape {tuple(input_ids.shape)}"
-                               if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__))
+            got = (f"{input_ids.dtype} of shape {tuple(input_ids.shape)}"
+                   if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__)
+            raise TypeError(f"input_ids must be a 2-D integer tensor (batch, seq_len), got {got}")
         B, N = input_ids.shape
         end = N + (cache.length if cache is not None else 0)
         if self.pos_emb is not None and end > cfg.max_seq_len:
             raise ValueError(f"sequence length {end} exceeds max_seq_len={cfg.max_seq_len} of the "
                              "learned position table")
         if attention_mask is not None:
-            if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, N):
+            if not isinstance(attention_mask, torch.Tensor) \
+                    or tuple(attention_mask.shape) != (B, N):
+                got = (str(tuple(attention_mask.shape)) if isinstance(attention_mask, torch.Tensor)
+                       else type(attention_mask).__name__)
                 raise ValueError(f"attention_mask must be a tensor of shape {(B, N)} (1 = real "
-                                 "token), got " + (str(tuple(attention_mask.shape))
-                                                   if isinstance(attention_mask, torch.Tensor)
-                                                   else type(attention_mask).__name__))
+                                 f"token), got {got}")
             if cache is not None:
                 raise ValueError("attention_mask cannot be combined with a KV cache; "
                                  "decode unpadded prompts")
@@ -357,7 +358,8 @@ class Transformer(nn.Module):
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
         """LM logits (..., V) of final hidden states h (..., E); clm and mlm heads."""
         if self.config.head not in ("clm", "mlm"):
-            raise ValueError(f"lm_logits needs an LM head, the model's head is {self.config.head!r}")
+            raise ValueError(f"lm_logits needs an LM head; the model's head is "
+                             f"{self.config.head!r}")
         return self.head.logits(h, self.decoder_weight())
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:

@@ -401,7 +401,7 @@ class _TritonCrossEntropyInplace(torch.autograd.Function):
     (n, V) gradient is ever allocated. The caller's logits are overwritten: opt-in only, for
     logits that nothing reads after the loss. The gradient is pre-scaled for the reduction
     (1/denominator for "mean"); backward multiplies it in place by grad_output (per row for
-    "none")."""
+    "none"), so it can run once per forward (retain_graph cannot replay it)."""
 
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
@@ -416,6 +416,7 @@ class _TritonCrossEntropyInplace(torch.autograd.Function):
         loss = _triton_ce_rows_(buf, target, weight, ignore_index, label_smoothing, z_loss,
                                 softcap or 0.0, scale)              # (n,); buf now holds dlogits
         ctx.reduction = reduction
+        ctx.spent = False
         ctx.save_for_backward(buf)
         if reduction == "none":
             return loss.to(logits.dtype)
@@ -424,6 +425,11 @@ class _TritonCrossEntropyInplace(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.spent:
+            raise RuntimeError("cross_entropy with inplace_backward=True keeps its gradient in the "
+                               "logits' buffer and scales it in place: it can be backpropagated "
+                               "once only")
+        ctx.spent = True
         (dlogits,) = ctx.saved_tensors
         g = grad_out[:, None] if ctx.reduction == "none" else grad_out
         return dlogits.mul_(g.to(dlogits.dtype)), None, None, None, None, None, None, None

@@ -143,6 +143,7 @@ class Trainer:
         self.initial_eval: dict | None = None
         self.last_train_loss: float | None = None
         self.stopped_early = False
+        self.window: list[float] = []       # train losses since the last log line
 
     # ------------------------------------------------------------------ set-up helpers
 
@@ -305,7 +306,7 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "rng": dist.gather_objects(_rng_state(), self.info),
             "last_eval": self.last_eval, "last_eval_step": self.last_eval_step,
-            "initial_eval": self.initial_eval,
+            "initial_eval": self.initial_eval, "window": list(self.window),
         }
 
     def save_checkpoint(self) -> Path | None:
@@ -331,7 +332,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.sampler.load_state_dict(state["sampler"])
         for k in ("step", "tokens", "skipped_steps", "nonfinite_in_row", "best", "best_step",
-                  "bad_evals", "last_eval", "last_eval_step", "initial_eval"):
+                  "bad_evals", "last_eval", "last_eval_step", "initial_eval", "window"):
             setattr(self, k, state[k])
         self.wall_before = state["wall_seconds"]
         rngs = state["rng"]
@@ -413,7 +414,6 @@ class Trainer:
             log.write(f"resumed from step {start} in {self.out / 'checkpoints'}")
         if start == 0 and self.eval_data is not None and cfg.eval_every:
             self._on_eval_start(log)
-        window: list[float] = []
         t_log, tok_log = time.perf_counter(), self.tokens
         try:
             while self.step < self.total_steps:
@@ -423,13 +423,13 @@ class Trainer:
                               f"({self.nonfinite_in_row} in a row)")
                     continue
                 loss, gnorm = result
-                window.append(loss)
+                self.window.append(loss)
                 self.last_train_loss = loss
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     now = time.perf_counter()
                     tps = (self.tokens - tok_log) / max(now - t_log, 1e-9)
                     event = {"event": "train", "step": self.step,
-                             "loss": sum(window) / len(window),
+                             "loss": sum(self.window) / len(self.window),
                              "lr": self.scheduler.get_last_lr()[0], "grad_norm": gnorm,
                              "tokens": self.tokens, "tokens_per_s": tps}
                     postfix = {"loss": f"{event['loss']:.3f}", "lr": f"{event['lr']:.2e}",
@@ -439,7 +439,7 @@ class Trainer:
                         postfix["mfu"] = f"{100 * event['mfu']:.1f}%"
                     log.log(event)
                     log.progress(self.step, postfix)
-                    window, t_log, tok_log = [], now, self.tokens
+                    self.window, t_log, tok_log = [], now, self.tokens
                 stop = False
                 if (self.eval_data is not None and cfg.eval_every
                         and self.step % cfg.eval_every == 0 and self.step < self.total_steps):

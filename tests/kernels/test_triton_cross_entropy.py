@@ -146,6 +146,15 @@ def test_inplace_backward(reduction, dtype):
         assert torch.equal(y.grad, x.grad)
 
 
+def test_inplace_backward_runs_once():
+    x = torch.randn(4, 33, requires_grad=True)
+    t = torch.tensor([1, 2, 3, 4])
+    out = _triton_entry()(x, t, None, -100, "sum", 0.0, 0.0, None, inplace_backward=True)
+    torch.autograd.grad(out, x, retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated once only"):
+        torch.autograd.grad(out, x)
+
+
 def test_inplace_backward_all_ignored_is_zero():
     x = torch.randn(4, 33, requires_grad=True)
     t = torch.full((4,), -100)

@@ -10,7 +10,8 @@ transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
 from conftest import assert_close_to_oracle  # noqa: E402
-from llmcore.models import Transformer, from_hf, to_hf, export_hf, tiny_gpt, tiny_llama  # noqa: E402
+from llmcore.models import (Transformer, export_hf, from_hf, tiny_gpt,  # noqa: E402
+                            tiny_llama, to_hf)
 
 V = 103  # prime vocab
 
@@ -168,6 +169,16 @@ def test_from_pytorch_model_bin_directory(tmp_path):
     ours = from_hf(str(tmp_path)).eval()
     ids = torch.randint(0, V, (2, 7))
     torch.testing.assert_close(ours(ids).logits, hf(ids).logits, rtol=1e-4, atol=1e-5)
+    # old-style BERT names: LayerNorm.gamma / beta
+    bert = transformers.BertForMaskedLM(bert_config()).eval()
+    bert.config.architectures = ["BertForMaskedLM"]
+    bert.config.save_pretrained(tmp_path / "bert")
+    old = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias",
+                                                                       "LayerNorm.beta"): v
+           for k, v in bert.state_dict().items()}
+    torch.save(old, tmp_path / "bert" / "pytorch_model.bin")
+    torch.testing.assert_close(from_hf(str(tmp_path / "bert")).eval()(ids).logits,
+                               bert(ids).logits, rtol=1e-4, atol=1e-5)
 
 
 def test_to_hf_of_native_models_matches_outputs():

@@ -1,6 +1,7 @@
 """The llmcore Transformer on its own: configs and presets, padded (varlen) vs unpadded runs,
 losses against explicit float64 formulas, activation checkpointing, save/load, FLOPs,
 backend resolution, input checks."""
+import copy
 import dataclasses
 
 import pytest
@@ -82,16 +83,7 @@ def test_padded_batch_equals_each_sequence_alone(flavour):
         assert not h[b, n:].any()
 
 
-def _oracle_lm_loss(model, ids, labels, shift):
-    m64 = _double(model)
-    logits = m64(ids, return_logits=True).logits
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-
-
 def _double(model):
-    import copy
     return copy.deepcopy(model).double()
 
 

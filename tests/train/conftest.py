@@ -11,6 +11,16 @@ from llmcore.data.collate import IGNORE_INDEX
 from llmcore.train.data import LabelledSource
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine two spinning threads per test cost far
+    more wall time than they save."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class TinyModel(torch.nn.Module):
     """Embedding -> LayerNorm -> MLP; task "clm" (shifted), "mlm"/"tokens" (per position) or
     "classify" (mean pooling)."""

@@ -70,11 +70,15 @@ def test_pretrain_clm_outputs(clm_run, capsys):
 
 
 def test_evaluate_and_generate(clm_run, corpus_file, capsys):
+    capsys.readouterr()
     assert main(["evaluate", "--run", str(clm_run)]) == 0
     m = json.loads(capsys.readouterr().out)
     s = json.loads((clm_run / "summary.json").read_text())
     assert m["eval_loss"] == pytest.approx(s["eval_loss"], rel=1e-5)
-    assert main(["evaluate", "--run", str(clm_run), "--data", str(corpus_file)]) == 0
+    small = clm_run.parent / "small.txt"
+    small.write_text(corpus_file.read_text()[:3000])
+    assert main(["evaluate", "--run", str(clm_run), "--data", str(small), "--batch-size",
+                 "32"]) == 0
     assert json.loads(capsys.readouterr().out)["eval_perplexity"] > 1
     assert main(["generate", "--run", str(clm_run), "--prompt", "open the", "--max-new-tokens",
                  "5", "--temperature", "0"]) == 0
@@ -194,8 +198,8 @@ def _losses(run: Path) -> list:
 
 @pytest.mark.slow
 def test_kill_9_then_resume_is_bit_identical(tmp_path, corpus_file):
-    args = ["pretrain", "--data", str(corpus_file), "--max-steps", "30", "--save-every", "3",
-            "--eval-every", "10", "--seq-len", "32", "--vocab-size", "300", "--deterministic",
+    args = ["pretrain", "--data", str(corpus_file), "--max-steps", "16", "--save-every", "2",
+            "--eval-every", "5", "--seq-len", "32", "--vocab-size", "300", "--deterministic",
             "--set", "dropout=0.1", *TINY]
     full, cut = tmp_path / "full", tmp_path / "cut"
     p = _run([*args, "--out", str(full)])
@@ -232,9 +236,10 @@ def test_torchrun_two_processes_equal_one(tmp_path, corpus_file):
     s1 = json.loads((one / "summary.json").read_text())
     s2 = json.loads((two / "summary.json").read_text())
     assert s2["world_size"] == 2 and s1["tokens"] == s2["tokens"]
-    for (st1, l1, e1), (st2, l2, e2) in zip(_losses(one), _losses(two), strict=True):
+    for (st1, *v1), (st2, *v2) in zip(_losses(one), _losses(two), strict=True):
         assert st1 == st2
-        assert (l1, e1) == pytest.approx((l2, e2), rel=1e-4)
+        for x, y in zip(v1, v2):
+            assert (x is None) == (y is None) and (x is None or x == pytest.approx(y, rel=1e-4))
     a, b = _weights(one), _weights(two)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)

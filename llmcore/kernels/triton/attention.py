@@ -258,8 +258,8 @@ def _attn_bwd_delta_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_DV)
     ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM_V)
-    o = tl.load(O + b * sob + h * soh + q_start * som + offs_m[:, None] * som + offs_d[None, :] * sod,
-                mask=ok, other=0.0).to(tl.float32)
+    o = tl.load(O + b * sob + h * soh + q_start * som + offs_m[:, None] * som
+                + offs_d[None, :] * sod, mask=ok, other=0.0).to(tl.float32)
     do = tl.load(DO + b * sdb + h * sdh + q_start * sdm + offs_m[:, None] * sdm
                  + offs_d[None, :] * sdd, mask=ok, other=0.0).to(tl.float32)
     tl.store(DELTA + b * slb + h * slh + (q_start + offs_m) * slm, tl.sum(o * do, 1),
@@ -298,8 +298,9 @@ def _attn_bwd_dq_kernel(
     d_ok = offs_d < HEAD_DIM
     dv_ok = offs_dv < HEAD_DIM_V
     m_ok = offs_m < Lq
-    q = tl.load(Q + b * sqb + h * sqh + q_start * sqm + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    q = tl.load(Q + b * sqb + h * sqh + q_start * sqm + offs_m[:, None] * sqm
+                + offs_d[None, :] * sqd, mask=m_ok[:, None] & d_ok[None, :],
+                other=0.0)  # (BLOCK_M, BLOCK_D)
     do = tl.load(DO + b * sdob + h * sdoh + q_start * sdom + offs_m[:, None] * sdom
                  + offs_dv[None, :] * sdod, mask=m_ok[:, None] & dv_ok[None, :],
                  other=0.0)  # (BLOCK_M, BLOCK_DV)
@@ -471,50 +472,57 @@ def _dropout_mask_kernel(KEEP, SEED, dropout_p, N_Q, N_K,
 
 # ------------------------------------------------------------------------------ launch configs
 # Under the interpreter one small config keeps CPU tests fast (BLOCK_M != BLOCK_N on purpose, so
-# the tile-skipping bounds are exercised with unequal tiles). On CUDA a short pruned list is
-# autotuned per (head-dim block, causal/window, dtype, sequence bucket). NOT YET TUNED ON A GPU:
-# the lists follow the usual FlashAttention-2 Triton choices (64/64 or 128/64 tiles, 4 or 8
-# warps) and must be measured on an H100/H200 before anyone trusts them.
+# the tile-skipping bounds are exercised with unequal tiles). On CUDA: a fixed heuristic per
+# head-dim class (the first entry of each list: 128x64 tiles up to D = 128, with 8 warps at
+# D = 128; smaller tiles above, where K/V tiles and the dk/dv accumulators fill shared memory
+# and registers), plus two alternatives, autotuned per (head-dim block, causal/window, dtype,
+# sequence bucket). NOT YET TUNED ON A GPU (no H100/H200 was available when this was written):
+# the lists follow the usual FlashAttention-2 Triton choices and must be measured before anyone
+# trusts them.
 
 _INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16}
 _AUTOTUNE_KEY = ["BLOCK_D", "HAS_WR", "SEQ_BUCKET"]  # + every tensor's dtype (added by triton)
 
+# head-dim class (padded D up to 64, 128, 256) -> [(BLOCK_M, BLOCK_N, num_warps, num_stages)]
+_FWD_TABLE = {64: [(128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
+              128: [(128, 64, 8, 3), (128, 64, 4, 2), (64, 64, 4, 3)],
+              256: [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)]}
+_BWD_TABLE = {64: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2)],
+              128: [(64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2)],
+              256: [(32, 32, 4, 1), (32, 32, 8, 1), (16, 32, 4, 1)]}
 
-def _fwd_configs():
+
+def _configs(table):
+    flat = sorted({entry for entries in table.values() for entry in entries})
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
-                                 (128, 32, 4, 3), (64, 32, 4, 2)]]
+            for bm, bn, w, s in flat]
 
 
-def _bwd_configs():
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2),
-                                 (32, 32, 4, 2)]]
+def _pruner(table):
+    def prune(configs, named_args, **kwargs):
+        """Keep the head-dim class's entries, minus query tiles longer than the sequence."""
+        d = max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"])
+        wanted = table[64 if d <= 64 else 128 if d <= 128 else 256]
+        def key(c):
+            return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+        mine = sorted((c for c in configs if key(c) in wanted), key=lambda c: wanted.index(key(c)))
+        fits = [c for c in mine if c.kwargs["BLOCK_M"] <= max(named_args["SEQ_BUCKET"], 16)]
+        return fits or mine[-1:]
+    return prune
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop tiles longer than the sequence, and the largest tiles for head dims above 128 (their
-    tiles no longer fit shared memory with several pipeline stages)."""
-    d = max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"])
-    bucket = named_args["SEQ_BUCKET"]
-    kept = [c for c in configs
-            if c.kwargs["BLOCK_M"] <= max(bucket, 32)
-            and not (d > 128 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64)]
-    return kept or configs[-1:]
-
-
-def _autotuned(kernel, configs):
-    return triton.autotune(configs, key=_AUTOTUNE_KEY,
-                           prune_configs_by={"early_config_prune": _prune})(kernel)
+def _autotuned(kernel, table):
+    return triton.autotune(_configs(table), key=_AUTOTUNE_KEY,
+                           prune_configs_by={"early_config_prune": _pruner(table)})(kernel)
 
 
 if _INTERPRET:
     _fwd_kernel, _dq_kernel, _dkdv_kernel = (_attn_fwd_kernel, _attn_bwd_dq_kernel,
                                              _attn_bwd_dkdv_kernel)
 else:
-    _fwd_kernel = _autotuned(_attn_fwd_kernel, _fwd_configs())
-    _dq_kernel = _autotuned(_attn_bwd_dq_kernel, _bwd_configs())
-    _dkdv_kernel = _autotuned(_attn_bwd_dkdv_kernel, _bwd_configs())
+    _fwd_kernel = _autotuned(_attn_fwd_kernel, _FWD_TABLE)
+    _dq_kernel = _autotuned(_attn_bwd_dq_kernel, _BWD_TABLE)
+    _dkdv_kernel = _autotuned(_attn_bwd_dkdv_kernel, _BWD_TABLE)
 
 
 def _launch(kernel, grid_axis0, H, B, args, consts):
