@@ -10,7 +10,8 @@ LLMCORE_NATIVE_ARCH (e.g. "native": adds -march=<value>; off by default so wheel
 portable), MAX_JOBS (parallel compile jobs, torch's knob).
 
 Sources: csrc/cpu/*.cpp and csrc/cuda/*.cu are globbed here exactly as CMakeLists.txt globs
-them (the one source list); csrc/torch/*.cpp (the torch binding) is built only here.
+them (the one source list); csrc/torch/*.cpp (the torch binding) is built only here. C++ flags:
+csrc/flags.txt, read by both as well.
 """
 import glob
 import os
@@ -24,6 +25,11 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 def _sources(pattern):
     # relative paths: setuptools rejects absolute ones in an sdist/editable build
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _kernel_flags():
+    with open(os.path.join(ROOT, "csrc", "flags.txt")) as f:
+        return [line.strip() for line in f if line.strip().startswith("-")]
 
 
 def _have_cxx():
@@ -47,10 +53,10 @@ def _native_extension():
     except ImportError:  # building without torch present: the pure-Python package only
         return [], {}
 
-    cxx_flags = ["-O3", "-fopenmp"]
+    cxx_flags = _kernel_flags()
     arch = os.environ.get("LLMCORE_NATIVE_ARCH")
-    if arch:
-        cxx_flags.append(f"-march={arch}")
+    if arch:  # one chosen ISA instead of the per-ISA clones (csrc/cpu/parallel.h)
+        cxx_flags += [f"-march={arch}", "-DLLMCORE_NATIVE_ARCH_BUILD"]
     kwargs = dict(
         name="llmcore._native",
         sources=_sources("csrc/cpu/*.cpp") + _sources("csrc/torch/*.cpp"),

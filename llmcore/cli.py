@@ -109,6 +109,17 @@ def _finish(kind: str, summary: dict) -> None:
           f"plot: {out}/loss.png, summary: {out}/summary.json)")
 
 
+def _announce(kind: str, cfg) -> None:
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        data = ", ".join(cfg.data) if cfg.data else "the embedded stdlib corpus" \
+            if kind == "pretrain" else "the embedded stdlib task"
+        init = f", init {cfg.init}" if kind == "finetune" and cfg.init else ""
+        print(f"llmcore {kind}: {cfg.task}, model {cfg.preset}{init}, data {data} -> {cfg.out}",
+              flush=True)
+
+
 @_user_errors
 def cmd_pretrain(args) -> int:
     from llmcore.train import config, run
@@ -124,6 +135,7 @@ def cmd_pretrain(args) -> int:
     cfg = config.from_cli(name, flags, args.set, resume=args.resume)
     if args.objective == "mlm" and args.preset is None and not args.resume:
         cfg = cfg.replace(preset="tiny-bert")
+    _announce("pretrain", cfg)
     _finish("pretrain", run.pretrain(cfg, resume=args.resume, overwrite=args.overwrite))
     return 0
 
@@ -149,6 +161,7 @@ def cmd_finetune(args) -> int:
         flags["init"] = str(latest)
     cfg = config.from_cli(f"finetune-{args.task or 'classify'}", flags, args.set,
                           resume=args.resume)
+    _announce("finetune", cfg)
     summary = run.finetune(cfg, from_scratch=args.from_scratch, resume=args.resume,
                            overwrite=args.overwrite)
     _finish("finetune", summary)

@@ -35,6 +35,7 @@ def test_run_writes_json_markdown_and_plots(tmp_path):
         assert (r["op"], r["provider"], r["device"], r["dtype"]) == \
             ("layer_norm", "torch", "cpu", "float32")
         assert 0 < r["ms_p20"] <= r["ms"] <= r["ms_p80"]
+        assert r["cpu_ms"] > 0
         assert r["throughput"] > 0 and r["throughput_unit"] == "GB/s"
         assert r["peak_mb"] is None          # memory=False
     assert {r["mode"] for r in recs} == {"fwd", "fwd+bwd"}

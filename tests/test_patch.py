@@ -197,6 +197,7 @@ def test_plain_torch_model():
 
 def test_hf_trainer_runs_patched():
     """A few HF Trainer steps through the example script: patched losses == unpatched."""
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
     path = pathlib.Path(__file__).parents[1] / "examples" / "patch_hf_trainer.py"
     spec = importlib.util.spec_from_file_location("patch_hf_trainer", path)
     example = importlib.util.module_from_spec(spec)

@@ -31,7 +31,7 @@ double weight_sum(const C* w, int64_t classes) {
 
 // buf[k] = cap(widen(x[k])) for one block; cap(x) = s tanh(x / s), or x without a softcap.
 template <typename T, typename C>
-void load_block(const T* x, int64_t n, C softcap, C* buf) {
+LLMCORE_ALWAYS_INLINE inline void load_block(const T* x, int64_t n, C softcap, C* buf) {
   if (softcap > C(0)) {
     const C inv = C(1) / softcap;
 #pragma omp simd
@@ -57,7 +57,8 @@ struct Setup {
 
 // Forward of one valid row: returns lse, writes the row's loss. buf: kBlock scratch.
 template <typename T, typename C>
-double row_fwd(const Setup<C>& k, const T* x, int64_t t, C* buf, double* loss) {
+LLMCORE_ALWAYS_INLINE inline double row_fwd(const Setup<C>& k, const T* x, int64_t t, C* buf,
+                                            double* loss) {
   const int64_t V = k.V;
   const bool smoothing = k.e > 0.0;
   C m = -std::numeric_limits<C>::infinity();
@@ -67,17 +68,12 @@ double row_fwd(const Setup<C>& k, const T* x, int64_t t, C* buf, double* loss) {
   for (int64_t c0 = 0; c0 < V; c0 += kBlock) {
     const int64_t n = std::min(kBlock, V - c0);
     load_block(x + c0, n, k.cap, buf);
-    C bmax = -std::numeric_limits<C>::infinity();
-#pragma omp simd reduction(max : bmax)
-    for (int64_t j = 0; j < n; ++j) bmax = std::max(bmax, buf[j]);
+    const C bmax = cpu::max_of(buf, n);
     if (bmax > m) {
       if (s > 0.0) s *= double(cpu::exp_nonpos(C(m - bmax)));
       m = bmax;
     }
-    C bs = C(0);
-#pragma omp simd reduction(+ : bs)
-    for (int64_t j = 0; j < n; ++j) bs += cpu::exp_nonpos(C(buf[j] - m));
-    s += bs;
+    s += cpu::sum_exp_shifted(buf, n, m);
     if (smoothing) {
       C by = C(0);
       if (k.w) {
@@ -102,7 +98,8 @@ double row_fwd(const Setup<C>& k, const T* x, int64_t t, C* buf, double* loss) {
 // dy_c = (ga p_c - ge w_c) * (1 - tanh^2) for one block of n classes into out (compute type);
 // the branches are resolved outside the loops so each loop vectorises.
 template <typename T, typename C>
-void block_bwd(const Setup<C>& k, const T* x, const C* w, int64_t n, C lse, C ga, C ge, C* out) {
+LLMCORE_ALWAYS_INLINE inline void block_bwd(const Setup<C>& k, const T* x, const C* w, int64_t n,
+                                            C lse, C ga, C ge, C* out) {
   if (k.cap > C(0)) {
     if (w) {
 #pragma omp simd
@@ -131,7 +128,8 @@ void block_bwd(const Setup<C>& k, const T* x, const C* w, int64_t n, C lse, C ga
 // dx may alias x (the in-place variant): each block is read before it is written, and the
 // target's logit is read before the loop. buf: kBlock scratch (unused when T is C).
 template <typename T, typename C>
-void row_bwd(const Setup<C>& k, const T* x, T* dx, int64_t t, C lse, C g, C* buf) {
+LLMCORE_ALWAYS_INLINE inline void row_bwd(const Setup<C>& k, const T* x, T* dx, int64_t t, C lse,
+                                          C g, C* buf) {
   const int64_t V = k.V;
   const double wt = k.w ? double(k.w[t]) : 1.0;
   const C a = C((1.0 - k.e) * wt + k.e / double(V) * k.W + 2.0 * k.z_loss * wt * double(lse));
@@ -164,8 +162,10 @@ void row_bwd(const Setup<C>& k, const T* x, T* dx, int64_t t, C lse, C g, C* buf
 // (loss, lse and dlogits; dlogits may be the logits buffer itself).
 enum class Mode { kFwd, kBwd, kFwdBwd };
 
+// Rows [r0, r1) of one call. Inlined into the per-ISA clones below.
 template <typename T>
-void run(const CrossEntropyParams& p, Mode mode) {
+LLMCORE_ALWAYS_INLINE inline void rows(const CrossEntropyParams& p, Mode mode, int64_t r0,
+                                       int64_t r1) {
   using C = compute_t<T>;
   const Setup<C> k(p);
   const int64_t V = p.classes;
@@ -174,57 +174,59 @@ void run(const CrossEntropyParams& p, Mode mode) {
   C* loss_out = static_cast<C*>(p.loss);
   C* lse_io = static_cast<C*>(p.lse);
   const C* dloss = static_cast<const C*>(p.dloss);
-  const int nt = cpu::team_size(p.rows, V, p.num_threads);
+  std::vector<C> buf(std::min(V, kBlock));
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t t = p.target[r];
+    const T* x = logits + r * V;
+    if (t == p.ignore_index) {
+      if (mode != Mode::kBwd) loss_out[r] = lse_io[r] = C(0);
+      if (mode != Mode::kFwd) std::fill(dlogits + r * V, dlogits + (r + 1) * V, narrow<T>(C(0)));
+      continue;
+    }
+    C lse;
+    if (mode == Mode::kBwd) {
+      lse = lse_io[r];
+    } else {
+      double l;
+      lse = C(row_fwd(k, x, t, buf.data(), &l));
+      loss_out[r] = C(l);
+      lse_io[r] = lse;
+    }
+    if (mode != Mode::kFwd) row_bwd(k, x, dlogits + r * V, t, lse, dloss[r], buf.data());
+  }
+}
 
+// One function per element type, compiled for several x86 ISA levels (runtime dispatch).
+LLMCORE_CPU_CLONES void rows_f32(const CrossEntropyParams& p, Mode m, int64_t r0, int64_t r1) {
+  rows<float>(p, m, r0, r1);
+}
+LLMCORE_CPU_CLONES void rows_f16(const CrossEntropyParams& p, Mode m, int64_t r0, int64_t r1) {
+  rows<Half>(p, m, r0, r1);
+}
+LLMCORE_CPU_CLONES void rows_bf16(const CrossEntropyParams& p, Mode m, int64_t r0, int64_t r1) {
+  rows<BFloat16>(p, m, r0, r1);
+}
+LLMCORE_CPU_CLONES void rows_f64(const CrossEntropyParams& p, Mode m, int64_t r0, int64_t r1) {
+  rows<double>(p, m, r0, r1);
+}
+
+void run(const CrossEntropyParams& p, Mode mode) {
+  auto* fn = p.dtype == DType::kFloat32 ? rows_f32
+             : p.dtype == DType::kFloat16 ? rows_f16
+             : p.dtype == DType::kBFloat16 ? rows_bf16 : rows_f64;
+  const int nt = cpu::team_size(p.rows, p.classes, p.num_threads);
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     int64_t r0, r1;
     cpu::chunk(p.rows, cpu::team_threads(), cpu::thread_id(), &r0, &r1);
-    std::vector<C> buf(std::min(V, kBlock));
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t t = p.target[r];
-      const T* x = logits + r * V;
-      if (t == p.ignore_index) {
-        if (mode != Mode::kBwd) loss_out[r] = lse_io[r] = C(0);
-        if (mode != Mode::kFwd) std::fill(dlogits + r * V, dlogits + (r + 1) * V, narrow<T>(C(0)));
-        continue;
-      }
-      C lse;
-      if (mode == Mode::kBwd) {
-        lse = lse_io[r];
-      } else {
-        double l;
-        lse = C(row_fwd(k, x, t, buf.data(), &l));
-        loss_out[r] = C(l);
-        lse_io[r] = lse;
-      }
-      if (mode != Mode::kFwd) row_bwd(k, x, dlogits + r * V, t, lse, dloss[r], buf.data());
-    }
-  }
-}
-
-template <typename F>
-void dispatch(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: return f(float{});
-    case DType::kFloat16: return f(Half{});
-    case DType::kBFloat16: return f(BFloat16{});
-    case DType::kFloat64: return f(double{});
+    fn(p, mode, r0, r1);
   }
 }
 
 }  // namespace
 
-void cross_entropy_fwd_cpu(const CrossEntropyParams& p) {
-  dispatch(p.dtype, [&](auto tag) { run<decltype(tag)>(p, Mode::kFwd); });
-}
-
-void cross_entropy_bwd_cpu(const CrossEntropyParams& p) {
-  dispatch(p.dtype, [&](auto tag) { run<decltype(tag)>(p, Mode::kBwd); });
-}
-
-void cross_entropy_fwd_bwd_cpu(const CrossEntropyParams& p) {
-  dispatch(p.dtype, [&](auto tag) { run<decltype(tag)>(p, Mode::kFwdBwd); });
-}
+void cross_entropy_fwd_cpu(const CrossEntropyParams& p) { run(p, Mode::kFwd); }
+void cross_entropy_bwd_cpu(const CrossEntropyParams& p) { run(p, Mode::kBwd); }
+void cross_entropy_fwd_bwd_cpu(const CrossEntropyParams& p) { run(p, Mode::kFwdBwd); }
 
 }  // namespace llmcore

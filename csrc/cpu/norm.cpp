@@ -1,23 +1,25 @@
 // CPU layer_norm / rms_norm, forward and backward, with the fused residual add.
 //
 // One row at a time per thread (OpenMP over rows, static contiguous chunks): the row is widened
-// to the compute type C (fp32, fp64 for fp64 inputs) into a thread-local buffer that stays in
-// L1/L2, statistics are summed in fp64 (cheap next to the memory traffic, and it keeps the
-// kernel's error well below eager's), outputs are rounded to T once. Weight/bias gradients: per-thread fp64 partial sums reduced in thread
-// order, so the result is deterministic for a given thread count.
+// to the compute type C (fp32, fp64 for fp64 inputs) into thread-local buffers that stay in
+// L1/L2, statistics are summed in fp64 lanes (cheap next to the memory traffic, and it keeps the
+// kernel's error well below eager's), outputs are rounded to T once. Weight/bias gradients:
+// per-thread fp64 partial sums reduced in thread order, so the result is deterministic for a
+// given thread count. The row loops are compiled per x86 ISA level (LLMCORE_CPU_CLONES).
 #include <cmath>
 #include <vector>
 
 #include "llmcore/norm.h"
 #include "parallel.h"
+#include "vmath.h"
 
 namespace llmcore {
 namespace {
 
 // buf = widen(x + residual); with a residual, the sum is rounded to T (it is the h the caller
 // gets back) and stored in h, and the norm is taken of that rounded h.
-template <typename T, typename C = compute_t<T>>
-void load_row(const T* x, const T* res, T* h, C* buf, int64_t n) {
+template <typename T, typename C>
+LLMCORE_ALWAYS_INLINE inline void load_row(const T* x, const T* res, T* h, C* buf, int64_t n) {
   if (res == nullptr) {
     for (int64_t j = 0; j < n; ++j) buf[j] = widen(x[j]);
     return;
@@ -29,8 +31,9 @@ void load_row(const T* x, const T* res, T* h, C* buf, int64_t n) {
   }
 }
 
+// Forward of rows [r0, r1).
 template <typename T>
-void norm_fwd(const NormFwdParams& p) {
+LLMCORE_ALWAYS_INLINE inline void fwd_rows(const NormFwdParams& p, int64_t r0, int64_t r1) {
   using C = compute_t<T>;
   const int64_t n = p.cols;
   const T* x = static_cast<const T*>(p.x);
@@ -39,55 +42,37 @@ void norm_fwd(const NormFwdParams& p) {
   T* h = static_cast<T*>(p.h);
   const C* w = static_cast<const C*>(p.weight);
   const C* b = static_cast<const C*>(p.bias);
-  C* mean_out = static_cast<C*>(p.mean);
-  C* rstd_out = static_cast<C*>(p.rstd);
-  const int nt = cpu::team_size(p.rows, n, p.num_threads);
-
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    int64_t r0, r1;
-    cpu::chunk(p.rows, cpu::team_threads(), cpu::thread_id(), &r0, &r1);
-    std::vector<C> buf(n);
-    C* hb = buf.data();
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t off = r * n;
-      load_row(x + off, res ? res + off : nullptr, h ? h + off : nullptr, hb, n);
-      double mean = 0.0;
-      if (!p.rms) {
-        double s = 0.0;
-#pragma omp simd reduction(+ : s)
-        for (int64_t j = 0; j < n; ++j) s += hb[j];
-        mean = s / double(n);
-      }
-      const C mu = C(mean);
-      double ss = 0.0;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t j = 0; j < n; ++j) {
-        const double d = double(hb[j]) - mean;
-        ss += d * d;
-      }
-      const C rstd = C(1.0 / std::sqrt(ss / double(n) + p.eps));
-      if (!p.rms) mean_out[r] = mu;
-      rstd_out[r] = rstd;
-      T* yr = y + off;
-      for (int64_t j = 0; j < n; ++j) {
-        C v = (hb[j] - mu) * rstd;
-        if (w) v *= w[j];
-        if (b) v += b[j];
-        yr[j] = narrow<T>(v);
-      }
+  std::vector<C> buf(n);
+  C* hb = buf.data();
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t off = r * n;
+    load_row(x + off, res ? res + off : nullptr, h ? h + off : nullptr, hb, n);
+    const double mean = p.rms ? 0.0 : cpu::dot_f64<C>(hb, nullptr, n) / double(n);
+    const double var = cpu::sum_sq_dev_f64(hb, n, mean) / double(n);
+    const C mu = C(mean);
+    const C rstd = C(1.0 / std::sqrt(var + p.eps));
+    if (!p.rms) static_cast<C*>(p.mean)[r] = mu;
+    static_cast<C*>(p.rstd)[r] = rstd;
+    T* yr = y + off;
+    if (w && b) {
+      for (int64_t j = 0; j < n; ++j) yr[j] = narrow<T>((hb[j] - mu) * rstd * w[j] + b[j]);
+    } else if (w) {
+      for (int64_t j = 0; j < n; ++j) yr[j] = narrow<T>((hb[j] - mu) * rstd * w[j]);
+    } else {
+      for (int64_t j = 0; j < n; ++j) yr[j] = narrow<T>((hb[j] - mu) * rstd);
     }
   }
 }
 
-// Backward. With xhat = (h - mean) * rstd (rms: xhat = h * rstd) and y = xhat * w + b, let
-// g = dy * w (the gradient reaching xhat). Differentiating through mean and rstd:
+// Backward of rows [r0, r1). With xhat = (h - mean) * rstd (rms: xhat = h * rstd) and
+// y = xhat * w + b, let g = dy * w (the gradient reaching xhat). Through mean and rstd:
 //   layer: dh = rstd * (g - mean_j(g) - xhat * mean_j(g * xhat))
 //   rms:   dh = rstd * (g - xhat * mean_j(g * xhat))
 // plus the gradient dh_out of the returned h when there is one; dx = dresidual = dh.
-//   dweight = sum_rows(dy * xhat),  dbias = sum_rows(dy)
+//   dweight = sum_rows(dy * xhat),  dbias = sum_rows(dy)   (into this thread's partials)
 template <typename T>
-void norm_bwd(const NormBwdParams& p) {
+LLMCORE_ALWAYS_INLINE inline void bwd_rows(const NormBwdParams& p, int64_t r0, int64_t r1,
+                                           double* pw, double* pb) {
   using C = compute_t<T>;
   const int64_t n = p.cols;
   const T* dy = static_cast<const T*>(p.dy);
@@ -97,95 +82,100 @@ void norm_bwd(const NormBwdParams& p) {
   const C* w = static_cast<const C*>(p.weight);
   const C* mean = static_cast<const C*>(p.mean);
   const C* rstd_in = static_cast<const C*>(p.rstd);
-  const bool want_dw = p.dweight != nullptr, want_db = p.dbias != nullptr;
-  const int nt = cpu::team_size(p.rows, n, p.num_threads);
-  // per-thread fp64 partials of dweight and dbias: (nt, n) each, zero where unused
-  std::vector<double> part_w(want_dw ? size_t(nt) * n : 0, 0.0);
-  std::vector<double> part_b(want_db ? size_t(nt) * n : 0, 0.0);
-
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    const int tid = cpu::thread_id();
-    int64_t r0, r1;
-    cpu::chunk(p.rows, cpu::team_threads(), tid, &r0, &r1);
-    std::vector<C> xhat_buf(n), dy_buf(n);
-    C* xh = xhat_buf.data();
-    C* d = dy_buf.data();
-    double* pw = want_dw ? part_w.data() + size_t(tid) * n : nullptr;
-    double* pb = want_db ? part_b.data() + size_t(tid) * n : nullptr;
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t off = r * n;
-      const C mu = p.rms ? C(0) : mean[r];
-      const C rstd = rstd_in[r];
-      double sum_g = 0.0, sum_gx = 0.0;
-      for (int64_t j = 0; j < n; ++j) {
-        xh[j] = (widen(h[off + j]) - mu) * rstd;
-        d[j] = widen(dy[off + j]);
-      }
-#pragma omp simd reduction(+ : sum_g, sum_gx)
-      for (int64_t j = 0; j < n; ++j) {
-        const C g = w ? d[j] * w[j] : d[j];
-        sum_g += g;
-        sum_gx += double(g) * xh[j];
-      }
-      const C a = p.rms ? C(0) : C(sum_g / double(n));
-      const C c = C(sum_gx / double(n));
-      T* dxr = dx + off;
-      if (dhout) {
-        const T* dhr = dhout + off;
-        for (int64_t j = 0; j < n; ++j) {
-          const C g = w ? d[j] * w[j] : d[j];
-          dxr[j] = narrow<T>(rstd * (g - a - xh[j] * c) + widen(dhr[j]));
-        }
-      } else {
-        for (int64_t j = 0; j < n; ++j) {
-          const C g = w ? d[j] * w[j] : d[j];
-          dxr[j] = narrow<T>(rstd * (g - a - xh[j] * c));
-        }
-      }
-      if (pw) {
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) pw[j] += double(d[j]) * xh[j];
-      }
-      if (pb) {
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) pb[j] += d[j];
-      }
-    }
-  }
-  // fixed-order reduction of the partials: thread 0, 1, ... (deterministic)
-  if (want_dw || want_db) {
+  std::vector<C> bufs(3 * n);
+  C* xh = bufs.data();
+  C* d = xh + n;
+  C* g = d + n;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t off = r * n;
+    const C mu = p.rms ? C(0) : mean[r];
+    const C rstd = rstd_in[r];
     for (int64_t j = 0; j < n; ++j) {
-      double sw = 0.0, sb = 0.0;
-      for (int t = 0; t < nt; ++t) {
-        if (want_dw) sw += part_w[size_t(t) * n + j];
-        if (want_db) sb += part_b[size_t(t) * n + j];
-      }
-      if (want_dw) static_cast<C*>(p.dweight)[j] = C(sw);
-      if (want_db) static_cast<C*>(p.dbias)[j] = C(sb);
+      xh[j] = (widen(h[off + j]) - mu) * rstd;
+      d[j] = widen(dy[off + j]);
     }
+    if (w) {
+      for (int64_t j = 0; j < n; ++j) g[j] = d[j] * w[j];
+    } else {
+      for (int64_t j = 0; j < n; ++j) g[j] = d[j];
+    }
+    const C a = p.rms ? C(0) : C(cpu::dot_f64<C>(g, nullptr, n) / double(n));
+    const C c = C(cpu::dot_f64(g, xh, n) / double(n));
+    T* dxr = dx + off;
+    if (dhout) {
+      const T* dhr = dhout + off;
+      for (int64_t j = 0; j < n; ++j)
+        dxr[j] = narrow<T>(rstd * (g[j] - a - xh[j] * c) + widen(dhr[j]));
+    } else {
+      for (int64_t j = 0; j < n; ++j) dxr[j] = narrow<T>(rstd * (g[j] - a - xh[j] * c));
+    }
+    if (pw)
+      for (int64_t j = 0; j < n; ++j) pw[j] += double(d[j]) * double(xh[j]);
+    if (pb)
+      for (int64_t j = 0; j < n; ++j) pb[j] += double(d[j]);
   }
 }
+
+// One function per element type, compiled for several x86 ISA levels (runtime dispatch).
+#define LLMCORE_NORM_ROWS(suffix, T)                                                         \
+  LLMCORE_CPU_CLONES void fwd_rows_##suffix(const NormFwdParams& p, int64_t r0, int64_t r1) { \
+    fwd_rows<T>(p, r0, r1);                                                                  \
+  }                                                                                          \
+  LLMCORE_CPU_CLONES void bwd_rows_##suffix(const NormBwdParams& p, int64_t r0, int64_t r1,   \
+                                            double* pw, double* pb) {                        \
+    bwd_rows<T>(p, r0, r1, pw, pb);                                                          \
+  }
+LLMCORE_NORM_ROWS(f32, float)
+LLMCORE_NORM_ROWS(f16, Half)
+LLMCORE_NORM_ROWS(bf16, BFloat16)
+LLMCORE_NORM_ROWS(f64, double)
+#undef LLMCORE_NORM_ROWS
 
 }  // namespace
 
 void norm_fwd_cpu(const NormFwdParams& p) {
   if (p.rows == 0 || p.cols == 0) return;
-  switch (p.dtype) {
-    case DType::kFloat32: return norm_fwd<float>(p);
-    case DType::kFloat16: return norm_fwd<Half>(p);
-    case DType::kBFloat16: return norm_fwd<BFloat16>(p);
-    case DType::kFloat64: return norm_fwd<double>(p);
+  auto* fn = p.dtype == DType::kFloat32 ? fwd_rows_f32
+             : p.dtype == DType::kFloat16 ? fwd_rows_f16
+             : p.dtype == DType::kBFloat16 ? fwd_rows_bf16 : fwd_rows_f64;
+  const int nt = cpu::team_size(p.rows, p.cols, p.num_threads);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    int64_t r0, r1;
+    cpu::chunk(p.rows, cpu::team_threads(), cpu::thread_id(), &r0, &r1);
+    fn(p, r0, r1);
   }
 }
 
 void norm_bwd_cpu(const NormBwdParams& p) {
-  switch (p.dtype) {
-    case DType::kFloat32: return norm_bwd<float>(p);
-    case DType::kFloat16: return norm_bwd<Half>(p);
-    case DType::kBFloat16: return norm_bwd<BFloat16>(p);
-    case DType::kFloat64: return norm_bwd<double>(p);
+  const int64_t n = p.cols;
+  auto* fn = p.dtype == DType::kFloat32 ? bwd_rows_f32
+             : p.dtype == DType::kFloat16 ? bwd_rows_f16
+             : p.dtype == DType::kBFloat16 ? bwd_rows_bf16 : bwd_rows_f64;
+  const bool want_dw = p.dweight != nullptr, want_db = p.dbias != nullptr;
+  const int nt = cpu::team_size(p.rows, n, p.num_threads);
+  // per-thread fp64 partials of dweight and dbias: (nt, n) each, zero where unused
+  std::vector<double> part_w(want_dw ? size_t(nt) * n : 0, 0.0);
+  std::vector<double> part_b(want_db ? size_t(nt) * n : 0, 0.0);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    const int tid = cpu::thread_id();
+    int64_t r0, r1;
+    cpu::chunk(p.rows, cpu::team_threads(), tid, &r0, &r1);
+    fn(p, r0, r1, want_dw ? part_w.data() + size_t(tid) * n : nullptr,
+       want_db ? part_b.data() + size_t(tid) * n : nullptr);
   }
+  // fixed-order reduction of the partials: thread 0, 1, ... (deterministic)
+  auto reduce = [&](const std::vector<double>& part, void* out) {
+    for (int64_t j = 0; j < n; ++j) {
+      double s = 0.0;
+      for (int t = 0; t < nt; ++t) s += part[size_t(t) * n + j];
+      if (p.dtype == DType::kFloat64) static_cast<double*>(out)[j] = s;
+      else static_cast<float*>(out)[j] = float(s);
+    }
+  };
+  if (want_dw) reduce(part_w, p.dweight);
+  if (want_db) reduce(part_b, p.dbias);
 }
 
 }  // namespace llmcore

@@ -8,6 +8,20 @@
 #include <omp.h>
 #endif
 
+// LLMCORE_CPU_CLONES on a (non-template) function compiles it for baseline x86-64, AVX2
+// (x86-64-v3) and AVX-512 (x86-64-v4), picked at load time for the running CPU (GCC/Clang
+// function multiversioning): wide vectors without a -march that would tie the build to one
+// machine. Off with an explicit LLMCORE_NATIVE_ARCH build (-march already chosen) and off
+// x86-64. LLMCORE_ALWAYS_INLINE pulls the templated row code into each clone.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(LLMCORE_NATIVE_ARCH_BUILD) && \
+    defined(__linux__)
+#define LLMCORE_CPU_CLONES \
+  __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define LLMCORE_CPU_CLONES
+#endif
+#define LLMCORE_ALWAYS_INLINE __attribute__((always_inline))
+
 namespace llmcore {
 namespace cpu {
 

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 namespace llmcore {
 namespace cpu {
@@ -60,6 +61,73 @@ inline float tanh_approx(float u) {
 }
 
 inline double tanh_approx(double u) { return std::tanh(u); }
+
+// max_j y[j] (-inf for n = 0), with lane accumulators like sum_exp_shifted below.
+template <typename C>
+inline C max_of(const C* y, int64_t n) {
+  constexpr int kLanes = 16;
+  C acc[kLanes];
+  for (int l = 0; l < kLanes; ++l) acc[l] = -std::numeric_limits<C>::infinity();
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] = acc[l] > y[j + l] ? acc[l] : y[j + l];
+  C m = -std::numeric_limits<C>::infinity();
+  for (; j < n; ++j) m = m > y[j] ? m : y[j];
+  for (int l = 0; l < kLanes; ++l) m = m > acc[l] ? m : acc[l];
+  return m;
+}
+
+// sum_j a[j] (b == nullptr) or sum_j a[j] * b[j], accumulated in fp64 lanes.
+template <typename C>
+inline double dot_f64(const C* a, const C* b, int64_t n) {
+  constexpr int kLanes = 8;
+  double acc[kLanes] = {};
+  int64_t j = 0;
+  if (b == nullptr) {
+    for (; j + kLanes <= n; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) acc[l] += double(a[j + l]);
+  } else {
+    for (; j + kLanes <= n; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) acc[l] += double(a[j + l]) * double(b[j + l]);
+  }
+  double s = 0.0;
+  for (; j < n; ++j) s += b == nullptr ? double(a[j]) : double(a[j]) * double(b[j]);
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
+// sum_j (a[j] - mean)^2 in fp64 lanes.
+template <typename C>
+inline double sum_sq_dev_f64(const C* a, int64_t n, double mean) {
+  constexpr int kLanes = 8;
+  double acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const double d = double(a[j + l]) - mean;
+      acc[l] += d * d;
+    }
+  double s = 0.0;
+  for (; j < n; ++j) s += (double(a[j]) - mean) * (double(a[j]) - mean);
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
+// sum_j exp(y[j] - m) for y[j] <= m. Explicit lane accumulators: GCC lowers an `omp simd`
+// reduction around the inlined exp into a scalar loop here, while this fixed-width inner loop
+// is vectorised reliably. The order of the additions is fixed (deterministic).
+template <typename C>
+inline C sum_exp_shifted(const C* y, int64_t n, C m) {
+  constexpr int kLanes = 16;
+  C acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += exp_nonpos(C(y[j + l] - m));
+  C s = C(0);
+  for (; j < n; ++j) s += exp_nonpos(C(y[j] - m));
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
 
 }  // namespace cpu
 }  // namespace llmcore

@@ -92,7 +92,8 @@ inline int threads_for(int64_t cols, int pack) {
 inline void check_launch(const char* what) {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
-    throw std::runtime_error(std::string(what) + ": CUDA launch failed: " + cudaGetErrorString(err));
+    throw std::runtime_error(std::string(what) + ": CUDA launch failed: " +
+                             cudaGetErrorString(err));
 }
 
 // Calls f(T{}) with T the CUDA element type of `dtype` (fp32, fp16, bf16).

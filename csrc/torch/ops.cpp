@@ -12,7 +12,8 @@ TORCH_LIBRARY(llmcore, m) {
   // dh: gradient of the returned h, or None. dweight/dbias (fp32, fp64 for fp64 inputs) are
   // empty unless asked for.
   m.def("norm_bwd(Tensor dy, Tensor? dh, Tensor h, Tensor? weight, Tensor mean, Tensor rstd,"
-        " bool rms, bool weight_grad, bool bias_grad) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+        " bool rms, bool weight_grad, bool bias_grad)"
+        " -> (Tensor dx, Tensor dweight, Tensor dbias)");
   // Cross-entropy over the rows of (rows, classes) logits; target int64 (rows,). Per-row loss
   // (0 on ignored rows) and logsumexp, fp32 (fp64 for fp64 logits); the reduction is the
   // caller's. softcap 0 means no cap.

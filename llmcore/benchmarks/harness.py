@@ -7,7 +7,9 @@ and writes one record per case.
 
 Timing. Warm-up calls first (they also trigger torch.compile and autotuning), then repeated
 single calls: `time.perf_counter` around each call on the CPU, CUDA events around each call on a
-GPU; we report the median and the 20th/80th percentiles in milliseconds. Work that must not be
+GPU; we report the median and the 20th/80th percentiles in milliseconds. On the CPU we also
+report the median CPU time per call (time.process_time, every thread of the process): on a
+shared, oversubscribed machine it shows the work a call did, where wall time adds the waiting. Work that must not be
 timed (resetting .grad, picking the next input set, flushing the GPU L2) happens in `pre()`,
 outside the timed region. Inputs are random normal (never zeros). On the CPU the harness rotates
 through enough copies of the inputs to exceed twice the last-level cache, so a call never finds
@@ -37,6 +39,7 @@ import datetime
 import gc
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import math
@@ -261,12 +264,13 @@ class _L2Flush:
         self.buf.zero_()
 
 
-def time_runner(runner: Runner, device: str, timing: Timing) -> list[float]:
-    """Milliseconds of each timed call, after warm-up."""
+def time_runner(runner: Runner, device: str, timing: Timing) -> tuple[list[float], list[float]]:
+    """Milliseconds of each timed call after warm-up: (wall times, CPU times). CPU times
+    (time.process_time, all threads of this process) are measured on the CPU only; on a shared,
+    oversubscribed machine they show the work done where wall times also show the waiting."""
     flush = _L2Flush() if device == "cuda" else None
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-    def one() -> float:
+    def one() -> tuple[float, float]:
         runner.pre()
         if flush:
             flush()
@@ -275,21 +279,23 @@ def time_runner(runner: Runner, device: str, timing: Timing) -> list[float]:
             runner.call()
             end.record()
             end.synchronize()
-            return start.elapsed_time(end)
-        t0 = time.perf_counter()
+            return start.elapsed_time(end), math.nan
+        c0, t0 = time.process_time(), time.perf_counter()
         runner.call()
-        return (time.perf_counter() - t0) * 1e3
+        t1, c1 = time.perf_counter(), time.process_time()
+        return (t1 - t0) * 1e3, (c1 - c0) * 1e3
 
     warm = []
     t_end = time.perf_counter() + timing.warmup_s
     while len(warm) < 2 or time.perf_counter() < t_end:
-        warm.append(one())
+        warm.append(one()[0])
         if len(warm) >= 1000:
             break
     est = sorted(warm[1:])[len(warm[1:]) // 2]
     reps = int(min(timing.max_reps, max(timing.min_reps, timing.budget_s * 1e3 / max(est, 1e-3))))
     if device != "cuda":
-        return [one() for _ in range(reps)]
+        wall, cpu = zip(*(one() for _ in range(reps)))
+        return list(wall), list(cpu)
     # on CUDA, queue the calls and read the events once at the end (no per-call host sync)
     events = []
     for _ in range(reps):
@@ -300,8 +306,8 @@ def time_runner(runner: Runner, device: str, timing: Timing) -> list[float]:
         runner.call()
         e.record()
         events.append((s, e))
-    sync()
-    return [s.elapsed_time(e) for s, e in events]
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in events], []
 
 
 def quantiles(ms: Sequence[float]) -> tuple[float, float, float]:
@@ -391,6 +397,8 @@ def plan(cfg: BenchConfig) -> tuple[list[tuple[OpBench, str]], list[dict]]:
     for m in cfg.modes or ():
         if m not in MODES:
             raise BenchError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+    if cfg.plots and importlib.util.find_spec("matplotlib") is None:
+        raise BenchError("the plots need matplotlib (pip install matplotlib), or pass --no-plots")
     benches = [load_op(n) for n in (cfg.ops or OPS)]
     named = list(cfg.providers or ())
     todo, skipped, failures = [], [], []
@@ -554,7 +562,7 @@ def _run_case(bench: OpBench, provider: str, shape: dict, dtype: torch.dtype, mo
     if mode != "step" and timing.rotate:
         n_sets = rotation_sets(bench.input_bytes(shape, dtype), cfg.device)
     runner = bench.runner(provider, shape, dtype, cfg.device, mode, n_sets)
-    ms_all = time_runner(runner, cfg.device, timing)
+    ms_all, cpu_all = time_runner(runner, cfg.device, timing)
     ms, p20, p80 = quantiles(ms_all)
     peak = cuda_peak_mb(runner) if cfg.device == "cuda" and cfg.memory else None
     del runner
@@ -562,6 +570,7 @@ def _run_case(bench: OpBench, provider: str, shape: dict, dtype: torch.dtype, mo
     scale = {"GB/s": 1e9, "TFLOP/s": 1e12, "tokens/s": 1.0}[bench.unit]
     dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
     return {"ms": ms, "ms_p20": p20, "ms_p80": p80, "reps": len(ms_all), "input_sets": n_sets,
+            "cpu_ms": quantiles(cpu_all)[0] if cpu_all else None,
             "peak_mb": peak, "throughput": work / (ms * 1e-3) / scale, "throughput_unit": bench.unit,
             **bench.extra(shape, dtype_name, mode, ms, cfg.device, provider)}
 

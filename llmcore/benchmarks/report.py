@@ -37,12 +37,47 @@ def header(result: dict) -> list[str]:
     ]
 
 
+def summary(result: dict, modes=("fwd+bwd", "step")) -> list[str]:
+    """One compact table: per op, variant and shape (fwd+bwd and train-step rows only), each
+    provider's median time and its speed-up against the op's first baseline (wall time; on the
+    CPU also CPU time)."""
+    recs = [r for r in result["records"] if r["mode"] in modes]
+    if not recs:
+        return []
+    providers = list(dict.fromkeys(r["provider"] for r in recs))
+    rows = defaultdict(dict)
+    for r in recs:
+        rows[(r["op"], r["variant"], _shape_text(r["shape"]), r["dtype"], r["mode"])][r["provider"]] = r
+    cpu = result["config"]["device"] == "cpu"
+    lines = ["| op | variant | shape | dtype | mode | " + " | ".join(providers) + " |",
+             "|" + "---|" * (5 + len(providers))]
+    for (op, variant, shape, dtype, mode), by_p in rows.items():
+        base = by_p.get(load_op(op).baselines[0])
+        cells = []
+        for p in providers:
+            r = by_p.get(p)
+            if r is None:
+                cells.append("-")
+                continue
+            text = f"{r['ms']:.3g} ms"
+            if base is not None and r is not base:
+                text += f" ({base['ms'] / r['ms']:.2f}x"
+                if cpu and r.get("cpu_ms") and base.get("cpu_ms"):
+                    text += f", CPU {base['cpu_ms'] / r['cpu_ms']:.2f}x"
+                text += ")"
+            cells.append(text)
+        lines.append(f"| {op} | {variant} | {shape} | {dtype} | {mode} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(result: dict) -> str:
     lines = ["# llmcore benchmark results", ""] + header(result) + [""]
-    lines += ["Times are the median over repeated calls, with the 20th-80th percentile range; "
-              "peak MB is the memory one call needs above what it already held; `vs X` is X's "
-              "median time divided by this provider's (above 1 is faster), `mem vs X` this "
-              "provider's peak memory over X's.", ""]
+    lines += ["Times are the median wall-clock time of one call over repeated calls, with the "
+              "20th-80th percentile range; CPU ms (CPU runs) the median CPU time of the process "
+              "per call; peak MB is the memory one call needs above what it already held; "
+              "`vs X` is X's median time divided by this provider's (above 1 is faster), "
+              "`mem vs X` this provider's peak memory over X's, `CPU time vs X` the same ratio "
+              "of CPU times.", ""]
     if result["skipped"]:
         lines += ["## Skipped providers", "", "| op | provider | why |", "|---|---|---|"]
         lines += [f"| {s['op']} | {s['provider']} | {s['reason']} |" for s in result["skipped"]]
@@ -54,6 +89,10 @@ def markdown(result: dict) -> str:
                   f"{e['dtype']} | {e['mode']} | {e['error'].replace('|', '/')} |"
                   for e in result["errors"]]
         lines.append("")
+    table = summary(result)
+    if table:
+        lines += ["## Summary (fwd+bwd and train step; speed-up against eager `torch`)", ""]
+        lines += table + [""]
     by_key = {_key(r, r["provider"]): r for r in result["records"]}
     by_op = defaultdict(list)
     for r in result["records"]:
@@ -63,22 +102,26 @@ def markdown(result: dict) -> str:
         unit = recs[0]["throughput_unit"]
         extra_mfu = any(r.get("mfu") is not None for r in recs)
         extra_backends = any(r.get("backends") for r in recs)
+        has_cpu = any(r.get("cpu_ms") is not None for r in recs)
         lines += [f"## {op}", ""]
         tables = defaultdict(list)
         for r in recs:
             tables[(r["dtype"], r["mode"])].append(r)
         for (dtype, mode), rows in tables.items():
             base_cols = [b for b in bench.baselines if any(r["provider"] == b for r in rows)]
-            cols = ["variant", "shape", "provider", "ms (p20-p80)", unit, "peak MB"]
+            cols = ["variant", "shape", "provider", "ms (p20-p80)"] + (["CPU ms"] if has_cpu else [])
+            cols += [unit, "peak MB"]
             cols += (["MFU"] if extra_mfu else []) + (["llmcore backends"] if extra_backends else [])
             cols += [f"vs {b}" for b in base_cols]
             cols += [f"mem vs {b}" for b in base_cols]
+            cols += [f"CPU time vs {b}" for b in base_cols[:1] if has_cpu]
             lines += [f"### {dtype}, {mode}", "", "| " + " | ".join(cols) + " |",
                       "|" + "---|" * len(cols)]
             for r in rows:
                 cells = [r["variant"], _shape_text(r["shape"]), r["provider"],
-                         f"{r['ms']:.3f} ({r['ms_p20']:.3f}-{r['ms_p80']:.3f})",
-                         _num(r["throughput"], ".3g"), _num(r["peak_mb"], ".1f")]
+                         f"{r['ms']:.3f} ({r['ms_p20']:.3f}-{r['ms_p80']:.3f})"]
+                cells += [_num(r.get("cpu_ms"), ".3f")] if has_cpu else []
+                cells += [_num(r["throughput"], ".3g"), _num(r["peak_mb"], ".1f")]
                 if extra_mfu:
                     cells.append(_num(r.get("mfu"), ".1%"))
                 if extra_backends:
@@ -91,6 +134,10 @@ def markdown(result: dict) -> str:
                     base = by_key.get(_key(r, b))
                     ok = base and base["peak_mb"] and r["peak_mb"] is not None
                     cells.append(f"{r['peak_mb'] / base['peak_mb']:.2f}" if ok else "-")
+                for b in base_cols[:1] if has_cpu else []:
+                    base = by_key.get(_key(r, b))
+                    ok = base and base.get("cpu_ms") and r.get("cpu_ms")
+                    cells.append(f"{base['cpu_ms'] / r['cpu_ms']:.2f}x" if ok else "-")
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
     return "\n".join(lines)

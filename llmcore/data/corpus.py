@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import collections
+import functools
 import hashlib
 import json
 import os
@@ -135,7 +136,8 @@ def _write_jsonl_atomic(path: Path, rows) -> None:
 
 def default_documents(cache: str | os.PathLike | None = None) -> list[Document]:
     """All documents of the embedded corpus: stdlib docstrings (tests excluded, deduplicated) then
-    the pydoc topics, in a fixed order. Cached as JSONL; an unwritable cache only costs a rebuild."""
+    the pydoc topics, in a fixed order. Cached as JSONL; an unwritable cache only costs a
+    rebuild."""
     path = _cache_path("stdlib-corpus", cache)
     if path.exists():
         try:
@@ -203,6 +205,7 @@ def default_classification_task(num_classes: int = 10, min_chars: int = 40,
     return train_rows, eval_rows, sorted(chosen)
 
 
+@functools.lru_cache(maxsize=None)
 def _is_package(name: str) -> bool:
     root = Path(sysconfig.get_paths()["stdlib"])
     return (root / name).is_dir()

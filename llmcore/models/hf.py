@@ -200,8 +200,7 @@ def _hf_config(cfg: TransformerConfig, family: str):
         hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
         num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
         intermediate_size=cfg.ffn_dim, max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps, rope_parameters={"rope_type": "default",
-                                                     "rope_theta": cfg.rope_theta},
+        rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
         attention_bias=cfg.attn_bias, mlp_bias=cfg.mlp_bias, attention_dropout=cfg.attn_dropout,
         hidden_act="silu", **common)
 

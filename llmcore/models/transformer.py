@@ -53,18 +53,24 @@ class _Layout:
 
 class KVCache:
     """Keys and values of the tokens seen so far, per layer: (B, max_len, Hkv, D) buffers,
-    filled up to `length`. Used by the decoder flavours for incremental generation."""
+    filled up to `length`. Used by the decoder flavours for incremental generation. A layer's
+    buffers are allocated on its first update, in the dtype its keys come in (autocast-proof)."""
 
-    def __init__(self, cfg: TransformerConfig, batch: int, max_len: int, *, device, dtype):
-        shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+    def __init__(self, cfg: TransformerConfig, batch: int, max_len: int):
+        self.shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        self.k: list[torch.Tensor | None] = [None] * cfg.n_layers
+        self.v: list[torch.Tensor | None] = [None] * cfg.n_layers
         self.length = 0
         self.max_len = max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Writes the new (B, n, Hkv, D) keys/values after the cached ones; returns all of them."""
         end = self.length + k.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} positions, {end} needed")
+        if self.k[layer] is None:
+            self.k[layer] = k.new_zeros(self.shape)
+            self.v[layer] = v.new_zeros(self.shape)
         self.k[layer][:, self.length:end] = k
         self.v[layer][:, self.length:end] = v
         return self.k[layer][:, :end], self.v[layer][:, :end]
@@ -363,8 +369,7 @@ class Transformer(nn.Module):
         return self.head.logits(h, self.decoder_weight())
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        w = self.tok_emb.weight
-        return KVCache(self.config, batch, max_len, device=w.device, dtype=w.dtype)
+        return KVCache(self.config, batch, max_len)
 
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, **kw):
         """Sampled continuation of input_ids (B, N) -> (B, N + max_new_tokens); see

@@ -7,10 +7,17 @@ from typing import Sequence
 import torch
 
 
+# The floating dtypes every backend computes in. float8 types are floating point too, but no
+# kernel here takes them (and eager PyTorch has no norm or softmax for them): refused up front, so
+# every backend fails the same way instead of one computing garbage in float8.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def floating(name: str, t: torch.Tensor) -> None:
     tensor(name, t)
-    if not t.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or "
+                        f"float64), got dtype {t.dtype}")
 
 
 def tensor(name: str, t) -> None:
@@ -21,7 +28,7 @@ def tensor(name: str, t) -> None:
 def integer(name: str, t: torch.Tensor) -> None:
     tensor(name, t)
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor (class indices), got dtype {t.dtype}")
+        raise TypeError(f"{name} must be an integer tensor, got dtype {t.dtype}")
 
 
 def same_device(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str = "input") -> None:
@@ -55,6 +62,8 @@ def normalized_shape(shape_arg, input: torch.Tensor) -> tuple[int, ...]:
     """Checks `normalized_shape` against the trailing dims of `input`; returns it as a tuple."""
     if isinstance(shape_arg, int):
         shape_arg = (shape_arg,)
+    if isinstance(shape_arg, (str, bytes)):  # iterable, but "8" is not a shape
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {shape_arg!r}")
     try:
         dims = tuple(int(d) for d in shape_arg)
     except TypeError:

@@ -448,7 +448,7 @@ def _triton_cross_entropy(input, target, weight, ignore_index, reduction, label_
                                                label_smoothing, z_loss, softcap)
         return out.reshape(target.shape) if reduction == "none" else out
     loss, _lse = _triton_ce_fwd(logits, t, weight, ignore_index, label_smoothing, z_loss,
-                                softcap or 0.0)                      # (n,) fp32
+                                softcap or 0.0)                      # (n,) fp32 / fp64
     if reduction == "none":
         return loss.to(input.dtype).reshape(target.shape)
     if reduction == "sum":

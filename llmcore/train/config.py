@@ -86,7 +86,8 @@ class TrainConfig:
             if not cond:
                 raise ValueError(msg)
         need(self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}")
-        need(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        need(self.schedule in SCHEDULES,
+             f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         need(self.precision in PRECISIONS,
              f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         need(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
@@ -100,10 +101,12 @@ class TrainConfig:
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 0, f"{name} must be an int >= 0, got {v!r}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        need(0.0 <= self.min_lr_ratio <= 1.0,
+             f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         need(0.0 < self.decay_fraction <= 1.0,
              f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
-        need(0.0 <= self.eval_fraction < 1.0, f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        need(0.0 <= self.eval_fraction < 1.0,
+             f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         need(0.0 <= self.label_smoothing < 1.0,
              f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         need(self.dropout is None or 0.0 <= self.dropout < 1.0,
@@ -169,7 +172,8 @@ def _convert(name: str, value, hint):
                 raise ValueError(value)
             return out
     except ValueError:
-        raise ValueError(f"{name}: cannot read {value!r} as {getattr(base, '__name__', base)}") from None
+        kind = getattr(base, "__name__", base)
+        raise ValueError(f"{name}: cannot read {value!r} as {kind}") from None
     return value
 
 

@@ -5,7 +5,7 @@ embedding tables that only shrinks useful scale, so they go into a group with we
 as GPT-2/BERT training recipes do. Schedules return a multiplier of the peak lr per step:
 
     warmup       m(s) = (s + 1) / warmup                          for s < warmup
-    cosine       m = r + (1 - r) * 0.5 * (1 + cos(pi * t)),       t = (s - warmup) / (total - warmup)
+    cosine       m = r + (1 - r) * 0.5 * (1 + cos(pi * t)),  t = (s - warmup) / (total - warmup)
     linear       m = r + (1 - r) * (1 - t)
     constant     m = 1
     wsd          m = 1 until the last `decay_fraction` of steps, then linear down to r

@@ -24,6 +24,8 @@ from llmcore.train.trainer import (LM_TASKS, Trainer, TrainingError, evaluate_mo
 
 _HEAD = {"clm": "clm", "mlm": "mlm", "classify": "seq_cls", "tokens": "token_cls"}
 _RUN_MARKERS = ("config.json", "summary.json", "checkpoints", "metrics.jsonl")
+# TransformerConfig fields a fine-tuning run may change on a pretrained model
+_FINETUNE_OPTIONS = ("dropout", "attn_dropout", "pooling", "activation_checkpointing", "backend")
 
 
 def default_out(kind: str) -> str:
@@ -95,8 +97,10 @@ def build_model(cfg: TrainConfig, vocab_size: int, pad_id: int | None, *,
     if base is None:
         mcfg = preset(cfg.preset, **{**cfg.model, **fields})
     else:
+        # the pretrained shape stays; only options that do not change weights may be overridden
         fields.pop("vocab_size")
-        mcfg = base.replace(**{**cfg.model, **fields})
+        options = {k: v for k, v in cfg.model.items() if k in _FINETUNE_OPTIONS}
+        mcfg = base.replace(**{**options, **fields})
     if mcfg.max_seq_len < cfg.seq_len:
         if mcfg.position == "learned" and base is not None:
             raise ValueError(f"--max-length {cfg.seq_len} exceeds the model's "

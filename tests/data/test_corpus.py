@@ -46,9 +46,11 @@ def test_classification_task_balanced(cache):
     assert corpus.default_classification_task(cache=cache) == (train, evals, labels)
 
 
-def test_unwritable_cache_warns_and_still_builds(tmp_path):
+def test_unwritable_cache_warns_and_still_builds(tmp_path, monkeypatch):
+    few = [corpus.Document("Return x.", "m.f", "m")]
+    monkeypatch.setattr(corpus, "_scan_stdlib", lambda: list(few))
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.warns(UserWarning, match="could not cache"):
         docs = corpus.default_documents(blocker / "sub")
-    assert len(docs) > 1000
+    assert docs[0] == few[0] and len(docs) > 50            # + the pydoc topics

@@ -5,7 +5,6 @@ torch.compile. On CUDA tensors when a GPU is present, else on CPU tensors throug
 interpreter."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import llmcore

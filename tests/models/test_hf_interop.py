@@ -184,7 +184,8 @@ def test_from_pytorch_model_bin_directory(tmp_path):
 def test_to_hf_of_native_models_matches_outputs():
     torch.manual_seed(1)
     for cfg in (tiny_gpt(vocab_size=V, dim=48, n_heads=4, max_seq_len=32),
-                tiny_llama(vocab_size=V, dim=48, n_heads=6, n_kv_heads=3, tie_embeddings=True)):
+                tiny_llama(vocab_size=V, dim=48, n_heads=6, n_kv_heads=3, tie_embeddings=True,
+                           rope_theta=500.0)):
         ours = Transformer(cfg).eval()
         hf = to_hf(ours).eval()
         ids = torch.randint(0, V, (2, 11))

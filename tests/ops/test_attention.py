@@ -294,6 +294,7 @@ SDPA_CASES = [
     dict(enable_gqa=True, hkv=1),
     dict(lead=()),
     dict(lead=(2, 3)),
+    dict(lead=(2, 3), mask="float", is_causal=False),
 ]
 
 

@@ -16,6 +16,7 @@ where ds' = ds * (1 - tanh^2(scale q.k / softcap)) with softcap (d/dx c tanh(x/c
 else ds' = ds. A preprocess kernel computes delta; one kernel owns a key tile and loops over the
 query tiles (and over every query head of its GQA group), another owns a query tile and loops
 over key tiles: dq, dk and dv are each written once, deterministically, without atomics.
+An additive attn_mask that needs a gradient gets d mask_ij = ds_ij, written by the dq kernel.
 
 Visibility of key j to query i (indices local to the sequence), all optional:
     j <= i + diag + window_right      (causal is window_right = 0)
@@ -46,7 +47,6 @@ import triton.language as tl
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 LOG2E = 1.4426950408889634  # log2(e)
-LN2 = 0.6931471805599453  # ln(2)
 MAX_HEAD_DIM = 256
 
 
@@ -97,12 +97,14 @@ def _dropout_keep(seed, dropout_p, rng_base, i, j, rng_nk):
 def _scores(qk, i, j, Lq, Lk, diag, mask_base, smm, smn, slope2, qk_scale2, cap_scale, softcap2,
             window_left, window_right,
             HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
-            HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
+            HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, BOUNDARY: tl.constexpr):
     """Scores of one tile in base-2 units, -inf where key j is hidden from query i.
 
     qk: raw q.k (fp32); i, j: query / key indices broadcast to the tile's orientation, so the
-    same helper serves (BLOCK_M, BLOCK_N) and transposed (BLOCK_N, BLOCK_M) tiles. Also returns
-    t = tanh(scale q.k / softcap) for the softcap derivative (qk itself when there is none)."""
+    same helper serves (BLOCK_M, BLOCK_N) and transposed (BLOCK_N, BLOCK_M) tiles. BOUNDARY:
+    the tile may hold keys past the sequence or outside the causal / window band, so those are
+    masked; interior tiles skip that work. Also returns t = tanh(scale q.k / softcap) for the
+    softcap derivative (qk itself when there is none)."""
     if HAS_SOFTCAP:
         t = _tanh(qk * cap_scale)  # cap_scale = scale / softcap
         s = t * softcap2  # softcap2 = softcap * log2(e)
@@ -111,20 +113,42 @@ def _scores(qk, i, j, Lq, Lk, diag, mask_base, smm, smn, slope2, qk_scale2, cap_
         s = qk * qk_scale2  # qk_scale2 = scale * log2(e)
     if HAS_ALIBI:
         s = s - slope2 * tl.abs(i + diag - j).to(tl.float32)  # slope2 = slope * log2(e)
-    inside = (i < Lq) & (j < Lk)
-    valid = inside
-    if HAS_WR:
-        valid = valid & (j <= i + diag + window_right)
-    if HAS_WL:
-        valid = valid & (j >= i + diag - window_left)
+    if BOUNDARY:
+        valid = (i < Lq) & (j < Lk)
+        if HAS_WR:
+            valid = valid & (j <= i + diag + window_right)
+        if HAS_WL:
+            valid = valid & (j >= i + diag - window_left)
     if MASK_KIND != 0:
-        m = tl.load(mask_base + i.to(tl.int64) * smm + j.to(tl.int64) * smn, mask=inside, other=0)
+        m = tl.load(mask_base + i.to(tl.int64) * smm + j.to(tl.int64) * smn,
+                    mask=(i < Lq) & (j < Lk), other=0)
         if MASK_KIND == 1:  # bool: True = attend
-            valid = valid & (m != 0)
+            if BOUNDARY:
+                valid = valid & (m != 0)
+            else:
+                valid = m != 0
         else:  # additive, natural-log units
             s = s + m.to(tl.float32) * 1.4426950408889634
-    s = tl.where(valid, s, float("-inf"))
+    if BOUNDARY or MASK_KIND == 1:
+        s = tl.where(valid, s, float("-inf"))
     return s, t
+
+
+@triton.jit
+def _interior(lo, hi, full_lo, full_hi, L, BLOCK: tl.constexpr, HAS_LO: tl.constexpr,
+              HAS_HI: tl.constexpr):
+    """Split the tiles [lo, hi) (lo a multiple of BLOCK) into boundary | interior | boundary:
+    returns (a, e) with interior tiles [a, e) those inside [full_lo, min(full_hi, L)), the
+    indices every row of the other side's tile may use (HAS_LO / HAS_HI: that bound exists)."""
+    inner_lo = 0
+    inner_hi = L
+    if HAS_LO:
+        inner_lo = tl.maximum(full_lo, 0)
+    if HAS_HI:
+        inner_hi = tl.maximum(tl.minimum(inner_hi, full_hi), 0)
+    a = tl.minimum(tl.maximum(lo, (inner_lo + BLOCK - 1) // BLOCK * BLOCK), hi)
+    e = tl.maximum(a, tl.minimum(hi, inner_hi // BLOCK * BLOCK))
+    return a, e
 
 
 @triton.jit
@@ -144,6 +168,39 @@ def _seq_bounds(CU_Q, CU_K, b, N_Q, N_K, IS_VARLEN: tl.constexpr):
 
 
 # ------------------------------------------------------------------------------ forward
+
+@triton.jit
+def _fwd_tile(start_n, q, m_i, l_i, acc, k_base, v_base, mask_base, seed, rng_base, offs_m,
+              offs_d, offs_dv, Lq, Lk, diag, skn, skd, svn, svd, smm, smn, N_K, HEAD_DIM,
+              HEAD_DIM_V, slope2, qk_scale2, cap_scale, softcap2, window_left, window_right,
+              dropout_p,
+              BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+              MASK_KIND: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+              HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, BOUNDARY: tl.constexpr):
+    # one key tile of the online softmax: (m_i, l_i, acc) -> updated
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < Lk
+    kT = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                 mask=n_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)  # (D, BLOCK_N)
+    qk = _dot(q, kT, None, DOT_PREC)  # (BLOCK_M, BLOCK_N) fp32
+    s, t = _scores(qk, offs_m[:, None], offs_n[None, :], Lq, Lk, diag, mask_base, smm, smn,
+                   slope2, qk_scale2, cap_scale, softcap2, window_left, window_right,
+                   HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, BOUNDARY)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # a row that has seen no key yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, dropout_p, rng_base, offs_m[:, None], offs_n[None, :], N_K)
+        p = tl.where(keep, p, 0.0)
+    v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+                mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)  # (BN, Dv)
+    acc = _dot(_to(p, v.dtype), v, acc, DOT_PREC)
+    return m_new, l_i, acc
+
 
 @triton.jit
 def _attn_fwd_kernel(
@@ -172,14 +229,13 @@ def _attn_fwd_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    d_ok = offs_d < HEAD_DIM
-    dv_ok = offs_dv < HEAD_DIM_V
     q_base = Q + b * sqb + h * sqh + q_start * sqm
     k_base = K + b * skb + kvh * skh + k_start * skn
     v_base = V + b * svb + kvh * svh + k_start * svn
     mask_base = MASK + b * smb + h * smh
     q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=(offs_m[:, None] < Lq) & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+                mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM),
+                other=0.0)  # (BLOCK_M, BLOCK_D)
 
     slope2 = 0.0
     if HAS_ALIBI:
@@ -190,7 +246,8 @@ def _attn_fwd_kernel(
         seed = tl.load(SEED)
         rng_base = (b * H + h) * N_Q * N_K
 
-    # key range this query tile can see: skip tiles outside the causal / window band
+    # key tiles this query tile can see: [lo, hi), skipping tiles outside the causal / window
+    # band; of those, [a, e) are seen whole by every row (no positional masking there)
     lo = 0
     hi = Lk
     if HAS_WR:
@@ -198,33 +255,33 @@ def _attn_fwd_kernel(
     if HAS_WL:
         lo = tl.maximum(0, m0 + diag - window_left)
         lo = (lo // BLOCK_N) * BLOCK_N
+    a, e = _interior(lo, hi, m0 + BLOCK_M - 1 + diag - window_left,
+                     m0 + diag + window_right + 1, Lk, BLOCK_N, HAS_WL, HAS_WR)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running max, base 2
     l_i = tl.zeros((BLOCK_M,), tl.float32)  # running sum of exp2(s - m_i)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < Lk
-        kT = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
-        qk = _dot(q, kT, None, DOT_PREC)  # (BLOCK_M, BLOCK_N) fp32
-        s, t = _scores(qk, offs_m[:, None], offs_n[None, :], Lq, Lk, diag, mask_base, smm, smn,
-                       slope2, qk_scale2, cap_scale, softcap2, window_left, window_right,
-                       HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row that has seen no key yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, dropout_p, rng_base, offs_m[:, None], offs_n[None, :], N_K)
-            p = tl.where(keep, p, 0.0)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                    mask=n_ok[:, None] & dv_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
-        acc = _dot(_to(p, v.dtype), v, acc, DOT_PREC)
-        m_i = m_new
+    for start_n in range(lo, a, BLOCK_N):
+        m_i, l_i, acc = _fwd_tile(
+            start_n, q, m_i, l_i, acc, k_base, v_base, mask_base, seed, rng_base, offs_m, offs_d,
+            offs_dv, Lq, Lk, diag, skn, skd, svn, svd, smm, smn, N_K, HEAD_DIM, HEAD_DIM_V,
+            slope2, qk_scale2, cap_scale, softcap2, window_left, window_right, dropout_p,
+            BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC,
+            True)
+    for start_n in range(a, e, BLOCK_N):
+        m_i, l_i, acc = _fwd_tile(
+            start_n, q, m_i, l_i, acc, k_base, v_base, mask_base, seed, rng_base, offs_m, offs_d,
+            offs_dv, Lq, Lk, diag, skn, skd, svn, svd, smm, smn, N_K, HEAD_DIM, HEAD_DIM_V,
+            slope2, qk_scale2, cap_scale, softcap2, window_left, window_right, dropout_p,
+            BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC,
+            False)
+    for start_n in range(e, hi, BLOCK_N):
+        m_i, l_i, acc = _fwd_tile(
+            start_n, q, m_i, l_i, acc, k_base, v_base, mask_base, seed, rng_base, offs_m, offs_d,
+            offs_dv, Lq, Lk, diag, skn, skd, svn, svd, smm, smn, N_K, HEAD_DIM, HEAD_DIM_V,
+            slope2, qk_scale2, cap_scale, softcap2, window_left, window_right, dropout_p,
+            BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC,
+            True)
 
     # o = acc / l (x 1/(1-p) with dropout); rows that saw no key: o = 0, lse = +inf
     seen = l_i > 0.0
@@ -234,7 +291,7 @@ def _attn_fwd_kernel(
     m_ok = offs_m < Lq
     o_base = O + b * sob + h * soh + q_start * som
     tl.store(o_base + offs_m[:, None] * som + offs_dv[None, :] * sod, _to(out, O.dtype.element_ty),
-             mask=m_ok[:, None] & dv_ok[None, :])
+             mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     tl.store(LSE + b * slb + h * slh + (q_start + offs_m) * slm, lse, mask=m_ok)
 
 
@@ -267,6 +324,40 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
+def _dq_tile(start_n, q, do, lse2, delta, dq, k_base, v_base, mask_base, dmask_base, seed,
+             rng_base, offs_m, offs_d, offs_dv, Lq, Lk, diag, skn, skd, svn, svd, smm, smn, N_K,
+             HEAD_DIM, HEAD_DIM_V, slope2, qk_scale2, cap_scale, softcap2, window_left,
+             window_right, dropout_p, drop_scale,
+             BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+             MASK_KIND: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+             HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, MASK_GRAD: tl.constexpr,
+             BOUNDARY: tl.constexpr):
+    # one key tile of dq += ds' k (and of d mask = ds)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = offs_n[None, :] < Lk
+    kT = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                 mask=n_ok & (offs_d[:, None] < HEAD_DIM), other=0.0)  # (BLOCK_D, BLOCK_N)
+    vT = tl.load(v_base + offs_n[None, :] * svn + offs_dv[:, None] * svd,
+                 mask=n_ok & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)  # (BLOCK_DV, BLOCK_N)
+    qk = _dot(q, kT, None, DOT_PREC)  # (BLOCK_M, BLOCK_N)
+    s, t = _scores(qk, offs_m[:, None], offs_n[None, :], Lq, Lk, diag, mask_base, smm, smn,
+                   slope2, qk_scale2, cap_scale, softcap2, window_left, window_right,
+                   HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, BOUNDARY)
+    p = tl.exp2(s - lse2[:, None])
+    dp = _dot(do, vT, None, DOT_PREC)  # (BLOCK_M, BLOCK_N)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, dropout_p, rng_base, offs_m[:, None], offs_n[None, :], N_K)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+    ds = p * (dp - delta[:, None])
+    if MASK_GRAD:
+        tl.store(dmask_base + offs_m[:, None].to(tl.int64) * N_K + offs_n[None, :], ds,
+                 mask=(offs_m[:, None] < Lq) & n_ok)
+    if HAS_SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    return _dot(_to(ds, kT.dtype), tl.trans(kT), dq, DOT_PREC)
+
+
+@triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, DQ, DMASK, LSE, DELTA, MASK, SLOPES, CU_Q, CU_K, SEED,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
@@ -295,14 +386,12 @@ def _attn_bwd_dq_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    d_ok = offs_d < HEAD_DIM
-    dv_ok = offs_dv < HEAD_DIM_V
     m_ok = offs_m < Lq
+    q_ok = m_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(Q + b * sqb + h * sqh + q_start * sqm + offs_m[:, None] * sqm
-                + offs_d[None, :] * sqd, mask=m_ok[:, None] & d_ok[None, :],
-                other=0.0)  # (BLOCK_M, BLOCK_D)
+                + offs_d[None, :] * sqd, mask=q_ok, other=0.0)  # (BLOCK_M, BLOCK_D)
     do = tl.load(DO + b * sdob + h * sdoh + q_start * sdom + offs_m[:, None] * sdom
-                 + offs_dv[None, :] * sdod, mask=m_ok[:, None] & dv_ok[None, :],
+                 + offs_dv[None, :] * sdod, mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V),
                  other=0.0)  # (BLOCK_M, BLOCK_DV)
     # lse in base 2; +inf on rows that saw no key, where every s = -inf, so p = 0 there
     lse2 = tl.load(LSE + b * slb + h * slh + (q_start + offs_m) * slm, mask=m_ok,
@@ -311,6 +400,7 @@ def _attn_bwd_dq_kernel(
     k_base = K + b * skb + kvh * skh + k_start * skn
     v_base = V + b * svb + kvh * svh + k_start * svn
     mask_base = MASK + b * smb + h * smh
+    dmask_base = DMASK + (b * H + h) * N_Q * N_K
 
     slope2 = 0.0
     if HAS_ALIBI:
@@ -321,6 +411,7 @@ def _attn_bwd_dq_kernel(
         seed = tl.load(SEED)
         rng_base = (b * H + h) * N_Q * N_K
 
+    # the forward's key tiles: boundary [lo, a), interior [a, e), boundary [e, hi)
     lo = 0
     hi = Lk
     if HAS_WR:
@@ -328,35 +419,72 @@ def _attn_bwd_dq_kernel(
     if HAS_WL:
         lo = tl.maximum(0, m0 + diag - window_left)
         lo = (lo // BLOCK_N) * BLOCK_N
+    a, e = _interior(lo, hi, m0 + BLOCK_M - 1 + diag - window_left,
+                     m0 + diag + window_right + 1, Lk, BLOCK_N, HAS_WL, HAS_WR)
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n[None, :] < Lk
-        kT = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                     mask=n_ok & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
-        vT = tl.load(v_base + offs_n[None, :] * svn + offs_dv[:, None] * svd,
-                     mask=n_ok & dv_ok[:, None], other=0.0)  # (BLOCK_DV, BLOCK_N)
-        qk = _dot(q, kT, None, DOT_PREC)  # (BLOCK_M, BLOCK_N)
-        s, t = _scores(qk, offs_m[:, None], offs_n[None, :], Lq, Lk, diag, mask_base, smm, smn,
-                       slope2, qk_scale2, cap_scale, softcap2, window_left, window_right,
-                       HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR)
-        p = tl.exp2(s - lse2[:, None])
-        dp = _dot(do, vT, None, DOT_PREC)  # (BLOCK_M, BLOCK_N)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, dropout_p, rng_base, offs_m[:, None], offs_n[None, :], N_K)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        if MASK_GRAD:
-            tl.store(DMASK + (b * H + h) * N_Q * N_K + offs_m[:, None].to(tl.int64) * N_K
-                     + offs_n[None, :], ds, mask=m_ok[:, None] & n_ok)
-        if HAS_SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        dq = _dot(_to(ds, kT.dtype), tl.trans(kT), dq, DOT_PREC)
+    for start_n in range(lo, a, BLOCK_N):
+        dq = _dq_tile(start_n, q, do, lse2, delta, dq, k_base, v_base, mask_base, dmask_base,
+                      seed, rng_base, offs_m, offs_d, offs_dv, Lq, Lk, diag, skn, skd, svn, svd,
+                      smm, smn, N_K, HEAD_DIM, HEAD_DIM_V, slope2, qk_scale2, cap_scale, softcap2,
+                      window_left, window_right, dropout_p, drop_scale, BLOCK_N, HAS_SOFTCAP,
+                      HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, MASK_GRAD,
+                      True)
+    for start_n in range(a, e, BLOCK_N):
+        dq = _dq_tile(start_n, q, do, lse2, delta, dq, k_base, v_base, mask_base, dmask_base,
+                      seed, rng_base, offs_m, offs_d, offs_dv, Lq, Lk, diag, skn, skd, svn, svd,
+                      smm, smn, N_K, HEAD_DIM, HEAD_DIM_V, slope2, qk_scale2, cap_scale, softcap2,
+                      window_left, window_right, dropout_p, drop_scale, BLOCK_N, HAS_SOFTCAP,
+                      HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, MASK_GRAD,
+                      False)
+    for start_n in range(e, hi, BLOCK_N):
+        dq = _dq_tile(start_n, q, do, lse2, delta, dq, k_base, v_base, mask_base, dmask_base,
+                      seed, rng_base, offs_m, offs_d, offs_dv, Lq, Lk, diag, skn, skd, svn, svd,
+                      smm, smn, N_K, HEAD_DIM, HEAD_DIM_V, slope2, qk_scale2, cap_scale, softcap2,
+                      window_left, window_right, dropout_p, drop_scale, BLOCK_N, HAS_SOFTCAP,
+                      HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, MASK_GRAD,
+                      True)
     dq = dq * sm_scale
     tl.store(DQ + b * sdqb + h * sdqh + q_start * sdqm + offs_m[:, None] * sdqm
-             + offs_d[None, :] * sdqd, _to(dq, DQ.dtype.element_ty),
-             mask=m_ok[:, None] & d_ok[None, :])
+             + offs_d[None, :] * sdqd, _to(dq, DQ.dtype.element_ty), mask=q_ok)
+
+
+@triton.jit
+def _dkdv_tile(start_m, k, v, dk, dv, q_base, do_base, LSE, DELTA, l_base, mask_base, seed,
+               rng_base, offs_n, offs_d, offs_dv, Lq, Lk, diag, sqm, sqd, sdom, sdod, slm, smm,
+               smn, N_K, HEAD_DIM, HEAD_DIM_V, slope2, qk_scale2, cap_scale, softcap2,
+               window_left, window_right, dropout_p, drop_scale,
+               BLOCK_M: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+               MASK_KIND: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+               HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, BOUNDARY: tl.constexpr):
+    # one query tile of dv += p~^T do and dk += ds'^T q, in transposed (keys x queries) tiles.
+    # Query rows past Lq load q = do = lse = delta = 0, so they add exactly 0 even unmasked.
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < Lq
+    qT = tl.load(q_base + offs_m[None, :] * sqm + offs_d[:, None] * sqd,
+                 mask=m_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)  # (D, BLOCK_M)
+    do = tl.load(do_base + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
+                 mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)  # (BM, Dv)
+    lse2 = tl.load(LSE + l_base + offs_m * slm, mask=m_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + l_base + offs_m * slm, mask=m_ok, other=0.0)
+    qkT = _dot(k, qT, None, DOT_PREC)  # (BLOCK_N, BLOCK_M)
+    sT, tT = _scores(qkT, offs_m[None, :], offs_n[:, None], Lq, Lk, diag, mask_base, smm, smn,
+                     slope2, qk_scale2, cap_scale, softcap2, window_left, window_right,
+                     HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, BOUNDARY)
+    pT = tl.exp2(sT - lse2[None, :])
+    dpT = _dot(v, tl.trans(do), None, DOT_PREC)  # (BLOCK_N, BLOCK_M)
+    if HAS_DROPOUT:
+        keepT = _dropout_keep(seed, dropout_p, rng_base, offs_m[None, :], offs_n[:, None], N_K)
+        pdT = tl.where(keepT, pT * drop_scale, 0.0)
+        dpT = tl.where(keepT, dpT * drop_scale, 0.0)
+    else:
+        pdT = pT
+    dv = _dot(_to(pdT, do.dtype), do, dv, DOT_PREC)
+    dsT = pT * (dpT - delta[None, :])
+    if HAS_SOFTCAP:
+        dsT = dsT * (1.0 - tT * tT)
+    dk = _dot(_to(dsT, qT.dtype), tl.trans(qT), dk, DOT_PREC)
+    return dk, dv
 
 
 @triton.jit
@@ -387,16 +515,16 @@ def _attn_bwd_dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    d_ok = offs_d < HEAD_DIM
-    dv_ok = offs_dv < HEAD_DIM_V
     n_ok = offs_n[:, None] < Lk
+    k_ok = n_ok & (offs_d[None, :] < HEAD_DIM)
+    v_ok = n_ok & (offs_dv[None, :] < HEAD_DIM_V)
     k = tl.load(K + b * skb + kvh * skh + k_start * skn + offs_n[:, None] * skn
-                + offs_d[None, :] * skd, mask=n_ok & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+                + offs_d[None, :] * skd, mask=k_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
     v = tl.load(V + b * svb + kvh * svh + k_start * svn + offs_n[:, None] * svn
-                + offs_dv[None, :] * svd, mask=n_ok & dv_ok[None, :],
-                other=0.0)  # (BLOCK_N, BLOCK_DV)
+                + offs_dv[None, :] * svd, mask=v_ok, other=0.0)  # (BLOCK_N, BLOCK_DV)
 
-    # query range that can see this key tile: i >= j - diag - right, i <= j - diag + left
+    # query tiles that see this key tile: i >= j - diag - right, i <= j - diag + left, so
+    # [lo, hi); of those, [a, e) see all of it (no positional masking there)
     lo = 0
     hi = Lq
     if HAS_WR:
@@ -404,6 +532,8 @@ def _attn_bwd_dkdv_kernel(
         lo = (lo // BLOCK_M) * BLOCK_M
     if HAS_WL:
         hi = tl.minimum(hi, n0 + BLOCK_N - diag + window_left)
+    a, e = _interior(lo, hi, n0 + BLOCK_N - 1 - diag - window_right,
+                     n0 - diag + window_left + 1, Lq, BLOCK_M, HAS_WR, HAS_WL)
 
     seed = 0
     if HAS_DROPOUT:
@@ -422,38 +552,32 @@ def _attn_bwd_dkdv_kernel(
         rng_base = 0
         if HAS_DROPOUT:
             rng_base = (b * H + h) * N_Q * N_K
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < Lq
-            qT = tl.load(q_base + offs_m[None, :] * sqm + offs_d[:, None] * sqd,
-                         mask=m_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_M)
-            do = tl.load(do_base + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
-                         mask=m_ok[:, None] & dv_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_DV)
-            lse2 = tl.load(LSE + l_base + offs_m * slm, mask=m_ok, other=0.0) * 1.4426950408889634
-            delta = tl.load(DELTA + l_base + offs_m * slm, mask=m_ok, other=0.0)
-            qkT = _dot(k, qT, None, DOT_PREC)  # (BLOCK_N, BLOCK_M)
-            sT, tT = _scores(qkT, offs_m[None, :], offs_n[:, None], Lq, Lk, diag, mask_base, smm,
-                             smn, slope2, qk_scale2, cap_scale, softcap2, window_left,
-                             window_right, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR)
-            pT = tl.exp2(sT - lse2[None, :])
-            dpT = _dot(v, tl.trans(do), None, DOT_PREC)  # (BLOCK_N, BLOCK_M)
-            if HAS_DROPOUT:
-                keepT = _dropout_keep(seed, dropout_p, rng_base, offs_m[None, :], offs_n[:, None],
-                                      N_K)
-                pdT = tl.where(keepT, pT * drop_scale, 0.0)
-                dpT = tl.where(keepT, dpT * drop_scale, 0.0)
-            else:
-                pdT = pT
-            dv = _dot(_to(pdT, do.dtype), do, dv, DOT_PREC)
-            dsT = pT * (dpT - delta[None, :])
-            if HAS_SOFTCAP:
-                dsT = dsT * (1.0 - tT * tT)
-            dk = _dot(_to(dsT, qT.dtype), tl.trans(qT), dk, DOT_PREC)
+        for start_m in range(lo, a, BLOCK_M):
+            dk, dv = _dkdv_tile(
+                start_m, k, v, dk, dv, q_base, do_base, LSE, DELTA, l_base, mask_base, seed,
+                rng_base, offs_n, offs_d, offs_dv, Lq, Lk, diag, sqm, sqd, sdom, sdod, slm, smm,
+                smn, N_K, HEAD_DIM, HEAD_DIM_V, slope2, qk_scale2, cap_scale, softcap2,
+                window_left, window_right, dropout_p, drop_scale, BLOCK_M, HAS_SOFTCAP,
+                HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, True)
+        for start_m in range(a, e, BLOCK_M):
+            dk, dv = _dkdv_tile(
+                start_m, k, v, dk, dv, q_base, do_base, LSE, DELTA, l_base, mask_base, seed,
+                rng_base, offs_n, offs_d, offs_dv, Lq, Lk, diag, sqm, sqd, sdom, sdod, slm, smm,
+                smn, N_K, HEAD_DIM, HEAD_DIM_V, slope2, qk_scale2, cap_scale, softcap2,
+                window_left, window_right, dropout_p, drop_scale, BLOCK_M, HAS_SOFTCAP,
+                HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, False)
+        for start_m in range(e, hi, BLOCK_M):
+            dk, dv = _dkdv_tile(
+                start_m, k, v, dk, dv, q_base, do_base, LSE, DELTA, l_base, mask_base, seed,
+                rng_base, offs_n, offs_d, offs_dv, Lq, Lk, diag, sqm, sqd, sdom, sdod, slm, smm,
+                smn, N_K, HEAD_DIM, HEAD_DIM_V, slope2, qk_scale2, cap_scale, softcap2,
+                window_left, window_right, dropout_p, drop_scale, BLOCK_M, HAS_SOFTCAP,
+                HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, True)
     dk = dk * sm_scale
     tl.store(DK + b * sdkb + kvh * sdkh + k_start * sdkn + offs_n[:, None] * sdkn
-             + offs_d[None, :] * sdkd, _to(dk, DK.dtype.element_ty), mask=n_ok & d_ok[None, :])
+             + offs_d[None, :] * sdkd, _to(dk, DK.dtype.element_ty), mask=k_ok)
     tl.store(DV + b * sdvb + kvh * sdvh + k_start * sdvn + offs_n[:, None] * sdvn
-             + offs_dv[None, :] * sdvd, _to(dv, DV.dtype.element_ty), mask=n_ok & dv_ok[None, :])
+             + offs_dv[None, :] * sdvd, _to(dv, DV.dtype.element_ty), mask=v_ok)
 
 
 @triton.jit
