@@ -44,7 +44,7 @@ __global__ void ce_kernel(CeArgs<T> a) {
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     const int64_t t = a.target[row];
     const T* x = a.logits + row * V;
-    T* dx = a.dlogits + row * V;  // unused (null) in the forward
+    T* dx = MODE == kFwd ? nullptr : a.dlogits + row * V;
     if (t == a.ignore_index) {
       if (MODE != kBwd && threadIdx.x == 0) a.loss[row] = a.lse[row] = 0.f;
       if (MODE != kFwd)

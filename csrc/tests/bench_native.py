@@ -1,6 +1,6 @@
 """Rough CPU timing of the native kernels against eager PyTorch (a measurement script, not a test).
 
-    python csrc/tests/bench_native.py [--reps 5]
+    python csrc/tests/bench_native.py [--reps 5] [--cases layer_norm rms_norm ...]
 
 Each case runs forward + backward; time is the median over reps after one warm-up. Peak memory is
 the growth of the process's peak RSS during one forward + backward, measured in a fresh
@@ -20,6 +20,9 @@ import torch
 import torch.nn.functional as F
 
 import llmcore
+
+
+CASES = ("layer_norm", "rms_norm", "cross_entropy", "linear_cross_entropy")
 
 
 def _case(name: str, backend: str):
@@ -88,13 +91,14 @@ def _peak_mib(name, backend):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     ap.add_argument("--peak", nargs=2, metavar=("CASE", "BACKEND"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.peak:
         print(json.dumps(_peak_mib(*args.peak)))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for name in ("layer_norm", "rms_norm", "cross_entropy", "linear_cross_entropy"):
+    for name in args.cases:
         row = {}
         for backend in ("eager", "native"):
             med, lo, hi = _time(name, backend, args.reps)

@@ -11,8 +11,7 @@ def _csv(text: str) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from llmcore.benchmarks.harness import MODES, OPS, SIZE_SETS
-    from llmcore.benchmarks.providers import PROVIDERS
+    from llmcore.benchmarks.names import MODES, OPS, PROVIDERS, SIZE_SETS
 
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--quick", action="store_true", help="a few sizes per op (size set 'quick')")

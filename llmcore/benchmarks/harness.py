@@ -55,21 +55,11 @@ from typing import Callable, Sequence
 import torch
 
 from llmcore.benchmarks import providers as _providers
+from llmcore.benchmarks.names import MODES, OP_MODULES, OPS, SIZE_SETS
 
 log = logging.getLogger("llmcore.bench")
 
-MODES = ("fwd", "bwd", "fwd+bwd", "step")
-SIZE_SETS = ("tiny", "quick", "full")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-# op name -> module in llmcore.benchmarks that defines it (imported on first use)
-OP_MODULES = {
-    "layer_norm": "norm", "rms_norm": "norm",
-    "cross_entropy": "cross_entropy", "linear_cross_entropy": "cross_entropy",
-    "attention": "attention", "attention_varlen": "attention",
-    "train_step": "train_step",
-}
-OPS = tuple(OP_MODULES)
 
 
 class BenchError(RuntimeError):

@@ -27,8 +27,7 @@ import shutil
 
 import torch
 
-PROVIDERS = ("torch", "torch_compile", "sdpa", "llmcore_triton", "llmcore_native", "llmcore_auto",
-             "flash_attn", "liger", "hf")
+from llmcore.benchmarks.names import PROVIDERS
 
 # llmcore provider -> the backend name it passes to llmcore
 LLMCORE_BACKEND = {"llmcore_triton": "triton", "llmcore_native": "native", "llmcore_auto": "auto"}

@@ -14,6 +14,7 @@ torch.autocast(bfloat16) (the trainer's setting) and MFU = tokens/s * model FLOP
 from __future__ import annotations
 
 import contextlib
+import importlib
 
 import torch
 
@@ -69,7 +70,7 @@ class TrainStepBench(OpBench):
 
     def probe(self, provider, device):
         try:
-            from llmcore.models import Transformer  # noqa: F401
+            importlib.import_module("llmcore.models")
         except Exception as exc:
             return f"llmcore.models is not importable: {type(exc).__name__}: {exc}"
         return super().probe(provider, device)

@@ -302,7 +302,8 @@ _KEEP = object()
 
 def from_hf(model_or_path, *, head=_KEEP, **overrides) -> Transformer:
     """A Hugging Face BERT / GPT-2 / Llama model (object, or a checkpoint directory read
-    offline) as the matching llmcore Transformer, with identical weights.
+    offline) as the matching llmcore Transformer, with identical weights (same dtype, and the
+    model object's device).
 
     `head` replaces the task head (e.g. "seq_cls" to fine-tune a pretrained MLM checkpoint):
     the base weights are loaded and the new head is initialised. `overrides` replace other
@@ -342,9 +343,8 @@ def from_hf(model_or_path, *, head=_KEEP, **overrides) -> Transformer:
     if new_head == "seq_cls" and family == "bert" and not has_pooler:
         config = config.replace(pooler=True)          # BERT classifies the pooled [CLS]
     model = Transformer(config)
-    dtype = next(iter(state.values())).dtype
-    if dtype.is_floating_point:
-        model.to(dtype)
+    first = next(iter(state.values()))          # same dtype and device as the HF weights
+    model.to(device=first.device, dtype=first.dtype if first.dtype.is_floating_point else None)
     fresh = (("head.",) if new_head != hf_head else ()) + (() if has_pooler else ("pooler.",))
     _load_into(model, state, family, prefix, fresh)
     return model
@@ -385,10 +385,10 @@ def to_hf(model: Transformer):
             new.update(zip(theirs, value.split(sizes, dim=0)))
     new = {k: v for k, v in new.items() if k in hf_params}   # e.g. an unused pooler
     result = hf.load_state_dict(new, strict=False)
-    loaded = {p.data_ptr() for n, p in hf.named_parameters() if n in new}
-    untied = [k for k in result.missing_keys
-              if k in dict(hf.named_parameters()) and dict(hf.named_parameters())[k].data_ptr()
-              not in loaded]
+    # a parameter HF did not get is fine only when tied to (the same storage as) a loaded one
+    params = dict(hf.named_parameters())
+    loaded = {params[n].data_ptr() for n in new if n in params}
+    untied = [k for k in result.missing_keys if k in params and params[k].data_ptr() not in loaded]
     if untied or result.unexpected_keys:
         raise AssertionError(f"export left HF parameters unset {untied} / unexpected "
                              f"{result.unexpected_keys}")

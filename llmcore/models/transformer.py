@@ -387,11 +387,12 @@ class Transformer(nn.Module):
     def estimate_flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs (forward + backward) per token, for MFU: 6 * N_matmul + attention.
 
-        N_matmul counts the parameters used in matrix multiplies: everything except the
-        embedding tables, plus the (V, E) decoder matrix for an LM head (tied or not). The
-        attention term is 12 * n_layers * Hq * D * seq_len (QK^T and AV: 2 matmuls x 2 FLOPs x
-        3 for forward + backward), halved for causal models whose kernels skip the masked half.
-        MLM losses are counted as if every token went through the head.
+        N_matmul is every parameter except the embedding tables (lookups, no FLOPs), plus the
+        (V, E) decoder matrix for an LM head (tied or not); biases and norms are counted as the
+        usual 6N convention counts them. The attention term is 12 * n_layers * Hq * D * seq_len
+        (QK^T and AV: 2 matmuls x 2 FLOPs x 3 for forward + backward), halved for causal models
+        whose kernels skip the masked half. MLM heads count as if every token went through
+        them. seq_len defaults to max_seq_len.
         """
         cfg = self.config
         t = cfg.max_seq_len if seq_len is None else seq_len

@@ -144,6 +144,7 @@ class Trainer:
         self.last_train_loss: float | None = None
         self.stopped_early = False
         self.window: list[float] = []       # train losses since the last log line
+        self._last_ckpt_step: int | None = None
 
     # ------------------------------------------------------------------ set-up helpers
 
@@ -312,6 +313,7 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         state = self._trainer_state()         # every rank joins the RNG gather
         path = None
+        self._last_ckpt_step = self.step
         if self.info.is_main:
             path = ckpt.save_checkpoint(self.out / "checkpoints", self.step, model=self.model,
                                         trainer_state=state, config=self.cfg.to_dict(),
@@ -335,6 +337,7 @@ class Trainer:
                   "bad_evals", "last_eval", "last_eval_step", "initial_eval", "window"):
             setattr(self, k, state[k])
         self.wall_before = state["wall_seconds"]
+        self._last_ckpt_step = self.step
         rngs = state["rng"]
         if len(rngs) == self.info.world_size:
             _set_rng_state(rngs[self.info.rank])
@@ -455,7 +458,8 @@ class Trainer:
             if self.eval_data is not None:
                 if self.last_eval_step != self.step:
                     self._on_eval(self.evaluate(), log)
-            self.save_checkpoint()
+            if self._last_ckpt_step != self.step:
+                self.save_checkpoint()
             wall = self.wall_before + (time.perf_counter() - self._t0)
             summary = self._summary(wall)
             if info.is_main:

@@ -132,11 +132,16 @@ def attention_oracle(q, k, v, *, scale=None, window=(-1, -1), bottom_right=False
             allowed = allowed & mask
         else:
             s = s + mask.to(s.dtype)
+    # softmax over the allowed keys only, by hand: a masked key gets p = 0 exactly, and a nan
+    # in row i stays out of the keys row i cannot see (torch.softmax would spread it there)
+    allowed = allowed.expand(s.shape)
     s = s.masked_fill(~allowed, float("-inf"))
-    empty = (s == float("-inf")).all(-1, keepdim=True)               # rows that see no key
-    p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1)
-    p = torch.where(empty, torch.zeros_like(p), p)
-    return p @ v
+    m = s.detach().amax(-1, keepdim=True) if s.shape[-1] else s.new_zeros(*s.shape[:-1], 1)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))       # only a shift
+    e = torch.exp(s - m)                                             # 0 where masked
+    l = e.sum(-1, keepdim=True)
+    p = torch.where(allowed, e / torch.where(l == 0, torch.ones_like(l), l), 0.0)
+    return p @ v                                                     # a row with no key: 0
 
 
 def attention_eager(q, k, v, **kw):

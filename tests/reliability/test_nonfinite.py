@@ -157,9 +157,24 @@ def _assert_superset(got, eager, oracle, name):
                            oracle.where(both, z.double()), name=name)
 
 
-@pytest.mark.parametrize("backend", kernel_backends("attention"))
+# The Triton forward stores lse = +inf ("row saw no key") for a row whose normaliser l is nan,
+# because it tests `l > 0`; the backward then takes p = exp(s - inf) = 0 for that row, and the
+# gradients of the values it read (dv) come out finite, without that row's share.
+_LSE_NAN = ("llmcore/kernels/triton/attention.py _attn_fwd_kernel: `seen = l_i > 0.0` is False "
+            "for a nan row, so its lse is stored as +inf (an empty row) instead of nan; backward "
+            "then drops that row: dv finite and wrong where the oracle is nan")
+
+
+def _nan_marks(backend, where):
+    if backend == "triton" and where == "k":
+        return [pytest.mark.xfail(strict=True, reason=_LSE_NAN)]
+    return []
+
+
+@pytest.mark.parametrize("backend,where", [
+    pytest.param(b, w, marks=_nan_marks(b, w))
+    for b in kernel_backends("attention") for w in ("q", "k", "v")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("where", ["q", "k", "v"])
 def test_attention_nan_stays_in_its_batch_and_head(backend, dtype, where):
     q = torch.randn(3, 4, 9, 16, dtype=dtype)
     k = torch.randn(3, 2, 11, 16, dtype=dtype)
@@ -217,3 +232,16 @@ def test_varlen_nan_stays_in_its_sequence(backend, where):
     assert_close_to_oracle(out, varlen_oracle(q, k, v, cu_q, cu_k, window=(-1, 0)), want)
     assert torch.isfinite(out[3:]).all(), "a nan leaked out of sequence 0"
     assert not torch.isfinite(out[:3]).all()
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param(b, marks=[pytest.mark.xfail(strict=True, reason=_LSE_NAN)] if b == "triton" else [])
+    for b in kernel_backends("attention")])
+def test_flash_attn_lse_of_a_nan_row_is_nan(backend):
+    # lse = +inf means "this row saw no key"; a row with a nan score must not look like that
+    q, k, v = torch.randn(1, 5, 2, 16), torch.randn(1, 7, 2, 16), torch.randn(1, 7, 2, 16)
+    q[0, 3, 1, 0] = NAN
+    out, lse, _ = llmcore.flash_attn_func(q, k, v, return_attn_probs=True, backend=backend)
+    assert torch.isnan(out[0, 3, 1]).all() and torch.isfinite(out[0, [0, 1, 2, 4]]).all()
+    assert torch.isnan(lse[0, 1, 3]), f"lse of the nan row is {lse[0, 1, 3].item()}"
+    assert torch.isfinite(lse[0, 0]).all() and torch.isfinite(lse[0, 1, [0, 1, 2, 4]]).all()

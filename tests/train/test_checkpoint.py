@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmcore.train import checkpoint as C
-from tests.train.conftest import TinyModel
+from train_helpers import TinyModel
 
 
 def _save(root, step, model, keep=2):

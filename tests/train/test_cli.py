@@ -243,3 +243,26 @@ def test_torchrun_two_processes_equal_one(tmp_path, corpus_file):
     a, b = _weights(one), _weights(two)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_finetune_from_hf_checkpoint(tmp_path, clm_run, classify_files):
+    """--init hf:PATH: a Hugging Face GPT-2 directory (random weights, no download) with a
+    tokenizer.json beside it."""
+    transformers = pytest.importorskip("transformers")
+    from llmcore.data import Tokenizer
+
+    tok = Tokenizer.load(clm_run / "final")
+    hf_dir = tmp_path / "hf-gpt2"
+    cfg = transformers.GPT2Config(vocab_size=tok.vocab_size, n_embd=32, n_layer=1, n_head=2,
+                                  n_positions=64)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(hf_dir)
+    tok.save(hf_dir)
+    train, evals = classify_files
+    out = tmp_path / "ft-hf"
+    assert main(["finetune", "--init", f"hf:{hf_dir}", "--data", str(train), "--eval-data",
+                 str(evals), "--out", str(out), "--max-steps", "3", "--max-length", "24",
+                 *TINY]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["init"] == f"hf:{hf_dir}" and s["eval_accuracy"] is not None
+    assert json.loads((out / "final/config.json").read_text())["dim"] == 32

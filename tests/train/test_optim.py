@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llmcore.train.optim import lr_multiplier, param_groups
-from tests.train.conftest import TinyModel
+from train_helpers import TinyModel
 
 
 def test_no_decay_on_norms_biases_embeddings():

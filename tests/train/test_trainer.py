@@ -9,7 +9,7 @@ import torch
 from llmcore.train import Trainer, TrainingError
 from llmcore.train.config import TrainConfig
 from llmcore.train.trainer import classification_metrics
-from tests.train.conftest import RandomLMSource, TinyModel
+from train_helpers import RandomLMSource, TinyModel
 
 
 def _cfg(tmp_path, **kw):

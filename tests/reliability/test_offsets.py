@@ -1,0 +1,235 @@
+"""Index arithmetic past 2**31 elements, for real: the kernels read views whose row, column or
+sequence stride puts an element at an offset above 2**31 (int32 would wrap to a negative
+offset), and the results must match the float64 oracle.
+
+How this fits in a small machine: the views live in a float16 buffer of 2**31 + 200 elements
+(4 GiB of address space) that is allocated but never filled. The operating system backs only
+the pages that are written, so the few rows the views touch cost a few pages, not 4 GiB (the
+test checks the resident size). The row stride S = 2**30 + 64 fits in int32, as a kernel
+argument, while row 2 starts at 2 S > 2**31: exactly the product that overflows when a
+kernel multiplies an int32 index by an int32 stride.
+
+Each case runs in a forked child process: a kernel that does overflow reads or writes outside
+its buffers, and a crash must fail one test, not end the session.
+"""
+import faulthandler
+import os
+import resource
+
+import pytest
+import torch
+
+import llmcore
+from conftest import kernel_backends
+from reliability_oracles import (assert_close_to_oracle, attention_eager, attention_oracle,
+                                 ce_eager, ce_oracle, norm_eager, norm_oracle)
+
+S = (1 << 30) + 64                      # an int32 stride; 2 * S > 2**31
+SPAN = 2 * S + 200                      # elements of the buffer: 4 GiB of float16
+MAX_RSS_GROWTH = 512 << 20              # bytes: the lazily backed buffer must stay lazy
+
+if not hasattr(os, "fork"):
+    pytest.skip("needs os.fork to isolate crashes", allow_module_level=True)
+
+
+def _huge_buffer():
+    try:
+        return torch.empty(SPAN, dtype=torch.float16)
+    except (RuntimeError, MemoryError) as exc:  # strict overcommit: no 4 GiB of address space
+        pytest.skip(f"cannot reserve 4 GiB of address space here: {exc}")
+
+
+def _view(buf, shape, strides):
+    """A view of `buf` with these strides, filled with N(0, 1) values where it has elements."""
+    v = buf.as_strided(shape, strides)
+    with torch.no_grad():
+        v.copy_(torch.randn(shape, dtype=torch.float16))
+    assert max((n - 1) * s for n, s in zip(shape, strides)) >= 2 * S > 2 ** 31
+    return v
+
+
+def _rss_bytes():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _run_isolated(case):
+    """Runs case() in a forked child; fails with its error, or with the signal that killed it."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                            # the child
+        os.close(read_end)
+        faulthandler.disable()                              # a crash is reported below
+        status, message = 0, b""
+        try:
+            before = _rss_bytes()
+            case()
+            grown = _rss_bytes() - before
+            assert grown < MAX_RSS_GROWTH, f"resident memory grew by {grown >> 20} MiB"
+        except BaseException as exc:  # report everything, including skips, to the parent
+            status = 2 if type(exc).__name__ == "Skipped" else 1
+            message = f"{type(exc).__name__}: {exc}".encode()[:60000]
+        os.write(write_end, message)
+        os._exit(status)
+    os.close(write_end)
+    chunks = []
+    while True:
+        chunk = os.read(read_end, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(read_end)
+    _, status = os.waitpid(pid, 0)
+    message = b"".join(chunks).decode(errors="replace")
+    if os.WIFSIGNALED(status):
+        raise AssertionError(f"the kernel crashed (signal {os.WTERMSIG(status)}): an offset "
+                             f"past 2**31 went out of bounds")
+    if os.WEXITSTATUS(status) == 2:
+        pytest.skip(message)
+    assert os.WEXITSTATUS(status) == 0, message
+
+
+def _grads(out, leaves, seed):
+    return torch.autograd.grad(out, leaves, seed.to(out.dtype))
+
+
+# ---------------------------------------------------------------------------- cases
+
+def _norm_case(backend, kind, axis):
+    def case():
+        buf = _huge_buffer()
+        n = 40
+        if axis == "rows":              # (3, 40), rows S apart
+            x = _view(buf, (3, n), (S, 1))
+        else:                           # (2, 3), features S apart: a transposed activation
+            n = 3
+            x = _view(buf, (2, n), (1, S))
+        x.requires_grad_()
+        w = (torch.rand(n, dtype=torch.float16) + 0.5).requires_grad_()
+        b = torch.randn(n, dtype=torch.float16, requires_grad=True) if kind == "layer" else None
+        if kind == "layer":
+            got = llmcore.layer_norm(x, n, w, b, backend=backend)
+        else:
+            got = llmcore.rms_norm(x, n, w, 1e-5, backend=backend)
+        x64 = x.detach().double().requires_grad_()
+        live = [t for t in (w, b) if t is not None]
+        live64 = [t.detach().double().requires_grad_() for t in live]
+        want = norm_oracle(kind, x64, *live64, *([None] if kind == "rms" else []), 1e-5, None)[0]
+        xe = x.detach().clone().requires_grad_()
+        eager = norm_eager(kind, xe, w, b, 1e-5, None)[0]
+        assert_close_to_oracle(got, eager, want, name="out")
+        seed = torch.randn(want.shape, dtype=torch.float64)
+        for name, g, e, o in zip(["dx", "dweight", "dbias"], _grads(got, [x, *live], seed),
+                                 _grads(eager, [xe, *live], seed),
+                                 _grads(want, [x64, *live64], seed)):
+            assert_close_to_oracle(g, e, o, name=name)
+    return case
+
+
+def _ce_case(backend, axis):
+    def case():
+        buf = _huge_buffer()
+        if axis == "rows":              # (3, 37) logits, rows S apart
+            x = _view(buf, (3, 37), (S, 1))
+        else:                           # (2, 3) logits, classes S apart: (V, N) seen transposed
+            x = _view(buf, (2, 3), (1, S))
+        x.requires_grad_()
+        t = torch.randint(0, x.shape[1], (x.shape[0],))
+        got = llmcore.cross_entropy(x, t, reduction="none", label_smoothing=0.1, backend=backend)
+        x64 = x.detach().double().requires_grad_()
+        want = ce_oracle(x64, t, reduction="none", label_smoothing=0.1)
+        xe = x.detach().clone().requires_grad_()
+        eager = ce_eager(xe, t, reduction="none", label_smoothing=0.1)
+        assert_close_to_oracle(got, eager, want, name="loss")
+        seed = torch.randn(want.shape, dtype=torch.float64)
+        assert_close_to_oracle(_grads(got, [x], seed)[0], _grads(eager, [xe], seed)[0],
+                               _grads(want, [x64], seed)[0], name="dlogits")
+    return case
+
+
+def _attention_case(backend, which):
+    def case():
+        buf = _huge_buffer()
+        d = 16
+        shapes = {"q": (1, 2, 3, d), "k": (1, 1, 3, d), "v": (1, 1, 3, d)}
+        leaves = {}
+        offset = 0
+        for name, shape in shapes.items():
+            if name in which:           # positions S apart; heads side by side in a lane
+                strides = (0, d, S, 1)
+                leaves[name] = buf[offset:].as_strided(shape, strides)
+                with torch.no_grad():
+                    leaves[name].copy_(torch.randn(shape, dtype=torch.float16))
+                offset += shape[1] * d
+            else:
+                leaves[name] = torch.randn(shape, dtype=torch.float16)
+            leaves[name].requires_grad_()
+        assert 2 * S > 2 ** 31          # position 2 of a huge view
+        q, k, v = leaves["q"], leaves["k"], leaves["v"]
+        got = llmcore.attention(q, k, v, is_causal=True, enable_gqa=True, backend=backend)
+        l64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        le = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        want = attention_oracle(*l64, window=(-1, 0))
+        eager = attention_eager(*le, window=(-1, 0))
+        assert_close_to_oracle(got, eager, want, name="out")
+        seed = torch.randn(want.shape, dtype=torch.float64)
+        for name, g, e, o in zip(["dq", "dk", "dv"], _grads(got, [q, k, v], seed),
+                                 _grads(eager, le, seed), _grads(want, l64, seed)):
+            assert_close_to_oracle(g, e, o, name=name)
+    return case
+
+
+# Known int32 products, found by these tests; each reason names the kernel and the product.
+_NORM_BWD_LOOP = ("llmcore/kernels/triton/norm.py _norm_bwd_kernel: under the Triton interpreter "
+                  "the row loop variable of `for row in range(row_start, row_end)` is int32, so "
+                  "row * stride_hm wraps past 2**31 and the backward reads out of bounds "
+                  "(compiled for a GPU the loop variable takes the int64 type of its bounds, not "
+                  "verified on a GPU here); fix: row = row_start + r, r in range(0, count)")
+_NORM_COLS = ("llmcore/kernels/triton/norm.py: cols * stride_xn (and stride_dyn, stride_hn) "
+              "multiply an int32 arange by an int32 stride: a feature stride S with col * S > "
+              "2**31 wraps (GPU too); fix: cols.to(tl.int64) where a column stride is used")
+_CE_COLS = ("llmcore/kernels/triton/cross_entropy.py _ce_fwd_kernel/_ce_grad_row: cols * "
+            "stride_xv multiplies an int32 arange by an int32 stride: class stride S with "
+            "c * S > 2**31 (transposed (V, N) logits) wraps (GPU too); fix: cols.to(tl.int64)")
+_ATTN_ROWS = ("llmcore/kernels/triton/attention.py: offs_m[:, None] * sqm and offs_n[None, :] * "
+              "skn multiply int32 index vectors by int32 strides: a sequence stride S with "
+              "i * S > 2**31 wraps (GPU too: e.g. (B, N, H, D) with N * H * D > 2**31); fix: "
+              "offs_m/offs_n .to(tl.int64) in the pointer arithmetic")
+
+NORM_KNOWN = {("triton", "rows"): _NORM_BWD_LOOP, ("triton", "cols"): _NORM_COLS}
+CE_KNOWN = {("triton", "cols"): _CE_COLS}
+ATTN_KNOWN = {"triton": _ATTN_ROWS}
+
+
+def _xfail(reason):
+    return [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+
+
+@pytest.mark.parametrize("backend,axis", [
+    pytest.param(b, a, marks=_xfail(NORM_KNOWN.get((b, a))))
+    for b in kernel_backends("norm") for a in ("rows", "cols")])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_norm_offsets_past_2_31(backend, axis, kind):
+    _run_isolated(_norm_case(backend, kind, axis))
+
+
+@pytest.mark.parametrize("backend,axis", [
+    pytest.param(b, a, marks=_xfail(CE_KNOWN.get((b, a))))
+    for b in kernel_backends("cross_entropy") for a in ("rows", "cols")])
+def test_cross_entropy_offsets_past_2_31(backend, axis):
+    _run_isolated(_ce_case(backend, axis))
+
+
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=_xfail(ATTN_KNOWN.get(b)))
+                                     for b in kernel_backends("attention")])
+@pytest.mark.parametrize("which", ["q", "kv"])
+def test_attention_offsets_past_2_31(backend, which):
+    _run_isolated(_attention_case(backend, which))
+
+
+def test_isolation_reports_a_crash():
+    """The fork runner turns a crash into a failure (so the xfails above are real failures)."""
+    def crash():
+        import ctypes
+        ctypes.string_at(0)                  # reads address 0: SIGSEGV
+    with pytest.raises(AssertionError, match="crashed"):
+        _run_isolated(crash)
