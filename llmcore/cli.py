@@ -109,13 +109,16 @@ def _finish(kind: str, summary: dict) -> None:
           f"plot: {out}/loss.png, summary: {out}/summary.json)")
 
 
-def _announce(kind: str, cfg) -> None:
+def _announce(kind: str, cfg, from_scratch: bool = False) -> None:
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:
         data = ", ".join(cfg.data) if cfg.data else "the embedded stdlib corpus" \
             if kind == "pretrain" else "the embedded stdlib task"
-        init = f", init {cfg.init}" if kind == "finetune" and cfg.init else ""
+        init = ""
+        if kind == "finetune" and cfg.init:
+            init = (f", random init in the shape of {cfg.init}" if from_scratch
+                    else f", init {cfg.init}")
         print(f"llmcore {kind}: {cfg.task}, model {cfg.preset}{init}, data {data} -> {cfg.out}",
               flush=True)
 
@@ -161,7 +164,7 @@ def cmd_finetune(args) -> int:
         flags["init"] = str(latest)
     cfg = config.from_cli(f"finetune-{args.task or 'classify'}", flags, args.set,
                           resume=args.resume)
-    _announce("finetune", cfg)
+    _announce("finetune", cfg, args.from_scratch)
     summary = run.finetune(cfg, from_scratch=args.from_scratch, resume=args.resume,
                            overwrite=args.overwrite)
     _finish("finetune", summary)

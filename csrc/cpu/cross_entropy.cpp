@@ -73,7 +73,9 @@ LLMCORE_ALWAYS_INLINE inline double row_fwd(const Setup<C>& k, const T* x, int64
       if (s > 0.0) s *= double(cpu::exp_nonpos(C(m - bmax)));
       m = bmax;
     }
-    s += cpu::sum_exp_shifted(buf, n, m);
+    // while every logit so far is -inf (a masked vocabulary range), the block adds exp(-inf) = 0;
+    // skipping it avoids exp(-inf - -inf) = nan
+    if (m != -std::numeric_limits<C>::infinity()) s += cpu::sum_exp_shifted(buf, n, m);
     if (smoothing) {
       C by = C(0);
       if (k.w) {

@@ -58,6 +58,8 @@ LLMCORE_ALWAYS_INLINE inline void fwd_rows(const NormFwdParams& p, int64_t r0, i
       for (int64_t j = 0; j < n; ++j) yr[j] = narrow<T>((hb[j] - mu) * rstd * w[j] + b[j]);
     } else if (w) {
       for (int64_t j = 0; j < n; ++j) yr[j] = narrow<T>((hb[j] - mu) * rstd * w[j]);
+    } else if (b) {
+      for (int64_t j = 0; j < n; ++j) yr[j] = narrow<T>((hb[j] - mu) * rstd + b[j]);
     } else {
       for (int64_t j = 0; j < n; ++j) yr[j] = narrow<T>((hb[j] - mu) * rstd);
     }

@@ -79,8 +79,10 @@ __global__ void ce_kernel(CeArgs<T> a) {
           s *= expf(m - pm);  // 0 while s is 0 (m = -inf)
           m = pm;
         }
+        if (m != -INFINITY) {  // all -inf so far (a masked range): adds 0, and no inf - inf
 #pragma unroll
-        for (int k = 0; k < P; ++k) s += expf(y[k] - m);
+          for (int k = 0; k < P; ++k) s += expf(y[k] - m);
+        }
       }
       const float M = block_max(m, smem);
       const float S = block_sum(m == -INFINITY ? 0.f : s * expf(m - M), smem);

@@ -3,14 +3,13 @@
     python csrc/tests/bench_native.py [--reps 5] [--cases layer_norm rms_norm ...]
 
 Each case runs forward + backward; time is the median over reps after one warm-up. Peak memory is
-the growth of the process's peak RSS during one forward + backward, measured in a fresh
+the growth of the process's peak RSS (VmHWM) during one forward + backward, measured in a fresh
 subprocess per (case, backend), so the numbers do not contaminate each other.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -79,13 +78,22 @@ def _time(name, backend, reps):
     return statistics.median(times), min(times), max(times)
 
 
+def _hwm_kib():
+    # VmHWM, this address space's peak RSS (ru_maxrss would carry over the parent's peak
+    # across fork + exec)
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def _peak_mib(name, backend):
     make, run = _case(name, backend)
     args = make()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _hwm_kib()
     run(*args)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (after - before) / 1024.0
+    return (_hwm_kib() - before) / 1024.0
 
 
 def main():

@@ -40,15 +40,16 @@ void reference(const std::vector<double>& x, const std::vector<int64_t>& target,
     const double lse = m + std::log(s);
     auto wc = [&](int64_t c) { return w ? (*w)[c] : 1.0; };
     double l = (1 - o.smoothing) * wc(t) * (lse - y[t]) + o.z_loss * wc(t) * lse * lse;
-    for (int64_t c = 0; c < V; ++c) l += o.smoothing / V * wc(c) * (lse - y[c]);
+    if (o.smoothing > 0)
+      for (int64_t c = 0; c < V; ++c) l += o.smoothing / V * wc(c) * (lse - y[c]);
     (*loss)[i] = l;
-    // dl/dy_c = (1-e) w_t (p_c - [c==t]) + e/V w_c (sum_k w_k/w_c p_c ... ) written term by term
+    // dl/dy_c = (1-e) w_t (p_c - [c==t]) + e/V (W p_c - w_c) + 2 z w_t lse p_c
     double W = 0;
     for (int64_t c = 0; c < V; ++c) W += wc(c);
     for (int64_t c = 0; c < V; ++c) {
       const double pc = std::exp(y[c] - lse);
       double g = (1 - o.smoothing) * wc(t) * (pc - (c == t ? 1.0 : 0.0));
-      g += o.smoothing / V * (W * pc - wc(c));
+      if (o.smoothing > 0) g += o.smoothing / V * (W * pc - wc(c));
       g += 2 * o.z_loss * wc(t) * lse * pc;
       (*dx)[i * V + c] = dloss[i] * g * dcap[c];
     }
@@ -134,3 +135,28 @@ TEST(cross_entropy_fp32) { run_all<float>(DType::kFloat32, 2e-5); }
 TEST(cross_entropy_fp64) { run_all<double>(DType::kFloat64, 1e-10); }
 TEST(cross_entropy_bf16) { run_all<BFloat16>(DType::kBFloat16, 1e-2); }
 TEST(cross_entropy_fp16) { run_all<Half>(DType::kFloat16, 2e-3); }
+
+TEST(cross_entropy_leading_masked_block_is_finite) {
+  // the first blocks of the row entirely -inf (a masked vocabulary range): finite loss/gradient
+  const int64_t V = 4100;
+  std::vector<float> x(V), dx(V);
+  for (int64_t c = 0; c < V; ++c) x[c] = c < 4096 ? -INFINITY : float(c % 5) * 0.5f;
+  const int64_t target = V - 2;
+  std::vector<double> xd(x.begin(), x.end()), ref_loss, ref_dx;
+  reference(xd, {target}, nullptr, 1, V, Options{false, 0.0, 0.0, 0.0}, -100, {1.0}, &ref_loss,
+            &ref_dx);
+  float loss = 0.f, lse = 0.f, dloss = 1.f;
+  CrossEntropyParams p;
+  p.rows = 1;
+  p.classes = V;
+  p.logits = x.data();
+  p.target = &target;
+  p.loss = &loss;
+  p.lse = &lse;
+  p.dloss = &dloss;
+  p.dlogits = dx.data();
+  cross_entropy_fwd_bwd_cpu(p);
+  CHECK(std::isfinite(loss));
+  CHECK_NEAR(loss, ref_loss[0], 1e-5, 1e-5);
+  for (int64_t c = 0; c < V; ++c) CHECK_NEAR(dx[c], ref_dx[c], 1e-6, 1e-5);
+}

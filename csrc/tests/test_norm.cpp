@@ -71,8 +71,9 @@ std::vector<double> load(const std::vector<T>& v) {
 }
 
 template <typename T>
-void run_case(DType dtype, int64_t rows, int64_t cols, bool rms, bool affine, bool residual,
-              int threads, double tol) {
+void run_case(DType dtype, int64_t rows, int64_t cols, bool rms, bool has_w, bool has_b,
+              bool residual, int threads, double tol) {
+  has_b = has_b && !rms;
   using C = compute_t<T>;
   const double eps = 1e-5;
   // inputs rounded to T (and weights to C) first, so the reference sees exactly the same values
@@ -95,8 +96,8 @@ void run_case(DType dtype, int64_t rows, int64_t cols, bool rms, bool affine, bo
   f.eps = eps;
   f.x = xs.data();
   f.residual = residual ? rs.data() : nullptr;
-  f.weight = affine ? ws.data() : nullptr;
-  f.bias = affine && !rms ? bs.data() : nullptr;
+  f.weight = has_w ? ws.data() : nullptr;
+  f.bias = has_b ? bs.data() : nullptr;
   f.y = y.data();
   f.h = residual ? h.data() : nullptr;
   f.mean = mean.data();
@@ -106,7 +107,7 @@ void run_case(DType dtype, int64_t rows, int64_t cols, bool rms, bool affine, bo
 
   // the kernel normalises the h it returns (x + residual rounded to T): so does the reference
   const std::vector<double> hin = residual ? load(h) : x;
-  Ref ref = reference(hin, nullptr, affine ? &w : nullptr, affine && !rms ? &b : nullptr, dy,
+  Ref ref = reference(hin, nullptr, has_w ? &w : nullptr, has_b ? &b : nullptr, dy,
                       residual ? &dh : nullptr, rows, cols, eps, rms);
   if (residual) {
     for (int64_t i = 0; i < rows * cols; ++i) CHECK_NEAR(widen(h[i]), x[i] + r[i], 0.0, tol);
@@ -121,20 +122,20 @@ void run_case(DType dtype, int64_t rows, int64_t cols, bool rms, bool affine, bo
   g.dy = dys.data();
   g.dh = residual ? dhs.data() : nullptr;
   g.h = residual ? static_cast<const void*>(h.data()) : xs.data();
-  g.weight = affine ? ws.data() : nullptr;
+  g.weight = has_w ? ws.data() : nullptr;
   g.mean = mean.data();
   g.rstd = rstd.data();
   g.dx = dx.data();
-  g.dweight = affine ? dw.data() : nullptr;
-  g.dbias = affine && !rms ? db.data() : nullptr;
+  g.dweight = has_w ? dw.data() : nullptr;
+  g.dbias = has_b ? db.data() : nullptr;
   g.num_threads = threads;
   norm_bwd_cpu(g);
   for (int64_t i = 0; i < rows * cols; ++i) CHECK_NEAR(widen(dx[i]), ref.dx[i], tol, tol);
-  if (affine) {
-    // sums over rows: scale the tolerance with the row count
+  // sums over rows: scale the tolerance with the row count
+  if (has_b)
+    for (int64_t j = 0; j < cols; ++j) CHECK_NEAR(db[j], ref.db[j], tol * rows, tol);
+  if (has_w) {
     for (int64_t j = 0; j < cols; ++j) CHECK_NEAR(dw[j], ref.dw[j], tol * rows, tol);
-    if (!rms)
-      for (int64_t j = 0; j < cols; ++j) CHECK_NEAR(db[j], ref.db[j], tol * rows, tol);
     // deterministic: a second run gives bit-identical weight gradients
     std::vector<C> dw2(cols);
     g.dweight = dw2.data();
@@ -149,10 +150,11 @@ void run_all(DType dtype, double tol) {
   const int64_t shapes[][2] = {{3, 97}, {17, 1023}, {64, 1500}, {1, 1}};
   for (auto& s : shapes)
     for (bool rms : {false, true})
-      for (int mode = 0; mode < 3; ++mode)
+      // weight+bias, neither, weight+bias with a residual, bias only
+      for (int mode = 0; mode < 4; ++mode)
         for (int threads : {1, 2})
-          run_case<T>(dtype, s[0], s[1], rms, /*affine=*/mode != 1, /*residual=*/mode == 2,
-                      threads, tol);
+          run_case<T>(dtype, s[0], s[1], rms, /*has_w=*/mode == 0 || mode == 2,
+                      /*has_b=*/mode != 1, /*residual=*/mode == 2, threads, tol);
 }
 
 }  // namespace

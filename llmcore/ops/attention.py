@@ -110,9 +110,9 @@ def _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q,
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 0:
             raise ValueError(f"{name} must be an int >= 0, got {m!r}")
-    if q.device.type != "cpu":
-        # The value checks below read the offsets on the host; on CUDA that is a device sync
-        # on every call, so they are done for CPU tensors only.
+    if q.device.type != "cpu" or torch.compiler.is_compiling():
+        # The value checks below read the offsets on the host: on CUDA that is a device sync
+        # on every call, and under torch.compile a graph break, so only eager CPU calls do them.
         return
     for name, cu, total, max_len in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
                                      ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
@@ -210,7 +210,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
     """
     names = ("q", "k", "v")
     _check_qkv(names, q, k, v, ndim=4)
-    (b, nq, hq, d), (bk, nk, hk, dk), (bv, nv, hv, _) = q.shape, k.shape, v.shape
+    (b, _, hq, d), (bk, nk, hk, dk), (bv, nv, hv, _) = q.shape, k.shape, v.shape
     if bk != b or bv != b:
         raise ValueError(f"k and v must have q's batch size {b}, got {bk} and {bv}")
     if dk != d:
@@ -248,7 +248,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """
     names = ("q", "k", "v")
     _check_qkv(names, q, k, v, ndim=3)
-    (tq, hq, d), (tk, hk, dk), (tv, hv, _) = q.shape, k.shape, v.shape
+    (_, hq, d), (tk, hk, dk), (tv, hv, _) = q.shape, k.shape, v.shape
     if dk != d:
         raise ValueError(f"k's head dim (last dim) must equal q's {d}, got {dk}")
     if tv != tk:

@@ -114,10 +114,12 @@ def _register_native() -> bool:
 
 
 def _native_norm(x, dims, weight, bias, eps, residual, rms):
-    cols = 1
+    rows = cols = 1
     for d in dims:
         cols *= d
-    flat = lambda t: None if t is None else t.reshape(-1, cols)  # noqa: E731
+    for d in x.shape[:x.dim() - len(dims)]:
+        rows *= d
+    flat = lambda t: None if t is None else t.reshape(rows, cols)  # noqa: E731
     y, h, _mean, _rstd = torch.ops.llmcore.norm_fwd(
         flat(x), flat(residual), None if weight is None else weight.reshape(cols),
         None if bias is None else bias.reshape(cols), eps, rms)

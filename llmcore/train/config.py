@@ -256,7 +256,7 @@ def finetune_classify(**kw) -> TrainConfig:
     base = dict(task="classify", preset="tiny-gpt", model=dict(_PRETRAIN_MODEL), seq_len=128,
                 batch_size=32, epochs=4.0, max_steps=100_000,
                 lr=1e-3, warmup_steps=20, weight_decay=0.01, schedule="linear", min_lr_ratio=0.0,
-                eval_every=50, log_every=10, out="runs/finetune-classify")
+                eval_every=50, log_every=10, eval_fraction=0.1, out="runs/finetune-classify")
     return apply_overrides(TrainConfig(), {**base, **kw})
 
 
@@ -265,7 +265,7 @@ def finetune_tokens(**kw) -> TrainConfig:
     base = dict(task="tokens", preset="tiny-gpt", model=dict(_PRETRAIN_MODEL), seq_len=128,
                 batch_size=32, epochs=4.0, max_steps=100_000,
                 lr=1e-3, warmup_steps=20, weight_decay=0.01, schedule="linear", min_lr_ratio=0.0,
-                eval_every=50, log_every=10, out="runs/finetune-tokens")
+                eval_every=50, log_every=10, eval_fraction=0.1, out="runs/finetune-tokens")
     return apply_overrides(TrainConfig(), {**base, **kw})
 
 

@@ -235,22 +235,26 @@ def labelled_examples(cfg):
             train, evals, _ = corpus.default_classification_task()
             return ([collate.Example(r["text"], r["label"], "embedded task") for r in train],
                     [collate.Example(r["text"], r["label"], "embedded task") for r in evals])
-        load = lambda p: collate.load_classification(p, text_field=cfg.text_field,  # noqa: E731
-                                                     label_field=cfg.label_field)
+
+        def load(path):
+            return collate.load_classification(path, text_field=cfg.text_field,
+                                               label_field=cfg.label_field)
     else:
         if not cfg.data:
             raise DataError("token classification needs --data FILE.jsonl with "
                             f"{cfg.tokens_field!r} and {cfg.tags_field!r} fields")
-        load = lambda p: collate.load_token_classification(  # noqa: E731
-            p, tokens_field=cfg.tokens_field, tags_field=cfg.tags_field)
+
+        def load(path):
+            return collate.load_token_classification(path, tokens_field=cfg.tokens_field,
+                                                     tags_field=cfg.tags_field)
     train = [e for p in cfg.data for e in load(p)]
     if cfg.eval_data:
         evals = [e for p in cfg.eval_data for e in load(p)]
     else:
         cut = int(cfg.eval_fraction * 2**64)
-        key = lambda e: corpus.text_hash(json.dumps(e.text), "split:")  # noqa: E731
-        evals = [e for e in train if key(e) < cut]
-        train = [e for e in train if key(e) >= cut]
+        in_eval = [corpus.text_hash(json.dumps(e.text), "split:") < cut for e in train]
+        evals = [e for e, ev in zip(train, in_eval) if ev]
+        train = [e for e, ev in zip(train, in_eval) if not ev]
         if not evals:
             raise DataError("the eval split is empty: give --eval-data or more data")
     return train, evals

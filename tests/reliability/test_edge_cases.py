@@ -89,6 +89,22 @@ def test_norm_empty_single_row_single_feature(backend, kind, rows, n):
     assert got.shape == (rows, 2 * n)
 
 
+_BIAS_ONLY = ("csrc/cpu/norm.cpp fwd_rows: with a bias and no weight the `else` branch writes "
+              "(h - mean) * rstd and drops the bias: a silently wrong layer_norm")
+
+
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=[pytest.mark.xfail(
+    strict=True, raises=AssertionError, reason=_BIAS_ONLY)] if b == "native" else [])
+    for b in NORM])
+@pytest.mark.parametrize("residual", [False, True])
+def test_layer_norm_bias_without_weight(backend, residual):
+    # F.layer_norm(x, shape, weight=None, bias=b) is valid: y = xhat + b
+    x = torch.randn(4, 37, requires_grad=True)
+    b = torch.randn(37, requires_grad=True)
+    r = torch.randn(4, 37, requires_grad=True) if residual else None
+    _norm_check(backend, "layer", lambda x, b, r: (x, None, b, r), [x, b, r])
+
+
 def _zero_features_marks(backend):
     if backend in ("native", "triton"):
         return [pytest.mark.xfail(strict=True, reason=(

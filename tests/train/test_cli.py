@@ -223,8 +223,10 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, corpus_file):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_one(tmp_path, corpus_file):
+    # 2 micro-batches per rank: DDP's no_sync accumulation is exercised too
     args = ["pretrain", "--data", str(corpus_file), "--max-steps", "6", "--eval-every", "3",
-            "--seq-len", "32", "--vocab-size", "300", "--deterministic", *TINY]
+            "--seq-len", "32", "--vocab-size", "300", "--deterministic", "--grad-accum", "2",
+            *TINY]
     one, two = tmp_path / "one", tmp_path / "two"
     p = _run([*args, "--out", str(one)])
     assert p.wait(timeout=300) == 0, p.stderr.read()

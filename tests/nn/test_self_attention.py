@@ -133,5 +133,5 @@ def test_bad_arguments_are_named():
         SelfAttention(30, 4)
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         SelfAttention(32, 4, 3)
-    with pytest.raises(ValueError, match=r"attention_mask must have shape \(batch, keys\) = \(2, 5\)"):
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \(batch, keys\)"):
         SelfAttention(16, 2)(torch.randn(2, 5, 16), attention_mask=torch.ones(2, 4))
