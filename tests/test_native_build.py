@@ -54,7 +54,7 @@ def test_loading_the_extension_prints_nothing():
     assert res.stdout == "" and res.stderr == ""
 
 
-def test_setup_and_cmake_share_the_source_globs():
+def test_setup_and_cmake_share_sources_and_flags():
     setup = (ROOT / "setup.py").read_text()
     cmake = (ROOT / "CMakeLists.txt").read_text()
     for pattern in ("csrc/cpu/*.cpp", "csrc/cuda/*.cu"):
@@ -62,6 +62,9 @@ def test_setup_and_cmake_share_the_source_globs():
         assert "${CMAKE_CURRENT_SOURCE_DIR}/" + pattern in cmake, pattern
     # no source list spelled out file by file in either place
     assert not re.search(r"csrc/cpu/\w+\.cpp", setup + cmake)
+    # and one flag list: csrc/flags.txt, read by both
+    assert '"flags.txt"' in setup and "csrc/flags.txt" in cmake
+    assert "-fno-trapping-math" not in setup + cmake
 
 
 def _cmake_build(tmp_path, *extra):
