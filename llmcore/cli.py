@@ -64,6 +64,9 @@ def _user_errors(fn):
         from llmcore.data import DataError, ShardError
         from llmcore.train import CheckpointError, TrainingError
 
+        import logging
+        logging.basicConfig(format="%(message)s")
+        logging.getLogger("llmcore.train").setLevel(logging.INFO)      # the trainer's messages
         try:
             return fn(args)
         except (DataError, ShardError, CheckpointError, TrainingError, ValueError, TypeError,

@@ -3,15 +3,19 @@ summary.json at the end, and MFU on GPUs.
 
 metrics.jsonl holds one JSON object per event: {"event": "train", "step", "loss", "lr",
 "tokens", "tokens_per_s", ...} or {"event": "eval", "step", "eval_loss", ...}. Only the main
-process writes; the others get a logger whose methods do nothing.
+process writes; the others get a logger whose methods do nothing. Messages for the user go
+through the progress bar, or the "llmcore.train" logger when there is none.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
+
+_log = logging.getLogger("llmcore.train")
 
 # Dense bf16 tensor-core peak, FLOP/s, per GPU name fragment (vendor datasheets).
 _PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10": 125e12, "L4": 121e12,
@@ -88,8 +92,7 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.write(message)
         else:
-            import sys
-            print(message, file=sys.stderr)
+            _log.info(message)
 
     def close(self) -> None:
         if not self.enabled:

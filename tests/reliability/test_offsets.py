@@ -9,10 +9,10 @@ test checks the resident size). The row stride S = 2**30 + 64 fits in int32, as 
 argument, while row 2 starts at 2 S > 2**31: exactly the product that overflows when a
 kernel multiplies an int32 index by an int32 stride.
 
-Each case runs in a forked child process: a kernel that does overflow reads or writes outside
-its buffers, and a crash must fail one test, not end the session.
+Each case runs in a child process: a kernel that does overflow reads or writes outside its
+buffers, and a crash must fail one test, not end the session.
 """
-import faulthandler
+import multiprocessing
 import os
 import resource
 
@@ -28,8 +28,8 @@ S = (1 << 30) + 64                      # an int32 stride; 2 * S > 2**31
 SPAN = 2 * S + 200                      # elements of the buffer: 4 GiB of float16
 MAX_RSS_GROWTH = 512 << 20              # bytes: the lazily backed buffer must stay lazy
 
-if not hasattr(os, "fork"):
-    pytest.skip("needs os.fork to isolate crashes", allow_module_level=True)
+if "forkserver" not in multiprocessing.get_all_start_methods():
+    pytest.skip("needs the forkserver start method to isolate crashes", allow_module_level=True)
 
 
 def _huge_buffer():
@@ -52,40 +52,58 @@ def _rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _run_isolated(case):
-    """Runs case() in a forked child; fails with its error, or with the signal that killed it."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:                                            # the child
-        os.close(read_end)
-        faulthandler.disable()                              # a crash is reported below
-        status, message = 0, b""
-        try:
-            before = _rss_bytes()
-            case()
-            grown = _rss_bytes() - before
-            assert grown < MAX_RSS_GROWTH, f"resident memory grew by {grown >> 20} MiB"
-        except BaseException as exc:  # report everything, including skips, to the parent
-            status = 2 if type(exc).__name__ == "Skipped" else 1
-            message = f"{type(exc).__name__}: {exc}".encode()[:60000]
-        os.write(write_end, message)
-        os._exit(status)
-    os.close(write_end)
-    chunks = []
-    while True:
-        chunk = os.read(read_end, 65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(read_end)
-    _, status = os.waitpid(pid, 0)
-    message = b"".join(chunks).decode(errors="replace")
-    if os.WIFSIGNALED(status):
-        raise AssertionError(f"the kernel crashed (signal {os.WTERMSIG(status)}): an offset "
-                             f"past 2**31 went out of bounds")
-    if os.WEXITSTATUS(status) == 2:
+def _child(conn, factory, args):
+    """In the child: runs factory(*args)() and sends back (status, message)."""
+    status, message = 0, ""
+    try:
+        before = _rss_bytes()
+        factory(*args)()
+        grown = _rss_bytes() - before
+        assert grown < MAX_RSS_GROWTH, f"resident memory grew by {grown >> 20} MiB"
+    except BaseException as exc:  # report everything, skips included, to the parent
+        status = 2 if type(exc).__name__ == "Skipped" else 1
+        message = f"{type(exc).__name__}: {exc}"[:60000]
+    conn.send((status, message))
+    conn.close()
+
+
+_CONTEXT = []
+
+
+def _context():
+    """A forkserver: a fresh process that has imported torch and llmcore but never run a kernel.
+    Each case is forked from it, not from pytest's process, whose OpenMP / intra-op thread pools
+    do not survive a fork (a child forked after they ran can deadlock)."""
+    if not _CONTEXT:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "llmcore", "reliability_oracles"])
+        _CONTEXT.append(ctx)
+    return _CONTEXT[0]
+
+
+def _run_isolated(factory, *args, timeout=300):
+    """Runs factory(*args)() in a child process; fails with its error, or with the signal that
+    killed it. factory: a module-level function (it is pickled by name)."""
+    ctx = _context()
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(send, factory, args))
+    proc.start()
+    send.close()
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        raise AssertionError(f"the case did not finish in {timeout} s")
+    try:
+        status, message = receive.recv()
+    except EOFError:                                        # died before it could report
+        status, message = None, ""
+    if proc.exitcode < 0:
+        raise AssertionError(f"the kernel crashed (signal {-proc.exitcode}): an offset past "
+                             f"2**31 went out of bounds")
+    if status == 2:
         pytest.skip(message)
-    assert os.WEXITSTATUS(status) == 0, message
+    assert status == 0 and proc.exitcode == 0, message or f"exit code {proc.exitcode}"
 
 
 def _grads(out, leaves, seed):
@@ -209,27 +227,31 @@ def _xfail(reason):
     for b in kernel_backends("norm") for a in ("rows", "cols")])
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 def test_norm_offsets_past_2_31(backend, axis, kind):
-    _run_isolated(_norm_case(backend, kind, axis))
+    _run_isolated(_norm_case, backend, kind, axis)
 
 
 @pytest.mark.parametrize("backend,axis", [
     pytest.param(b, a, marks=_xfail(CE_KNOWN.get((b, a))))
     for b in kernel_backends("cross_entropy") for a in ("rows", "cols")])
 def test_cross_entropy_offsets_past_2_31(backend, axis):
-    _run_isolated(_ce_case(backend, axis))
+    _run_isolated(_ce_case, backend, axis)
 
 
 @pytest.mark.parametrize("backend", [pytest.param(b, marks=_xfail(ATTN_KNOWN.get(b)))
                                      for b in kernel_backends("attention")])
 @pytest.mark.parametrize("which", ["q", "kv"])
 def test_attention_offsets_past_2_31(backend, which):
-    _run_isolated(_attention_case(backend, which))
+    _run_isolated(_attention_case, backend, which)
+
+
+def _crash():
+    def case():
+        import ctypes
+        ctypes.string_at(0)                  # reads address 0: SIGSEGV
+    return case
 
 
 def test_isolation_reports_a_crash():
-    """The fork runner turns a crash into a failure (so the xfails above are real failures)."""
-    def crash():
-        import ctypes
-        ctypes.string_at(0)                  # reads address 0: SIGSEGV
+    """The runner turns a crash into a failure (so the xfails above are real failures)."""
     with pytest.raises(AssertionError, match="crashed"):
-        _run_isolated(crash)
+        _run_isolated(_crash)
