@@ -460,7 +460,8 @@ def environment(device: str) -> dict:
                        cuda=torch.version.cuda, gpu_count=torch.cuda.device_count())
         machine["summary"] = f"{p.name} (CUDA {torch.version.cuda})"
     else:
-        machine["summary"] = f"{machine['cpu']}, {machine['torch_threads']} threads"
+        n = machine["torch_threads"]
+        machine["summary"] = f"{machine['cpu']}, {n} thread{'' if n == 1 else 's'}"
     versions = {"python": platform.python_version(), "llmcore": llmcore.__version__,
                 "torch": torch.__version__}
     for dist in ("triton", "numpy", "flash-attn", "liger-kernel", "transformers"):

@@ -70,6 +70,23 @@ def summary(result: dict, modes=("fwd+bwd", "step")) -> list[str]:
     return lines
 
 
+def memory_summary(result: dict, modes=("fwd+bwd", "step")) -> list[str]:
+    """Peak MB of each provider for the fwd+bwd and train-step rows."""
+    recs = [r for r in result["records"] if r["mode"] in modes]
+    if not recs or all(r["peak_mb"] is None for r in recs):
+        return []
+    providers = list(dict.fromkeys(r["provider"] for r in recs))
+    rows = defaultdict(dict)
+    for r in recs:
+        rows[(r["op"], r["variant"], _shape_text(r["shape"]), r["dtype"], r["mode"])][r["provider"]] = r
+    lines = ["| op | variant | shape | dtype | mode | " + " | ".join(providers) + " |",
+             "|" + "---|" * (5 + len(providers))]
+    for key, by_p in rows.items():
+        cells = [_num(by_p[p]["peak_mb"], ".1f") if p in by_p else "-" for p in providers]
+        lines.append("| " + " | ".join(key) + " | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(result: dict) -> str:
     lines = ["# llmcore benchmark results", ""] + header(result) + [""]
     lines += ["Times are the median wall-clock time of one call over repeated calls, with the "
@@ -93,6 +110,9 @@ def markdown(result: dict) -> str:
     if table:
         lines += ["## Summary (fwd+bwd and train step; speed-up against eager `torch`)", ""]
         lines += table + [""]
+    table = memory_summary(result)
+    if table:
+        lines += ["## Peak memory in MB (fwd+bwd and train step)", ""] + table + [""]
     by_key = {_key(r, r["provider"]): r for r in result["records"]}
     by_op = defaultdict(list)
     for r in result["records"]:

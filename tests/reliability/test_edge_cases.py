@@ -41,7 +41,7 @@ LAYOUTS = ["strided-rows", "transposed", "expanded-input", "expanded-residual",
 
 def _layout_marks(backend, layout):
     if backend == "triton" and layout == "strided-weight":
-        return [pytest.mark.xfail(strict=True, reason=(
+        return [pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
             "llmcore/ops/norm.py _triton_norm passes weight.reshape(cols), a strided view, and "
             "llmcore/kernels/triton/norm.py _norm_fwd_kernel/_norm_bwd_kernel load W + cols "
             "(stride 1): a non-contiguous weight or bias gives a silently wrong result"))]
@@ -89,13 +89,7 @@ def test_norm_empty_single_row_single_feature(backend, kind, rows, n):
     assert got.shape == (rows, 2 * n)
 
 
-_BIAS_ONLY = ("csrc/cpu/norm.cpp fwd_rows: with a bias and no weight the `else` branch writes "
-              "(h - mean) * rstd and drops the bias: a silently wrong layer_norm")
-
-
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=[pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason=_BIAS_ONLY)] if b == "native" else [])
-    for b in NORM])
+@pytest.mark.parametrize("backend", NORM)
 @pytest.mark.parametrize("residual", [False, True])
 def test_layer_norm_bias_without_weight(backend, residual):
     # F.layer_norm(x, shape, weight=None, bias=b) is valid: y = xhat + b
@@ -106,9 +100,9 @@ def test_layer_norm_bias_without_weight(backend, residual):
 
 
 def _zero_features_marks(backend):
-    if backend in ("native", "triton"):
+    if backend == "triton":
         return [pytest.mark.xfail(strict=True, reason=(
-            f"llmcore/ops/norm.py _{backend}_norm: x.reshape(-1, cols) with cols == 0 raises "
+            "llmcore/ops/norm.py _triton_norm: x.reshape(-1, cols) with cols == 0 raises "
             "'cannot reshape tensor of 0 elements' (torch returns an empty result)"))]
     return []
 
@@ -154,7 +148,7 @@ def _ce_check(backend, make, leaves, dtype=torch.float32, **kw):
 
 def _target_marks(backend):
     if backend == "triton":
-        return [pytest.mark.xfail(strict=True, reason=(
+        return [pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
             "llmcore/ops/cross_entropy.py _triton_cross_entropy passes target.reshape(-1), a "
             "strided view, and _ce_fwd_kernel/_ce_bwd_kernel read T + row (stride 1): wrong "
             "targets, a silently wrong loss (a stride-0 target of a 1-element storage "
@@ -228,7 +222,8 @@ def test_cross_entropy_all_ignored_and_empty(backend, weighted, extras):
             assert g.shape == (n, c) and bool((g == 0).all()), f"{reduction}: nonzero gradient"
             # eager agrees (the values are the documented ones, not a backend's choice)
             ref = torch.nn.functional.cross_entropy(x, t, w, reduction=reduction)
-            assert torch.equal(got.isnan(), ref.isnan()) and bool((got.nan_to_num() == ref.nan_to_num()).all())
+            assert torch.equal(got.isnan(), ref.isnan())
+            assert bool((got.nan_to_num() == ref.nan_to_num()).all())
 
 
 @pytest.mark.parametrize("backend", CE)
@@ -428,7 +423,8 @@ def test_attention_head_dim_limit(backend, d, dv):
     _attn_check(backend, lambda q, k, v: (q, k, v), [q, k, v])
 
 
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.xfail(
+    strict=True, raises=AssertionError, reason=(
     "llmcore/ops/attention.py passes cu_seqlens views as they are and "
     "llmcore/kernels/triton/attention.py _seq_bounds loads CU_Q + b (stride 1): a strided "
     "cu_seqlens gives wrong sequence bounds, a wrong result (or, when the misread bounds point "
@@ -446,7 +442,8 @@ def test_varlen_strided_cu_seqlens(backend):
     assert_close_to_oracle(got, varlen_oracle(q, k, v, cu_q.contiguous(), cu_k.contiguous()), want)
 
 
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.xfail(
+    strict=True, raises=AssertionError, reason=(
     "llmcore/ops/cross_entropy.py _triton_cross_entropy passes the class weight as it is and "
     "llmcore/kernels/triton/cross_entropy.py loads Wc + t / Wc + cols (stride 1): a "
     "non-contiguous class weight gives a silently wrong loss")) if b == "triton" else [])

@@ -10,8 +10,8 @@ import torch
 import llmcore
 from conftest import kernel_backends
 from reliability_oracles import (assert_close_to_oracle, attention_eager, attention_oracle,
-                                 ce_eager, ce_oracle, check_fwd_bwd, loss_atol, norm_eager, norm_oracle,
-                                 varlen_oracle)
+                                 call_norm, ce_eager, ce_oracle, check_fwd_bwd, loss_atol,
+                                 norm_eager, norm_oracle, varlen_oracle)
 
 NAN, INF = float("nan"), float("inf")
 
@@ -39,8 +39,6 @@ def test_norm_nonfinite_rows_stay_put(backend, dtype, kind, residual):
             y, h = fn(kind, x, w, b, 1e-5, r)
             return y if h is None or r is None else torch.cat([y, h], -1)
         return f
-
-    from reliability_oracles import call_norm
 
     got = check_fwd_bwd(run(lambda *a: call_norm(*a, backend)), run(norm_eager),
                         run(norm_oracle), leaves, grad_names=["dx", "dweight", "dbias", "dres"],
@@ -103,12 +101,12 @@ LEAD_INF_V, LEAD_INF_K = 8200, 8192     # past the native (2048) and triton (819
 
 def _lead_inf_marks(backend):
     reasons = {
-        "native": "csrc/cpu/cross_entropy.cpp row_fwd: first kBlock=2048 logits all -inf -> "
-                  "m stays -inf, exp(-inf - -inf) = nan: loss nan instead of finite",
         "triton": "llmcore/kernels/triton/cross_entropy.py _ce_fwd_kernel: first BLOCK_V=8192 "
                   "logits all -inf -> exp2(m - m_new) = exp2(nan): loss nan instead of finite",
     }
-    return [pytest.mark.xfail(strict=True, reason=reasons[backend])] if backend in reasons else []
+    if backend not in reasons:
+        return []
+    return [pytest.mark.xfail(strict=True, raises=AssertionError, reason=reasons[backend])]
 
 
 @pytest.mark.parametrize("backend", [pytest.param(b, marks=_lead_inf_marks(b))
@@ -167,7 +165,7 @@ _LSE_NAN = ("llmcore/kernels/triton/attention.py _attn_fwd_kernel: `seen = l_i >
 
 def _nan_marks(backend, where):
     if backend == "triton" and where == "k":
-        return [pytest.mark.xfail(strict=True, reason=_LSE_NAN)]
+        return [pytest.mark.xfail(strict=True, raises=AssertionError, reason=_LSE_NAN)]
     return []
 
 
@@ -211,7 +209,7 @@ def test_attention_nan_stays_in_its_batch_and_head(backend, dtype, where):
 
 def _varlen_marks(backend, where):
     if backend == "torch" and where == "v":
-        return [pytest.mark.xfail(strict=True, reason=(
+        return [pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
             "llmcore/kernels/reference.py attention: varlen is one materialised (1, H, total_q, "
             "total_k) softmax, so p=0 times a nan value of another sequence gives nan: a nan in "
             "sequence 0's v makes every sequence's output nan"))]
@@ -235,7 +233,7 @@ def test_varlen_nan_stays_in_its_sequence(backend, where):
 
 
 @pytest.mark.parametrize("backend", [
-    pytest.param(b, marks=[pytest.mark.xfail(strict=True, reason=_LSE_NAN)] if b == "triton" else [])
+    pytest.param(b, marks=_nan_marks(b, "k"))
     for b in kernel_backends("attention")])
 def test_flash_attn_lse_of_a_nan_row_is_nan(backend):
     # lse = +inf means "this row saw no key"; a row with a nan score must not look like that

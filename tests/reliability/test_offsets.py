@@ -13,7 +13,6 @@ Each case runs in a child process: a kernel that does overflow reads or writes o
 buffers, and a crash must fail one test, not end the session.
 """
 import multiprocessing
-import os
 import resource
 
 import pytest
@@ -219,7 +218,7 @@ ATTN_KNOWN = {"triton": _ATTN_ROWS}
 
 
 def _xfail(reason):
-    return [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+    return [pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)] if reason else []
 
 
 @pytest.mark.parametrize("backend,axis", [

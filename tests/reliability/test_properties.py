@@ -64,10 +64,6 @@ def norm_cases(draw):
 
 
 def _norm_property(backend, c):
-    # known bug, pinned by test_edge_cases.py::test_layer_norm_bias_without_weight: kept out
-    # here so the search keeps looking for new ones
-    hypothesis.assume(not (backend == "native" and c["kind"] == "layer" and c["bias"]
-                           and not c["weight"]))
     _seeded(c["seed"])
     kind, n, dtype = c["kind"], c["n"], c["dtype"]
     rows = 1
