@@ -8,15 +8,33 @@ import torch.nn.functional as F
 
 # ---------------------------------------------------------------------------- norms
 
+# weight / bias have x's dtype or are float32 (llmcore.ops.norm checks). With a float32
+# parameter on a float16/bfloat16 input everything is computed in float32 and the output
+# rounded once to the input's dtype (what F's fused mixed-precision path and the kernels do,
+# without F.rms_norm's per-call mismatch warning); on a float64 input the parameters are
+# widened to float64, which is exact.
+
+def _common_dtype(h, *params):
+    """(h, params) in one compute dtype, and the dtype to round the output to."""
+    if all(p is None or p.dtype == h.dtype for p in params):
+        return h, params, h.dtype
+    compute = torch.float64 if h.dtype == torch.float64 else torch.float32
+    return h.to(compute), tuple(None if p is None else p.to(compute) for p in params), h.dtype
+
+
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, residual=None):
     h = x if residual is None else x + residual
-    out = F.layer_norm(h, normalized_shape, weight, bias, eps)
+    hc, (w, b), dtype = _common_dtype(h, weight, bias)
+    out = F.layer_norm(hc, normalized_shape, w, b, eps).to(dtype)
     return out if residual is None else (out, h)
 
 
 def rms_norm(x, normalized_shape, weight=None, eps=None, residual=None):
     h = x if residual is None else x + residual
-    out = F.rms_norm(h, normalized_shape, weight, eps)
+    hc, (w,), dtype = _common_dtype(h, weight)
+    if eps is None:  # F's default for h's own dtype, not for the compute dtype
+        eps = torch.finfo(h.dtype).eps
+    out = F.rms_norm(hc, normalized_shape, w, eps).to(dtype)
     return out if residual is None else (out, h)
 
 
@@ -115,25 +133,68 @@ def cross_entropy_rows(logits, target, ignore_index=-100, label_smoothing=0.0, z
 # A row with no allowed key (or every score -inf) has p_i = 0, so out_i = 0 and zero gradients,
 # like F.scaled_dot_product_attention and flash-attn. This is a materialised (B, H, Nq, Nk)
 # implementation: the oracle semantics, not a fast path.
+#
+# Varlen (packed sequences) runs as a batch of S sequences padded to max_seqlen_q/k: each
+# sequence's softmax and p @ v see only its own rows. One (total_q, total_k) product over all
+# packed rows would not do: p = 0 times a nan or inf value of another sequence is nan, so a
+# non-finite value would reach every sequence, forward and backward.
 
 def _sequence_layout(cu_seqlens, total, device):
-    """For each of `total` packed rows: (sequence index, position inside the sequence), plus the
-    length of every sequence. cu_seqlens (S+1,) int or None (one sequence of `total` rows)."""
+    """For each of `total` packed rows: (sequence index, position inside the sequence).
+    cu_seqlens (S+1,) int offsets."""
     rows = torch.arange(total, device=device)
-    if cu_seqlens is None:
-        return torch.zeros_like(rows), rows, torch.full((1,), total, device=device)
     cu = cu_seqlens.to(device=device, dtype=torch.int64)
     # right=True: a row at a boundary belongs to the next sequence, and empty sequences are skipped
     seq = torch.searchsorted(cu[1:], rows, right=True)
-    return seq, rows - cu[seq], cu[1:] - cu[:-1]
+    return seq, rows - cu[seq]
+
+
+def _pad_sequences(x, cu_seqlens, max_len):
+    """Packed rows x (1, H, total, D) -> (S, H, max_len, D), sequence b's rows first and exact
+    zeros after its end (differentiable, no host sync). cu_seqlens (S+1,) int offsets."""
+    cu = cu_seqlens.to(device=x.device, dtype=torch.int64)
+    total = x.shape[2]
+    pos = torch.arange(max_len, device=x.device)
+    valid = pos[None, :] < (cu[1:] - cu[:-1])[:, None]                  # (S, L)
+    # padding gathers an appended zero row (index `total`): exact zeros, also with no rows at
+    # all, and nothing of another sequence (a nan there stays there)
+    index = torch.where(valid, cu[:-1, None] + pos[None, :], total)     # (S, L)
+    rows = torch.cat([x[0], x.new_zeros((x.shape[1], 1, x.shape[3]))], 1)  # (H, total + 1, D)
+    return rows[:, index].transpose(0, 1)                               # (S, H, L, D)
 
 
 def attention(q, k, v, *, scale, window=(-1, -1), bottom_right=False, softcap=0.0,
               attn_mask=None, alibi_slopes=None, dropout_p=0.0, cu_seqlens_q=None,
-              cu_seqlens_k=None, return_lse=False, **unused):
+              cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, return_lse=False,
+              **unused):
     # q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv); Hq a multiple of Hkv (GQA: query
-    # head h reads kv head h // (Hq / Hkv)). Varlen: B == 1 and rows packed by cu_seqlens_q/k.
-    # `unused` takes the options that only steer kernels (max_seqlen_*, deterministic).
+    # head h reads kv head h // (Hq / Hkv)). Varlen: B == 1 and rows packed by cu_seqlens_q/k,
+    # max_seqlen_q/k at least the longest sequences. `unused` takes the options that only steer
+    # kernels (deterministic).
+    options = dict(scale=scale, window=window, bottom_right=bottom_right, softcap=softcap,
+                   alibi_slopes=alibi_slopes, dropout_p=dropout_p, return_lse=return_lse)
+    if cu_seqlens_q is None:
+        return _attention_padded(q, k, v, attn_mask=attn_mask, **options)
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if m is None:  # the public API always passes them
+            raise ValueError(f"varlen attention needs {name}, the longest sequence's length")
+    len_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).to(device=q.device, dtype=torch.int64)
+    len_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(device=q.device, dtype=torch.int64)
+    out, lse = _attention_padded(_pad_sequences(q, cu_seqlens_q, max_seqlen_q),
+                                 _pad_sequences(k, cu_seqlens_k, max_seqlen_k),
+                                 _pad_sequences(v, cu_seqlens_k, max_seqlen_k),
+                                 len_q=len_q, len_k=len_k, **options)
+    # (S, Hq, Lq, .) -> packed (1, Hq, total_q, .): row r is position pos[r] of sequence seq[r]
+    seq, pos = _sequence_layout(cu_seqlens_q, q.shape[2], q.device)
+    out = out[seq, :, pos].transpose(0, 1)[None]                        # (1, Hq, total_q, Dv)
+    return out, (None if lse is None else lse[seq, :, pos].t()[None])   # (1, Hq, total_q)
+
+
+def _attention_padded(q, k, v, *, scale, window, bottom_right, softcap, alibi_slopes, dropout_p,
+                      return_lse, attn_mask=None, len_q=None, len_k=None):
+    # The dense computation. len_q/len_k: None, or (B,) lengths of padded sequences: batch row
+    # b holds len_q[b] queries and len_k[b] keys, the rest padding (its keys never seen, its
+    # query rows discarded by the caller); bottom-right alignment then uses those lengths.
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     # half-precision inputs: scores, softmax and the output sum in float32, one cast at the end
@@ -147,25 +208,27 @@ def attention(q, k, v, *, scale, window=(-1, -1), bottom_right=False, softcap=0.
         s = softcap * torch.tanh(s / softcap)
 
     left, right = window
-    positional = cu_seqlens_q is not None or left >= 0 or right >= 0 or alibi_slopes is not None
+    positional = len_k is not None or left >= 0 or right >= 0 or alibi_slopes is not None
     keep = None                                                         # bool, broadcasts to s
     if positional:
-        seq_q, pos_q, len_q = _sequence_layout(cu_seqlens_q, Nq, q.device)
-        seq_k, pos_k, len_k = _sequence_layout(cu_seqlens_k, Nk, q.device)
-        diag = pos_q + (len_k - len_q)[seq_q] if bottom_right else pos_q  # (Nq,)
-        rel = pos_k[None, :] - diag[:, None]                            # (Nq, Nk): j - (i + o)
-        keep = seq_q[:, None] == seq_k[None, :]
+        pos_q = torch.arange(Nq, device=q.device)
+        pos_k = torch.arange(Nk, device=q.device)
+        offset = 0
+        if bottom_right:
+            offset = (len_k - len_q)[:, None] if len_k is not None else Nk - Nq
+        diag = pos_q[None, :] + offset                                  # (B or 1, Nq)
+        rel = pos_k[None, None, :] - diag[:, :, None]                   # (B or 1, Nq, Nk)
+        keep = torch.ones_like(rel, dtype=torch.bool)
+        if len_k is not None:                                           # padding keys
+            keep = keep & (pos_k[None, None, :] < len_k[:, None, None])
         if left >= 0:
             keep = keep & (rel >= -left)
         if right >= 0:
             keep = keep & (rel <= right)
+        keep = keep[:, None]                                            # (B or 1, 1, Nq, Nk)
         if alibi_slopes is not None:
-            slopes = alibi_slopes.to(compute)                           # (B or S, Hq)
-            if cu_seqlens_q is not None:
-                slopes = slopes[seq_q].t()[None, :, :, None]            # (1, Hq, Nq, 1)
-            else:
-                slopes = slopes[:, :, None, None]                       # (B, Hq, 1, 1)
-            s = s - slopes * rel.abs().to(compute)
+            slopes = alibi_slopes.to(compute)[:, :, None, None]         # (B, Hq, 1, 1)
+            s = s - slopes * rel[:, None].abs().to(compute)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             keep = attn_mask if keep is None else keep & attn_mask

@@ -45,6 +45,12 @@ def _check_qkv(names, q, k, v, ndim=None):
             raise ValueError(f"{name} must be {want}-dimensional, got shape {tuple(t.shape)}")
 
 
+def _check_head_dim(name, d):
+    # head dim 0 would make the default scale 1/sqrt(D) infinite: refused rather than defined
+    if d == 0:
+        raise ValueError(f"{name}'s head dim (last dim) must be >= 1, got 0")
+
+
 def _check_heads(names, q_heads, k_heads, v_heads, *, gqa_flag=None):
     qn, kn, vn = names
     if v_heads != k_heads:
@@ -138,7 +144,8 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     """Scaled dot-product attention, like F.scaled_dot_product_attention.
 
     query (..., Hq, Nq, D), key (..., Hkv, Nk, D), value (..., Hkv, Nk, Dv): any leading batch
-    dims, equal across the three (3-D (H, N, D) works). Returns (..., Hq, Nq, Dv).
+    dims, equal across the three (3-D (H, N, D) works); D >= 1 (a head dim of 0 is refused in
+    all three attention functions). Returns (..., Hq, Nq, Dv).
     attn_mask: bool (True = attend) or float added to the scores (query's dtype), broadcastable
     to (..., Hq, Nq, Nk). is_causal: query i sees keys j <= i (top-left, as SDPA); may be
     combined with attn_mask. scale: default 1/sqrt(D). enable_gqa: Hq a multiple of Hkv, query
@@ -158,6 +165,7 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     (hq, nq, d), (hk, nk, dk), (hv, nv, _) = query.shape[-3:], key.shape[-3:], value.shape[-3:]
     if dk != d:
         raise ValueError(f"key's head dim (last dim) must equal query's {d}, got {dk}")
+    _check_head_dim("query", d)
     if nv != nk:
         raise ValueError(f"value must have key's sequence length {nk} (dim -2), got {nv}")
     _check_heads(names, hq, hk, hv, gqa_flag=bool(enable_gqa))
@@ -215,6 +223,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
         raise ValueError(f"k and v must have q's batch size {b}, got {bk} and {bv}")
     if dk != d:
         raise ValueError(f"k's head dim (last dim) must equal q's {d}, got {dk}")
+    _check_head_dim("q", d)
     if nv != nk:
         raise ValueError(f"v must have k's sequence length {nk} (dim 1), got {nv}")
     _check_heads(names, hq, hk, hv)
@@ -251,6 +260,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     (_, hq, d), (tk, hk, dk), (tv, hv, _) = q.shape, k.shape, v.shape
     if dk != d:
         raise ValueError(f"k's head dim (last dim) must equal q's {d}, got {dk}")
+    _check_head_dim("q", d)
     if tv != tk:
         raise ValueError(f"v must have k's packed length {tk} (dim 0), got {tv}")
     _check_heads(names, hq, hk, hv)
@@ -444,3 +454,65 @@ def _triton_core(q, k, v, *, scale, window, bottom_right, softcap, attn_mask, al
 # Backend -> implementation of the core op. Kernel backends add their entries as they land.
 _CORE = {"torch": reference.attention, "flash_attn": _flash_attn_core,
          "triton": _triton_core}
+
+
+# ---------------------------------------------------------------------------- native backend
+# llmcore::attention_fwd / llmcore::attention_bwd are defined in C++ (schemas and checks:
+# csrc/torch/attention_ops.cpp; flash-style CPU kernels: csrc/cpu/attention.cpp), with the same
+# arguments as the Triton ops above: packed floats/ints, a dropout seed drawn here from torch's
+# generator. Here: their fake impls and autograd (the same saved state as the Triton op).
+
+def _native_attention_fwd_fake(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+                               seed, floats, ints):
+    B, H, Nq, _ = q.shape
+    out = q.new_empty((B, Nq, H, v.shape[-1])).transpose(1, 2)  # the kernel's (B, Nq, H, Dv) memory
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return out, q.new_empty((B, H, Nq), dtype=lse_dtype)
+
+
+def _native_attention_bwd_fake(grad_out, q, k, v, out, lse, attn_mask, alibi_slopes,
+                               cu_seqlens_q, cu_seqlens_k, seed, floats, ints, mask_grad):
+    dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
+
+
+def _native_attention_backward(ctx, grad_out, _grad_lse):
+    mask_grad = bool(ctx.needs_input_grad[3])
+    dq, dk, dv, dmask = torch.ops.llmcore.attention_bwd(grad_out, *ctx.saved_tensors, ctx.floats,
+                                                        ctx.ints, mask_grad)
+    return (dq, dk, dv, dmask if mask_grad else None) + (None,) * 6
+
+
+def _register_native_attention() -> bool:
+    # loading the extension registers the C++ ops; an older build may predate attention
+    if backends.native_module() is None or not hasattr(torch.ops.llmcore, "attention_fwd"):
+        return False
+    torch.library.register_fake("llmcore::attention_fwd")(_native_attention_fwd_fake)
+    torch.library.register_fake("llmcore::attention_bwd")(_native_attention_bwd_fake)
+    torch.library.register_autograd("llmcore::attention_fwd", _native_attention_backward,
+                                    setup_context=_triton_setup_context)
+    return True
+
+
+def _native_core(q, k, v, *, scale, window, bottom_right, softcap, attn_mask, alibi_slopes,
+                 dropout_p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                 deterministic, return_lse):
+    """The core op on the C++ CPU kernels (always deterministic: `deterministic` is moot)."""
+    if q.device.type != "cpu":
+        raise backends.BackendUnavailableError(
+            f"backend 'native' runs attention on CPU tensors only (no CUDA attention kernel "
+            f"yet), got {q.device}; use backend='triton' or 'torch'")
+    seed = (torch.randint(0, 2**62, (1,), device=q.device, dtype=torch.int64)
+            if dropout_p > 0 else None)
+    ints = [int(window[0]), int(window[1]), int(bool(bottom_right)),
+            0 if max_seqlen_q is None else int(max_seqlen_q),
+            0 if max_seqlen_k is None else int(max_seqlen_k)]
+    out, lse = torch.ops.llmcore.attention_fwd(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q,
+                                               cu_seqlens_k, seed,
+                                               [float(scale), float(softcap), float(dropout_p)],
+                                               ints)
+    return out, (lse.float() if return_lse else None)  # lse is fp64 for fp64 inputs
+
+
+if _register_native_attention():
+    _CORE["native"] = _native_core

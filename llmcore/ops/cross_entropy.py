@@ -156,7 +156,7 @@ def linear_cross_entropy(input, weight, target, bias=None, ignore_index=-100, re
                                 label_smoothing, z_loss, softcap, chunk_size)
     name = backends.resolve("cross_entropy", backend, input.device)
     hidden = weight.shape[1]
-    x = input.reshape(-1, hidden)                                    # (N, H)
+    x = input.reshape(input.shape[:-1].numel(), hidden)              # (N, H); H may be 0
     t = target.reshape(-1).long()                                    # (N,) int64
     if chunk_size is None:
         chunk_size = default_chunk_size(x.shape[0], weight.shape[0])

@@ -5,6 +5,7 @@ residual add of a transformer block fused into the norm.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -14,7 +15,8 @@ from llmcore.kernels import reference
 from llmcore.ops import _checks
 
 
-def _check(input, normalized_shape, weight, bias, residual) -> tuple[int, ...]:
+def _check(input, normalized_shape, weight, bias, residual, eps,
+           eps_may_be_none=False) -> tuple[int, ...]:
     _checks.floating("input", input)
     dims = _checks.normalized_shape(normalized_shape, input)
     for name, t in (("weight", weight), ("bias", bias)):
@@ -22,6 +24,18 @@ def _check(input, normalized_shape, weight, bias, residual) -> tuple[int, ...]:
             _checks.floating(name, t)
             _checks.shape(name, t, dims)
             _checks.same_device(name, t, input)
+            # input's dtype, or float32: the mixed-precision layout of half-precision models
+            # (float32 parameters, bfloat16/float16 activations), which every backend applies
+            # in float32 and rounds once; a float64 input takes its float32 parameters exactly
+            if t.dtype != input.dtype and t.dtype != torch.float32:
+                raise TypeError(f"{name} must have input's dtype {input.dtype} or be float32, "
+                                f"got {t.dtype}")
+    if eps is not None or not eps_may_be_none:
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+            raise TypeError(f"eps must be a float{' or None' if eps_may_be_none else ''}, "
+                            f"got {eps!r}")
+        if not eps >= 0:  # also refuses nan
+            raise ValueError(f"eps must be >= 0, got {eps!r}")
     if residual is not None:
         _checks.floating("residual", residual)
         _checks.shape("residual", residual, input.shape)
@@ -34,18 +48,21 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, res
                backend="auto"):
     """Layer normalisation over the trailing `normalized_shape` dims, like F.layer_norm.
 
-    With `residual`, returns (layer_norm(input + residual), input + residual)."""
-    dims = _check(input, normalized_shape, weight, bias, residual)
+    weight and bias have input's dtype or are float32 (applied in float32, the output rounded
+    once to input's dtype); eps >= 0. With `residual`, returns (layer_norm(input + residual),
+    input + residual)."""
+    dims = _check(input, normalized_shape, weight, bias, residual, eps)
     name = backends.resolve("norm", backend, input.device)
     return _LAYER_NORM[name](input, dims, weight, bias, float(eps), residual)
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None, backend="auto"):
     """RMS normalisation over the trailing `normalized_shape` dims, like F.rms_norm
-    (eps=None means torch.finfo(input.dtype).eps).
+    (eps=None means torch.finfo(input.dtype).eps; else eps >= 0). weight has input's dtype or
+    is float32, as for layer_norm.
 
     With `residual`, returns (rms_norm(input + residual), input + residual)."""
-    dims = _check(input, normalized_shape, weight, None, residual)
+    dims = _check(input, normalized_shape, weight, None, residual, eps, eps_may_be_none=True)
     if eps is None:
         eps = torch.finfo(input.dtype).eps
     name = backends.resolve("norm", backend, input.device)
@@ -216,7 +233,9 @@ def _triton_norm(x, dims, weight, bias, eps, residual, rms):
 
     # before any tracing or launch: rows longer than the kernels hold raise a clear error
     check_row_size(cols, x.dtype, "rms_norm" if rms else "layer_norm")
-    flat = lambda t: None if t is None else t.reshape(-1, cols)  # noqa: E731  views when possible
+    rows = x.shape[:x.dim() - len(dims)].numel()
+    # views when possible; (rows, cols) spelled out, as reshape(-1, 0) cannot infer rows
+    flat = lambda t: None if t is None else t.reshape(rows, cols)  # noqa: E731
     y, h, _mean, _rstd = _triton_norm_fwd(
         flat(x), flat(residual), None if weight is None else weight.reshape(cols),
         None if bias is None else bias.reshape(cols), eps, rms)

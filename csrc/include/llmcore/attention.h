@@ -35,7 +35,7 @@ struct AttentionParams {
   int64_t q_stride[3] = {0, 0, 0}, k_stride[3] = {0, 0, 0}, v_stride[3] = {0, 0, 0};
   void* out = nullptr;             // (B, Hq, Nq, Dv), strides out_stride
   int64_t out_stride[3] = {0, 0, 0};
-  float* lse = nullptr;            // (B, Hq, Nq) contiguous fp32
+  void* lse = nullptr;             // (B, Hq, Nq) contiguous, compute type (fp64 for fp64)
 
   double scale = 1.0, softcap = 0.0;
   int64_t window_left = -1, window_right = -1;  // -1: unbounded

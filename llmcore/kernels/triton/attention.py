@@ -31,7 +31,8 @@ there in backward, with no special case), and a zero gradient.
 Dropout draws keep_ij = rand(seed, offset(b, h, i, j)) >= p with Triton's counter-based Philox,
 so backward regenerates the same mask from the seed instead of storing it.
 
-Layouts: q/k/v/o are (B, H, N, D) views addressed through their strides, so flash-attn's
+Layouts: q/k/v/o are (B, H, N, D) views addressed through their strides (index * stride in
+int64, as offsets may pass 2**31 elements), so flash-attn's
 (B, N, H, D) arrives as a transposed view and runs without a copy; packed varlen sequences are a
 (1, H, total, D) view plus cu_seqlens offsets (the batch axis of the grid walks the sequences).
 K/V heads are shared by GROUP = Hq // Hkv query heads. v may have its own head dim Dv.
@@ -78,6 +79,13 @@ def _to(x, dtype: tl.constexpr):
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(dtype)
+
+
+@triton.jit
+def _ptrs(base, i, stride_i, j, stride_j):
+    # base + i * stride_i + j * stride_j for a tile of row indices i and column indices j, in
+    # int64: an int32 index times an int32 stride wraps once the offset passes 2**31 elements
+    return base + i.to(tl.int64) * stride_i + j.to(tl.int64) * stride_j
 
 
 @triton.jit
@@ -180,7 +188,7 @@ def _fwd_tile(start_n, q, m_i, l_i, acc, k_base, v_base, mask_base, seed, rng_ba
     # one key tile of the online softmax: (m_i, l_i, acc) -> updated
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = offs_n < Lk
-    kT = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
+    kT = tl.load(_ptrs(k_base, offs_n[None, :], skn, offs_d[:, None], skd),
                  mask=n_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)  # (D, BLOCK_N)
     qk = _dot(q, kT, None, DOT_PREC)  # (BLOCK_M, BLOCK_N) fp32
     s, t = _scores(qk, offs_m[:, None], offs_n[None, :], Lq, Lk, diag, mask_base, smm, smn,
@@ -196,7 +204,7 @@ def _fwd_tile(start_n, q, m_i, l_i, acc, k_base, v_base, mask_base, seed, rng_ba
     if HAS_DROPOUT:
         keep = _dropout_keep(seed, dropout_p, rng_base, offs_m[:, None], offs_n[None, :], N_K)
         p = tl.where(keep, p, 0.0)
-    v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+    v = tl.load(_ptrs(v_base, offs_n[:, None], svn, offs_dv[None, :], svd),
                 mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)  # (BN, Dv)
     acc = _dot(_to(p, v.dtype), v, acc, DOT_PREC)
     return m_new, l_i, acc
@@ -233,7 +241,7 @@ def _attn_fwd_kernel(
     k_base = K + b * skb + kvh * skh + k_start * skn
     v_base = V + b * svb + kvh * svh + k_start * svn
     mask_base = MASK + b * smb + h * smh
-    q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+    q = tl.load(_ptrs(q_base, offs_m[:, None], sqm, offs_d[None, :], sqd),
                 mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM),
                 other=0.0)  # (BLOCK_M, BLOCK_D)
 
@@ -283,14 +291,17 @@ def _attn_fwd_kernel(
             BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC,
             True)
 
-    # o = acc / l (x 1/(1-p) with dropout); rows that saw no key: o = 0, lse = +inf
-    seen = l_i > 0.0
+    # o = acc / l (x 1/(1-p) with dropout); rows that saw no key (l = 0 exactly): o = 0,
+    # lse = +inf. `!= 0`, not `> 0`: a row whose scores hold a nan has l = nan, and must come
+    # out nan (out and lse), not pass for an empty row that backward would then skip
+    seen = l_i != 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc * (drop_scale / l_safe)[:, None]
     lse = tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("inf"))
     m_ok = offs_m < Lq
     o_base = O + b * sob + h * soh + q_start * som
-    tl.store(o_base + offs_m[:, None] * som + offs_dv[None, :] * sod, _to(out, O.dtype.element_ty),
+    tl.store(_ptrs(o_base, offs_m[:, None], som, offs_dv[None, :], sod),
+             _to(out, O.dtype.element_ty),
              mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     tl.store(LSE + b * slb + h * slh + (q_start + offs_m) * slm, lse, mask=m_ok)
 
@@ -315,10 +326,10 @@ def _attn_bwd_delta_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_DV)
     ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM_V)
-    o = tl.load(O + b * sob + h * soh + q_start * som + offs_m[:, None] * som
-                + offs_d[None, :] * sod, mask=ok, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * sdb + h * sdh + q_start * sdm + offs_m[:, None] * sdm
-                 + offs_d[None, :] * sdd, mask=ok, other=0.0).to(tl.float32)
+    o = tl.load(_ptrs(O + b * sob + h * soh + q_start * som, offs_m[:, None], som,
+                      offs_d[None, :], sod), mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(_ptrs(DO + b * sdb + h * sdh + q_start * sdm, offs_m[:, None], sdm,
+                       offs_d[None, :], sdd), mask=ok, other=0.0).to(tl.float32)
     tl.store(DELTA + b * slb + h * slh + (q_start + offs_m) * slm, tl.sum(o * do, 1),
              mask=offs_m < Lq)
 
@@ -335,9 +346,9 @@ def _dq_tile(start_n, q, do, lse2, delta, dq, k_base, v_base, mask_base, dmask_b
     # one key tile of dq += ds' k (and of d mask = ds)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = offs_n[None, :] < Lk
-    kT = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
+    kT = tl.load(_ptrs(k_base, offs_n[None, :], skn, offs_d[:, None], skd),
                  mask=n_ok & (offs_d[:, None] < HEAD_DIM), other=0.0)  # (BLOCK_D, BLOCK_N)
-    vT = tl.load(v_base + offs_n[None, :] * svn + offs_dv[:, None] * svd,
+    vT = tl.load(_ptrs(v_base, offs_n[None, :], svn, offs_dv[:, None], svd),
                  mask=n_ok & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)  # (BLOCK_DV, BLOCK_N)
     qk = _dot(q, kT, None, DOT_PREC)  # (BLOCK_M, BLOCK_N)
     s, t = _scores(qk, offs_m[:, None], offs_n[None, :], Lq, Lk, diag, mask_base, smm, smn,
@@ -388,10 +399,11 @@ def _attn_bwd_dq_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < Lq
     q_ok = m_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + b * sqb + h * sqh + q_start * sqm + offs_m[:, None] * sqm
-                + offs_d[None, :] * sqd, mask=q_ok, other=0.0)  # (BLOCK_M, BLOCK_D)
-    do = tl.load(DO + b * sdob + h * sdoh + q_start * sdom + offs_m[:, None] * sdom
-                 + offs_dv[None, :] * sdod, mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V),
+    q = tl.load(_ptrs(Q + b * sqb + h * sqh + q_start * sqm, offs_m[:, None], sqm,
+                      offs_d[None, :], sqd), mask=q_ok, other=0.0)  # (BLOCK_M, BLOCK_D)
+    do = tl.load(_ptrs(DO + b * sdob + h * sdoh + q_start * sdom, offs_m[:, None], sdom,
+                       offs_dv[None, :], sdod),
+                 mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V),
                  other=0.0)  # (BLOCK_M, BLOCK_DV)
     # lse in base 2; +inf on rows that saw no key, where every s = -inf, so p = 0 there
     lse2 = tl.load(LSE + b * slb + h * slh + (q_start + offs_m) * slm, mask=m_ok,
@@ -445,8 +457,8 @@ def _attn_bwd_dq_kernel(
                       HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, MASK_GRAD,
                       True)
     dq = dq * sm_scale
-    tl.store(DQ + b * sdqb + h * sdqh + q_start * sdqm + offs_m[:, None] * sdqm
-             + offs_d[None, :] * sdqd, _to(dq, DQ.dtype.element_ty), mask=q_ok)
+    tl.store(_ptrs(DQ + b * sdqb + h * sdqh + q_start * sdqm, offs_m[:, None], sdqm,
+                   offs_d[None, :], sdqd), _to(dq, DQ.dtype.element_ty), mask=q_ok)
 
 
 @triton.jit
@@ -461,12 +473,13 @@ def _dkdv_tile(start_m, k, v, dk, dv, q_base, do_base, LSE, DELTA, l_base, mask_
     # Query rows past Lq load q = do = lse = delta = 0, so they add exactly 0 even unmasked.
     offs_m = start_m + tl.arange(0, BLOCK_M)
     m_ok = offs_m < Lq
-    qT = tl.load(q_base + offs_m[None, :] * sqm + offs_d[:, None] * sqd,
+    qT = tl.load(_ptrs(q_base, offs_m[None, :], sqm, offs_d[:, None], sqd),
                  mask=m_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)  # (D, BLOCK_M)
-    do = tl.load(do_base + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
+    do = tl.load(_ptrs(do_base, offs_m[:, None], sdom, offs_dv[None, :], sdod),
                  mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)  # (BM, Dv)
-    lse2 = tl.load(LSE + l_base + offs_m * slm, mask=m_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + l_base + offs_m * slm, mask=m_ok, other=0.0)
+    l_offs = l_base + offs_m.to(tl.int64) * slm
+    lse2 = tl.load(LSE + l_offs, mask=m_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + l_offs, mask=m_ok, other=0.0)
     qkT = _dot(k, qT, None, DOT_PREC)  # (BLOCK_N, BLOCK_M)
     sT, tT = _scores(qkT, offs_m[None, :], offs_n[:, None], Lq, Lk, diag, mask_base, smm, smn,
                      slope2, qk_scale2, cap_scale, softcap2, window_left, window_right,
@@ -518,10 +531,10 @@ def _attn_bwd_dkdv_kernel(
     n_ok = offs_n[:, None] < Lk
     k_ok = n_ok & (offs_d[None, :] < HEAD_DIM)
     v_ok = n_ok & (offs_dv[None, :] < HEAD_DIM_V)
-    k = tl.load(K + b * skb + kvh * skh + k_start * skn + offs_n[:, None] * skn
-                + offs_d[None, :] * skd, mask=k_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
-    v = tl.load(V + b * svb + kvh * svh + k_start * svn + offs_n[:, None] * svn
-                + offs_dv[None, :] * svd, mask=v_ok, other=0.0)  # (BLOCK_N, BLOCK_DV)
+    k = tl.load(_ptrs(K + b * skb + kvh * skh + k_start * skn, offs_n[:, None], skn,
+                      offs_d[None, :], skd), mask=k_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
+    v = tl.load(_ptrs(V + b * svb + kvh * svh + k_start * svn, offs_n[:, None], svn,
+                      offs_dv[None, :], svd), mask=v_ok, other=0.0)  # (BLOCK_N, BLOCK_DV)
 
     # query tiles that see this key tile: i >= j - diag - right, i <= j - diag + left, so
     # [lo, hi); of those, [a, e) see all of it (no positional masking there)
@@ -574,10 +587,10 @@ def _attn_bwd_dkdv_kernel(
                 window_left, window_right, dropout_p, drop_scale, BLOCK_M, HAS_SOFTCAP,
                 HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, True)
     dk = dk * sm_scale
-    tl.store(DK + b * sdkb + kvh * sdkh + k_start * sdkn + offs_n[:, None] * sdkn
-             + offs_d[None, :] * sdkd, _to(dk, DK.dtype.element_ty), mask=k_ok)
-    tl.store(DV + b * sdvb + kvh * sdvh + k_start * sdvn + offs_n[:, None] * sdvn
-             + offs_dv[None, :] * sdvd, _to(dv, DV.dtype.element_ty), mask=v_ok)
+    tl.store(_ptrs(DK + b * sdkb + kvh * sdkh + k_start * sdkn, offs_n[:, None], sdkn,
+                   offs_d[None, :], sdkd), _to(dk, DK.dtype.element_ty), mask=k_ok)
+    tl.store(_ptrs(DV + b * sdvb + kvh * sdvh + k_start * sdvn, offs_n[:, None], sdvn,
+                   offs_dv[None, :], sdvd), _to(dv, DV.dtype.element_ty), mask=v_ok)
 
 
 @triton.jit
@@ -713,7 +726,9 @@ class _Features:
         if self.has_dropout and seed is None:
             raise ValueError("dropout_p > 0 needs a seed tensor (draw_seed)")
         self.seed = seed
-        self.cu_q, self.cu_k = cu_seqlens_q, cu_seqlens_k
+        # _seq_bounds reads offset b at CU + b: the (S + 1,) offsets, copied when strided
+        self.cu_q = None if cu_seqlens_q is None else cu_seqlens_q.contiguous()
+        self.cu_k = None if cu_seqlens_k is None else cu_seqlens_k.contiguous()
         # fp32 inputs: exact fp32 products (no TF32), so fp32 meets the oracle rule on GPUs too
         self.dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
 

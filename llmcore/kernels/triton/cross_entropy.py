@@ -54,7 +54,7 @@ def _tanh(u):
 
 @triton.jit
 def _ce_grad_row(
-    x_row, stride_xv, d_row, stride_dv, Wc, t, lse, w_t, w_sum, scale,
+    x_row, stride_xv, d_row, stride_dv, Wc, stride_w, t, lse, w_t, w_sum, scale,
     V, smoothing, z_loss, softcap,
     HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -69,7 +69,8 @@ def _ce_grad_row(
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V
-        x = tl.load(x_row + cols * stride_xv, mask=mask, other=0.0).to(acc_ty)
+        c64 = cols.to(tl.int64)  # offsets in int64: class index * stride may pass 2**31
+        x = tl.load(x_row + c64 * stride_xv, mask=mask, other=0.0).to(acc_ty)
         if HAS_SOFTCAP:
             th = _tanh(x / softcap)
             y = softcap * th
@@ -79,18 +80,18 @@ def _ce_grad_row(
         d = tl.where(cols == t, d - coef_t, d)
         if SMOOTH:
             if HAS_WEIGHT:
-                w = tl.load(Wc + cols, mask=mask, other=0.0).to(acc_ty)
+                w = tl.load(Wc + c64 * stride_w, mask=mask, other=0.0).to(acc_ty)
                 d -= smoothing / V * w * scale
             else:
                 d -= smoothing / V * scale
         if HAS_SOFTCAP:
             d = d * (1.0 - th * th)
-        tl.store(d_row + cols * stride_dv, d.to(d_row.dtype.element_ty), mask=mask)
+        tl.store(d_row + c64 * stride_dv, d.to(d_row.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _ce_fwd_kernel(
-    X, stride_xn, stride_xv, T, Wc, Wsum, Loss, Lse,
+    X, stride_xn, stride_xv, T, stride_t, Wc, stride_w, Wsum, Loss, Lse,
     DX, stride_dn, stride_dv, Scale, stride_s,
     V, ignore_index,
     HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -106,7 +107,7 @@ def _ce_fwd_kernel(
     softcap = tl.full([], SOFTCAP, acc_ty)
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_xn
-    t = tl.load(T + row).to(tl.int64)
+    t = tl.load(T + row * stride_t).to(tl.int64)
     valid = t != ignore_index
     t = tl.where(valid, t, 0)
     # pass 1, online logsumexp (Milakov & Gimelshein 2018) in base 2 over the V tiles:
@@ -117,18 +118,22 @@ def _ce_fwd_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V
-        x = tl.load(x_row + cols * stride_xv, mask=mask, other=0.0).to(acc_ty)
+        c64 = cols.to(tl.int64)  # offsets in int64: class index * stride may pass 2**31
+        x = tl.load(x_row + c64 * stride_xv, mask=mask, other=0.0).to(acc_ty)
         if HAS_SOFTCAP:
             y = softcap * _tanh(x / softcap)
         else:
             y = x
         s = tl.where(mask, y * _LOG2E, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=0))
-        acc = acc * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new), axis=0)
+        # while every logit so far is -inf (a masked leading vocabulary range), m_new = -inf:
+        # shift by 0 instead, so exp2(-inf - 0) = 0 rather than exp2(-inf + inf) = nan
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        acc = acc * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe), axis=0)
         m = m_new
         if SMOOTH:
             if HAS_WEIGHT:
-                w = tl.load(Wc + cols, mask=mask, other=0.0).to(acc_ty)
+                w = tl.load(Wc + c64 * stride_w, mask=mask, other=0.0).to(acc_ty)
                 wy += tl.sum(w * y, axis=0)
             else:
                 wy += tl.sum(tl.where(mask, y, 0.0), axis=0)
@@ -140,7 +145,7 @@ def _ce_fwd_kernel(
     else:
         y_t = x_t
     if HAS_WEIGHT:
-        w_t = tl.load(Wc + t).to(acc_ty)
+        w_t = tl.load(Wc + t * stride_w).to(acc_ty)
         w_sum = tl.load(Wsum)
     else:
         w_t = 1.0
@@ -156,14 +161,14 @@ def _ce_fwd_kernel(
         # pass 2: the gradient, into DX (which may be X itself: each element is read, then
         # overwritten, by this program only)
         scale = tl.where(valid, tl.load(Scale + row * stride_s).to(acc_ty), 0.0)
-        _ce_grad_row(x_row, stride_xv, DX + row * stride_dn, stride_dv, Wc, t, lse, w_t, w_sum,
-                     scale, V, smoothing, z_loss, softcap,
+        _ce_grad_row(x_row, stride_xv, DX + row * stride_dn, stride_dv, Wc, stride_w, t, lse,
+                     w_t, w_sum, scale, V, smoothing, z_loss, softcap,
                      HAS_WEIGHT, SMOOTH, HAS_SOFTCAP, BLOCK_V)
 
 
 @triton.jit
 def _ce_bwd_kernel(
-    X, stride_xn, stride_xv, T, Wc, Wsum, Lse,
+    X, stride_xn, stride_xv, T, stride_t, Wc, stride_w, Wsum, Lse,
     DX, stride_dn, stride_dv, Scale, stride_s,
     V, ignore_index,
     HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -179,11 +184,11 @@ def _ce_bwd_kernel(
     z_loss = tl.full([], Z_LOSS, acc_ty)
     softcap = tl.full([], SOFTCAP, acc_ty)
     row = tl.program_id(0).to(tl.int64)
-    t = tl.load(T + row).to(tl.int64)
+    t = tl.load(T + row * stride_t).to(tl.int64)
     valid = t != ignore_index
     t = tl.where(valid, t, 0)
     if HAS_WEIGHT:
-        w_t = tl.load(Wc + t).to(acc_ty)
+        w_t = tl.load(Wc + t * stride_w).to(acc_ty)
         w_sum = tl.load(Wsum)
     else:
         w_t = 1.0
@@ -191,8 +196,8 @@ def _ce_bwd_kernel(
     w_t = tl.where(valid, w_t, 0.0)
     scale = tl.where(valid, tl.load(Scale + row * stride_s).to(acc_ty), 0.0)
     lse = tl.load(Lse + row)
-    _ce_grad_row(X + row * stride_xn, stride_xv, DX + row * stride_dn, stride_dv, Wc, t, lse,
-                 w_t, w_sum, scale, V, smoothing, z_loss, softcap,
+    _ce_grad_row(X + row * stride_xn, stride_xv, DX + row * stride_dn, stride_dv, Wc, stride_w,
+                 t, lse, w_t, w_sum, scale, V, smoothing, z_loss, softcap,
                  HAS_WEIGHT, SMOOTH, HAS_SOFTCAP, BLOCK_V)
 
 
@@ -205,6 +210,10 @@ def _class_weight_sum(weight, acc):
     return None if weight is None else weight.to(acc).sum().reshape(1)  # (1,), stays on device
 
 
+def _weight_stride(weight) -> int:
+    return 0 if weight is None else weight.stride(0)
+
+
 def _scale_stride(scale: torch.Tensor, n: int) -> int:
     if scale.dim() == 0:
         return 0
@@ -215,7 +224,7 @@ def _scale_stride(scale: torch.Tensor, n: int) -> int:
 
 def ce_fwd(logits, target, weight, ignore_index: int, label_smoothing: float, z_loss: float,
            softcap: float | None, grad=None, grad_scale=None):
-    """logits (n, V) with any strides; target (n,) integer; weight (V,) or None.
+    """logits (n, V), target (n,) integer and weight (V,) or None, each with any strides.
 
     Returns loss (n,) and lse (n,) in fp32 (fp64 for fp64 logits). With `grad` (an (n, V)
     tensor, possibly `logits` itself) and `grad_scale` (0-dim or (n,)), also writes
@@ -229,8 +238,8 @@ def ce_fwd(logits, target, weight, ignore_index: int, label_smoothing: float, z_
     compute_grad = grad is not None
     block, warps = _block_v(v)
     _ce_fwd_kernel[(n,)](
-        logits, logits.stride(0), logits.stride(1), target, weight,
-        _class_weight_sum(weight, acc), loss, lse,
+        logits, logits.stride(0), logits.stride(1), target, target.stride(0), weight,
+        _weight_stride(weight), _class_weight_sum(weight, acc), loss, lse,
         grad, grad.stride(0) if compute_grad else 0, grad.stride(1) if compute_grad else 0,
         grad_scale, _scale_stride(grad_scale, n) if compute_grad else 0,
         v, ignore_index,
@@ -252,8 +261,9 @@ def ce_bwd(logits, target, weight, lse, grad_scale, ignore_index: int, label_smo
         return dlogits
     block, warps = _block_v(v)
     _ce_bwd_kernel[(n,)](
-        logits, logits.stride(0), logits.stride(1), target, weight,
-        _class_weight_sum(weight, lse.dtype), lse, dlogits, dlogits.stride(0), dlogits.stride(1),
+        logits, logits.stride(0), logits.stride(1), target, target.stride(0), weight,
+        _weight_stride(weight), _class_weight_sum(weight, lse.dtype), lse, dlogits,
+        dlogits.stride(0), dlogits.stride(1),
         grad_scale, _scale_stride(grad_scale, n),
         v, ignore_index,
         HAS_WEIGHT=weight is not None, SMOOTH=label_smoothing > 0,

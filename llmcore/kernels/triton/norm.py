@@ -56,21 +56,23 @@ def _num_partials(m: int, device: torch.device) -> int:
 @triton.jit
 def _norm_fwd_kernel(
     X, R, W, B, Y, H, Mean, Rstd,
-    N, stride_xm, stride_xn, stride_rm, stride_rn, stride_ym, stride_hm,
+    N, stride_xm, stride_xn, stride_rm, stride_rn, stride_w, stride_b, stride_ym, stride_hm,
     eps,
     IS_RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # one program per row
+    # one program per row; offsets in int64 (a row or column stride times an index may pass
+    # 2**31 elements), the mask on the int32 column index
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
-    x = tl.load(X + row * stride_xm + cols * stride_xn, mask=mask, other=0.0)
+    c64 = cols.to(tl.int64)
+    x = tl.load(X + row * stride_xm + c64 * stride_xn, mask=mask, other=0.0)
     if HAS_RES:
-        r = tl.load(R + row * stride_rm + cols * stride_rn, mask=mask, other=0.0)
+        r = tl.load(R + row * stride_rm + c64 * stride_rn, mask=mask, other=0.0)
         # h = x + residual, rounded to the input dtype: the norm is taken of the returned h
         h = (x.to(Rstd.dtype.element_ty) + r.to(Rstd.dtype.element_ty)).to(H.dtype.element_ty)
-        tl.store(H + row * stride_hm + cols, h, mask=mask)
+        tl.store(H + row * stride_hm + c64, h, mask=mask)
         x = h
     acc_ty = Rstd.dtype.element_ty  # fp32, fp64 for fp64 inputs
     x = x.to(acc_ty)
@@ -85,10 +87,10 @@ def _norm_fwd_kernel(
     tl.store(Rstd + row, rstd)
     y = xc * rstd
     if HAS_W:
-        y = y * tl.load(W + cols, mask=mask, other=0.0).to(acc_ty)
+        y = y * tl.load(W + c64 * stride_w, mask=mask, other=0.0).to(acc_ty)
     if HAS_B:
-        y = y + tl.load(B + cols, mask=mask, other=0.0).to(acc_ty)
-    tl.store(Y + row * stride_ym + cols, y.to(Y.dtype.element_ty), mask=mask)
+        y = y + tl.load(B + c64 * stride_b, mask=mask, other=0.0).to(acc_ty)
+    tl.store(Y + row * stride_ym + c64, y.to(Y.dtype.element_ty), mask=mask)
 
 
 # Backward, per row, with xhat = (h - mean) * rstd and g = dy * weight (g = dy without weight):
@@ -103,7 +105,7 @@ def _norm_fwd_kernel(
 def _norm_bwd_kernel(
     DY, DHO, Hx, W, Mean, Rstd, DX, DWp, DBp,
     M, N, rows_per_program,
-    stride_dym, stride_dyn, stride_dhm, stride_dhn, stride_hm, stride_hn, stride_dxm,
+    stride_dym, stride_dyn, stride_dhm, stride_dhn, stride_hm, stride_hn, stride_w, stride_dxm,
     IS_RMS: tl.constexpr, HAS_DHO: tl.constexpr, HAS_W: tl.constexpr, DW: tl.constexpr,
     DB: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -111,15 +113,19 @@ def _norm_bwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
-    row_start = pid * rows_per_program
-    row_end = tl.minimum(row_start + rows_per_program, M)
+    c64 = cols.to(tl.int64)  # offsets in int64: index * stride may pass 2**31 elements
+    row_start = pid * rows_per_program  # int64
+    n_rows = tl.minimum(rows_per_program, M - row_start)
     if HAS_W:
-        w = tl.load(W + cols, mask=mask, other=0.0).to(acc_ty)
+        w = tl.load(W + c64 * stride_w, mask=mask, other=0.0).to(acc_ty)
     dw_acc = tl.zeros((BLOCK_N,), dtype=acc_ty)
     db_acc = tl.zeros((BLOCK_N,), dtype=acc_ty)
-    for row in range(row_start, row_end):
-        h = tl.load(Hx + row * stride_hm + cols * stride_hn, mask=mask, other=0.0).to(acc_ty)
-        dy = tl.load(DY + row * stride_dym + cols * stride_dyn, mask=mask, other=0.0).to(acc_ty)
+    # the loop counts from 0 and the row is row_start + r, int64 whatever type the loop
+    # variable gets (the interpreter makes `for row in range(a, b)` int32 even for int64 bounds)
+    for r in range(0, n_rows):
+        row = row_start + r
+        h = tl.load(Hx + row * stride_hm + c64 * stride_hn, mask=mask, other=0.0).to(acc_ty)
+        dy = tl.load(DY + row * stride_dym + c64 * stride_dyn, mask=mask, other=0.0).to(acc_ty)
         rstd = tl.load(Rstd + row)
         if IS_RMS:
             xhat = h * rstd
@@ -141,13 +147,13 @@ def _norm_bwd_kernel(
             c2 = tl.sum(g, axis=0) / N
             dh = (g - xhat * c1 - c2) * rstd
         if HAS_DHO:
-            dho = tl.load(DHO + row * stride_dhm + cols * stride_dhn, mask=mask, other=0.0)
+            dho = tl.load(DHO + row * stride_dhm + c64 * stride_dhn, mask=mask, other=0.0)
             dh += dho.to(acc_ty)
-        tl.store(DX + row * stride_dxm + cols, dh.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + row * stride_dxm + c64, dh.to(DX.dtype.element_ty), mask=mask)
     if DW:
-        tl.store(DWp + pid * N + cols, dw_acc, mask=mask)
+        tl.store(DWp + pid * N + c64, dw_acc, mask=mask)
     if DB:
-        tl.store(DBp + pid * N + cols, db_acc, mask=mask)
+        tl.store(DBp + pid * N + c64, db_acc, mask=mask)
 
 
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:
@@ -155,7 +161,7 @@ def _stat_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def norm_fwd(x, residual, weight, bias, eps: float, is_rms: bool):
-    """x, residual: (M, N), any strides; weight, bias: (N,) or None.
+    """x, residual: (M, N), any strides; weight, bias: (N,) with any stride, or None.
 
     Returns y (M, N), h = x + residual (M, N) or None without residual, mean (M,) or None for
     rms, rstd (M,); statistics in fp32 (fp64 for fp64 x). Outputs are contiguous."""
@@ -166,7 +172,11 @@ def norm_fwd(x, residual, weight, bias, eps: float, is_rms: bool):
     h = torch.empty((m, n), dtype=x.dtype, device=x.device) if residual is not None else None
     mean = None if is_rms else torch.empty(m, dtype=stat, device=x.device)
     rstd = torch.empty(m, dtype=stat, device=x.device)
-    if m == 0:
+    if m == 0 or n == 0:
+        # nothing to normalise; zero-width rows have no statistics (0/0): left at 0
+        for t in (mean, rstd):
+            if t is not None:
+                t.zero_()
         return y, h, mean, rstd
     block = triton.next_power_of_2(n)
     r = residual
@@ -174,6 +184,7 @@ def norm_fwd(x, residual, weight, bias, eps: float, is_rms: bool):
         x, r, weight, bias, y, h, mean, rstd,
         n, x.stride(0), x.stride(1),
         r.stride(0) if r is not None else 0, r.stride(1) if r is not None else 0,
+        weight.stride(0) if weight is not None else 0, bias.stride(0) if bias is not None else 0,
         y.stride(0), h.stride(0) if h is not None else 0,
         eps,
         IS_RMS=is_rms, HAS_RES=r is not None, HAS_W=weight is not None, HAS_B=bias is not None,
@@ -197,7 +208,7 @@ def norm_bwd(dy, dh_out, h, weight, mean, rstd, is_rms: bool, weight_grad: bool,
     p = _num_partials(m, h.device)
     dw_part = torch.zeros((p, n), dtype=stat, device=h.device) if weight_grad else None
     db_part = torch.zeros((p, n), dtype=stat, device=h.device) if bias_grad else None
-    if m > 0:
+    if m > 0 and n > 0:
         block = triton.next_power_of_2(n)
         _norm_bwd_kernel[(p,)](
             dy, dh_out, h, weight, mean, rstd, dx, dw_part, db_part,
@@ -205,7 +216,8 @@ def norm_bwd(dy, dh_out, h, weight, mean, rstd, is_rms: bool, weight_grad: bool,
             dy.stride(0), dy.stride(1),
             dh_out.stride(0) if dh_out is not None else 0,
             dh_out.stride(1) if dh_out is not None else 0,
-            h.stride(0), h.stride(1), dx.stride(0),
+            h.stride(0), h.stride(1), weight.stride(0) if weight is not None else 0,
+            dx.stride(0),
             IS_RMS=is_rms, HAS_DHO=dh_out is not None, HAS_W=weight is not None,
             DW=weight_grad, DB=bias_grad, BLOCK_N=block, num_warps=_num_warps(block),
         )

@@ -1,0 +1,614 @@
+// Flash-style attention forward and backward on the CPU (FlashAttention-2, Dao 2023): query
+// tiles of kBM rows meet streamed key tiles of kBN keys; each score tile lives in L1 and the
+// softmax is computed online (running max m and sum l per row), so extra memory is O(N): the
+// logsumexp per row (compute type), saved for the backward, which recomputes the probabilities.
+//
+// Work is split over (batch-or-sequence, head, tile) tasks, one OpenMP dynamic schedule; every
+// task writes its own rows, so results do not depend on the thread count (no atomics). The tile
+// products are written as rank-1 updates over a contiguous row (C[i][:] += a * B[k][:]) so the
+// compiler vectorises them; the per-task functions are compiled per x86 ISA level
+// (LLMCORE_CPU_CLONES). Only fp32 and fp64 tensors reach this file (the binding upcasts fp16 and
+// bf16), so the element type is the compute type C.
+#include "llmcore/attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "parallel.h"
+#include "vmath.h"
+
+namespace llmcore {
+namespace {
+
+constexpr int64_t kBM = 64;  // query rows per tile
+constexpr int64_t kBN = 64;  // keys per tile: a 64 x 64 fp32 score tile is 16 KiB
+
+// ------------------------------------------------------------------ dropout hash
+inline uint64_t mix64(uint64_t z) {  // splitmix64's finaliser
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+// One 64-bit key per (seed, b, h, row); the keys of a row's columns come from a 32-bit hash
+// (murmur3's finaliser, a bijection) of the column, cheap enough for a vector loop.
+inline uint64_t row_key(uint64_t seed, int64_t b, int64_t h, int64_t heads_q, int64_t i) {
+  return mix64(seed ^ mix64((uint64_t(b * heads_q + h) << 32) + uint64_t(i)));
+}
+
+#pragma omp declare simd
+inline uint32_t col_bits(uint32_t lo, uint32_t hi, uint32_t j) {
+  uint32_t x = (j * 0x9e3779b9u + hi) ^ lo;
+  x ^= x >> 16;
+  x *= 0x85ebca6bu;
+  x ^= x >> 13;
+  x *= 0xc2b2ae35u;
+  x ^= x >> 16;
+  return x >> 8;  // 24 uniform bits: keep when >= p * 2^24
+}
+
+inline uint32_t drop_threshold(double p) { return uint32_t(p * 16777216.0 + 0.5); }
+
+// ------------------------------------------------------------------ geometry
+struct Seq {
+  int64_t b;       // index into the tensors' batch dim (0 for varlen)
+  int64_t s;       // batch or sequence index (ALiBi row, dropout key)
+  int64_t q0, lq;  // first packed query row and the number of rows
+  int64_t k0, lk;
+  int64_t off;     // alignment offset of the diagonal: query i sees r = j - (i + off)
+};
+
+inline Seq seq_of(const AttentionParams& p, int64_t s) {
+  Seq g;
+  g.s = s;
+  if (p.cu_seqlens_q) {
+    g.b = 0;
+    g.q0 = p.cu_seqlens_q[s];
+    g.lq = p.cu_seqlens_q[s + 1] - g.q0;
+    g.k0 = p.cu_seqlens_k[s];
+    g.lk = p.cu_seqlens_k[s + 1] - g.k0;
+  } else {
+    g.b = s;
+    g.q0 = g.k0 = 0;
+    g.lq = p.seqlen_q;
+    g.lk = p.seqlen_k;
+  }
+  g.off = p.bottom_right ? g.lk - g.lq : 0;
+  return g;
+}
+
+// Keys [*jb, *je) that some row of [i0, i0 + mi) may see under the window.
+inline void key_range(const AttentionParams& p, const Seq& g, int64_t i0, int64_t mi, int64_t* jb,
+                      int64_t* je) {
+  *jb = p.window_left >= 0 ? std::max<int64_t>(0, i0 + g.off - p.window_left) : 0;
+  *je = p.window_right >= 0 ? std::min<int64_t>(g.lk, i0 + mi - 1 + g.off + p.window_right + 1)
+                            : g.lk;
+}
+
+// Query rows [*ib, *ie) that may see some key of [j0, j0 + nj).
+inline void query_range(const AttentionParams& p, const Seq& g, int64_t j0, int64_t nj,
+                        int64_t* ib, int64_t* ie) {
+  *ib = p.window_right >= 0 ? std::max<int64_t>(0, j0 - g.off - p.window_right) : 0;
+  *ie = p.window_left >= 0 ? std::min<int64_t>(g.lq, j0 + nj - 1 - g.off + p.window_left + 1)
+                           : g.lq;
+}
+
+// Per-thread scratch, sized once per kernel call.
+template <typename C>
+struct Work {
+  std::vector<C> qs, dos, kt, vt, s, t, dp, pd, acc, acc2, row_a, row_b;
+  Work(int64_t d, int64_t dv)
+      : qs(kBM * d), dos(kBM * dv), kt(d * kBN), vt(dv * kBN), s(kBM * kBN), t(kBM * kBN),
+        dp(kBM * kBN), pd(kBM * kBN), acc(std::max(kBM, kBN) * std::max(d, dv)),
+        acc2(kBN * dv), row_a(kBM), row_b(kBM) {}
+};
+
+// rows [r0, r0 + n) of a (rows, cols) strided matrix into a dense (n, cols) tile
+template <typename C>
+LLMCORE_ALWAYS_INLINE inline void load_rows(const C* base, int64_t stride, int64_t r0, int64_t n,
+                                            int64_t cols, C* dst) {
+  for (int64_t r = 0; r < n; ++r) {
+    const C* src = base + (r0 + r) * stride;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = src[c];
+  }
+}
+
+// rows [r0, r0 + n) transposed into a (cols, kBN) tile, zero in the columns n..kBN
+template <typename C>
+LLMCORE_ALWAYS_INLINE inline void load_cols(const C* base, int64_t stride, int64_t r0, int64_t n,
+                                            int64_t cols, C* dst) {
+  for (int64_t c = 0; c < cols; ++c)
+    for (int64_t r = n; r < kBN; ++r) dst[c * kBN + r] = C(0);
+  for (int64_t r = 0; r < n; ++r) {
+    const C* src = base + (r0 + r) * stride;
+    for (int64_t c = 0; c < cols; ++c) dst[c * kBN + r] = src[c];
+  }
+}
+
+// out (mi, kBN) = a (mi, kdim) @ bt (kdim, kBN): one rank-1 update per k, row in registers
+template <typename C>
+LLMCORE_ALWAYS_INLINE inline void tile_abt(const C* a, const C* bt, int64_t mi, int64_t kdim,
+                                           C* out) {
+  for (int64_t i = 0; i < mi; ++i) {
+    C row[kBN];
+#pragma omp simd
+    for (int64_t j = 0; j < kBN; ++j) row[j] = C(0);
+    const C* ai = a + i * kdim;
+    for (int64_t d = 0; d < kdim; ++d) {
+      const C x = ai[d];
+      const C* b = bt + d * kBN;
+#pragma omp simd
+      for (int64_t j = 0; j < kBN; ++j) row[j] += x * b[j];
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < kBN; ++j) out[i * kBN + j] = row[j];
+  }
+}
+
+// The final scores of a tile, in place on s (mi, kBN) holding q.k: scale, softcap (t keeps
+// tanh(s / softcap) for the backward), ALiBi, mask, and -inf outside the window or past nj.
+template <typename C>
+LLMCORE_ALWAYS_INLINE inline void finish_scores(const AttentionParams& p, const Seq& g, int64_t h,
+                                                int64_t i0, int64_t mi, int64_t j0, int64_t nj,
+                                                C* s, C* t) {
+  constexpr C kNegInf = -std::numeric_limits<C>::infinity();
+  const C scale = C(p.scale), cap = C(p.softcap), inv_cap = p.softcap > 0 ? C(1.0 / p.softcap) : C(0);
+  const C slope = p.alibi ? static_cast<const C*>(p.alibi)[g.s * p.heads_q + h] : C(0);
+  const C* mask = p.mask ? static_cast<const C*>(p.mask) + g.b * p.mask_stride[0] +
+                               h * p.mask_stride[1] : nullptr;
+  const int64_t ms2 = p.mask_stride[2], ms3 = p.mask_stride[3];
+  for (int64_t i = 0; i < mi; ++i) {
+    C* row = s + i * kBN;
+    const int64_t diag = i0 + i + g.off;  // key index of this row's diagonal
+    if (p.softcap > 0) {
+      C* trow = t + i * kBN;
+#pragma omp simd
+      for (int64_t j = 0; j < kBN; ++j) {
+        const C th = cpu::tanh_approx(row[j] * scale * inv_cap);
+        trow[j] = th;
+        row[j] = cap * th;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < kBN; ++j) row[j] *= scale;
+    }
+    if (p.alibi) {
+#pragma omp simd
+      for (int64_t j = 0; j < kBN; ++j) row[j] -= slope * std::abs(C(j0 + j - diag));
+    }
+    if (mask) {
+      const C* mrow = mask + (i0 + i) * ms2 + j0 * ms3;
+      for (int64_t j = 0; j < nj; ++j) row[j] += mrow[j * ms3];
+    }
+    // keys [lo, hi) of the tile are inside the window and the sequence
+    int64_t lo = 0, hi = nj;
+    if (p.window_left >= 0) lo = std::max<int64_t>(lo, diag - p.window_left - j0);
+    if (p.window_right >= 0) hi = std::min<int64_t>(hi, diag + p.window_right + 1 - j0);
+    lo = std::min<int64_t>(lo, kBN);
+    hi = std::max<int64_t>(hi, 0);
+    for (int64_t j = 0; j < lo; ++j) row[j] = kNegInf;
+    for (int64_t j = std::max(hi, lo); j < kBN; ++j) row[j] = kNegInf;
+  }
+}
+
+// p[i][j] *= keep_ij / (1 - dropout_p) for the tile's rows (dropout applied to probabilities).
+template <typename C>
+LLMCORE_ALWAYS_INLINE inline void apply_dropout(const AttentionParams& p, const Seq& g, int64_t h,
+                                                int64_t i0, int64_t mi, int64_t j0,
+                                                const C* src, C* dst) {
+  const uint32_t thr = drop_threshold(p.dropout_p);
+  const C inv_keep = C(1.0 / (1.0 - p.dropout_p));
+  for (int64_t i = 0; i < mi; ++i) {
+    const uint64_t key = row_key(p.seed, g.s, h, p.heads_q, i0 + i);
+    const uint32_t lo = uint32_t(key), hi = uint32_t(key >> 32);
+#pragma omp simd
+    for (int64_t j = 0; j < kBN; ++j)
+      dst[i * kBN + j] = col_bits(lo, hi, uint32_t(j0 + j)) >= thr ? src[i * kBN + j] * inv_keep
+                                                                  : C(0);
+  }
+}
+
+// ------------------------------------------------------------------ forward
+// Task (s, h, q-tile): online softmax over the visible key tiles, then out = acc / l and
+// lse = m + log l (+inf and out = 0 for a row that saw no finite score).
+template <typename C>
+LLMCORE_ALWAYS_INLINE inline void fwd_task(const AttentionParams& p, int64_t task, Work<C>& w) {
+  constexpr C kNegInf = -std::numeric_limits<C>::infinity();
+  const int64_t hq = p.heads_q, d = p.head_dim, dv = p.head_dim_v;
+  const int64_t tiles = (p.seqlen_q + kBM - 1) / kBM;
+  const int64_t it = task % tiles, h = (task / tiles) % hq, s = task / tiles / hq;
+  const Seq g = seq_of(p, s);
+  const int64_t i0 = it * kBM;
+  if (i0 >= g.lq) return;
+  const int64_t mi = std::min(kBM, g.lq - i0), hk = h / (hq / p.heads_kv);
+  const C* qb = static_cast<const C*>(p.q) + g.b * p.q_stride[0] + h * p.q_stride[1] +
+                g.q0 * p.q_stride[2];
+  const C* kb = static_cast<const C*>(p.k) + g.b * p.k_stride[0] + hk * p.k_stride[1] +
+                g.k0 * p.k_stride[2];
+  const C* vb = static_cast<const C*>(p.v) + g.b * p.v_stride[0] + hk * p.v_stride[1] +
+                g.k0 * p.v_stride[2];
+  C* qs = w.qs.data();
+  C* kt = w.kt.data();
+  C* sc = w.s.data();
+  C* acc = w.acc.data();  // (mi, dv) running sum of p * v
+  C* m = w.row_a.data();
+  C* l = w.row_b.data();
+  load_rows(qb, p.q_stride[2], i0, mi, d, qs);
+  std::fill(acc, acc + mi * dv, C(0));
+  std::fill(m, m + mi, kNegInf);
+  std::fill(l, l + mi, C(0));
+
+  int64_t jb, je;
+  key_range(p, g, i0, mi, &jb, &je);
+  for (int64_t j0 = jb; j0 < je; j0 += kBN) {
+    const int64_t nj = std::min(kBN, je - j0);
+    load_cols(kb, p.k_stride[2], j0, nj, d, kt);
+    tile_abt(qs, kt, mi, d, sc);
+    finish_scores(p, g, h, i0, mi, j0, nj, sc, w.t.data());
+    for (int64_t i = 0; i < mi; ++i) {
+      C* row = sc + i * kBN;
+      C mx = kNegInf;
+#pragma omp simd reduction(max : mx)
+      for (int64_t j = 0; j < kBN; ++j) mx = std::max(mx, row[j]);
+      const C mnew = std::max(m[i], mx);
+      if (mnew == kNegInf) {  // nothing visible yet in this row
+        std::fill(row, row + kBN, C(0));
+        continue;
+      }
+      const C alpha = cpu::exp_nonpos(m[i] - mnew);  // 0 when m was -inf
+      C sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < kBN; ++j) {
+        const C e = cpu::exp_nonpos(row[j] - mnew);
+        row[j] = e;
+        sum += e;
+      }
+      l[i] = l[i] * alpha + sum;
+      m[i] = mnew;
+      if (alpha != C(1)) {
+        C* arow = acc + i * dv;
+#pragma omp simd
+        for (int64_t c = 0; c < dv; ++c) arow[c] *= alpha;
+      }
+    }
+    if (p.dropout_p > 0) apply_dropout(p, g, h, i0, mi, j0, sc, sc);
+    // acc (mi, dv) += P (mi, nj) @ V (nj, dv)
+    for (int64_t i = 0; i < mi; ++i) {
+      C* arow = acc + i * dv;
+      for (int64_t j = 0; j < nj; ++j) {
+        const C a = sc[i * kBN + j];
+        const C* vrow = vb + (j0 + j) * p.v_stride[2];
+#pragma omp simd
+        for (int64_t c = 0; c < dv; ++c) arow[c] += a * vrow[c];
+      }
+    }
+  }
+  C* ob = static_cast<C*>(p.out) + g.b * p.out_stride[0] + h * p.out_stride[1] +
+          (g.q0 + i0) * p.out_stride[2];
+  C* lse = static_cast<C*>(p.lse) + (g.b * hq + h) * p.seqlen_q + g.q0 + i0;
+  for (int64_t i = 0; i < mi; ++i) {
+    C* orow = ob + i * p.out_stride[2];
+    const C* arow = acc + i * dv;
+    if (l[i] > C(0)) {
+      const C inv = C(1) / l[i];
+#pragma omp simd
+      for (int64_t c = 0; c < dv; ++c) orow[c] = arow[c] * inv;
+      lse[i] = m[i] + std::log(l[i]);
+    } else {
+      std::fill(orow, orow + dv, C(0));
+      lse[i] = std::numeric_limits<C>::infinity();
+    }
+  }
+}
+
+// ------------------------------------------------------------------ backward
+// With P = exp(S - lse), dropout keep mask Z (scaled by 1/(1-p)), O = (P*Z) V and dO:
+//   dV   = (P*Z)^T dO
+//   dP   = (dO V^T) * Z
+//   dS   = P * (dP - delta),  delta_i = sum_c dO_ic O_ic  (= sum_j P_ij dP_ij)
+//   d(q.k) = dS * scale * (1 - tanh^2(s / softcap))   (the last factor only with softcap)
+//   dQ   = d(q.k) K,   dK = d(q.k)^T Q;  d mask = dS (the mask is added after the cap).
+// Pass A: task (s, kv head, k-tile) accumulates dK, dV over the group's query heads and the
+// visible q-tiles. Pass B: task (s, q head, q-tile) accumulates dQ over the visible k-tiles.
+// Both recompute S; each task owns the rows it writes, so no atomics and no races.
+
+// Scores and probabilities of one (q-tile, k-tile) pair and dS, as above: on return w.s holds
+// P*Z (the dropped probabilities, for dV) and w.dp holds d(q.k) / scale.
+template <typename C>
+LLMCORE_ALWAYS_INLINE inline void bwd_tile(const AttentionParams& p, const Seq& g, int64_t h,
+                                           int64_t i0, int64_t mi, int64_t j0, int64_t nj,
+                                           const C* lse, const C* delta, Work<C>& w) {
+  const int64_t d = p.head_dim, dv = p.head_dim_v;
+  C* sc = w.s.data();
+  C* dp = w.dp.data();
+  tile_abt(w.qs.data(), w.kt.data(), mi, d, sc);
+  finish_scores(p, g, h, i0, mi, j0, nj, sc, w.t.data());
+  for (int64_t i = 0; i < mi; ++i) {
+    const C li = lse[i];  // +inf on an empty row: P = 0 there
+    C* row = sc + i * kBN;
+#pragma omp simd
+    for (int64_t j = 0; j < kBN; ++j) row[j] = cpu::exp_nonpos(row[j] - li);
+  }
+  tile_abt(w.dos.data(), w.vt.data(), mi, dv, dp);  // dO V^T
+  if (p.dropout_p > 0) {
+    // dP * Z needs Z alone: drop a tile of ones, then scale both P and dP by it
+    C* z = w.pd.data();
+    std::fill(z, z + mi * kBN, C(1));
+    apply_dropout(p, g, h, i0, mi, j0, z, z);
+    for (int64_t i = 0; i < mi * kBN; ++i) dp[i] *= z[i];
+    for (int64_t i = 0; i < mi; ++i) {
+      const C di = delta[i];
+#pragma omp simd
+      for (int64_t j = 0; j < kBN; ++j) {
+        const C pij = sc[i * kBN + j];
+        dp[i * kBN + j] = pij * (dp[i * kBN + j] - di);
+        sc[i * kBN + j] = pij * z[i * kBN + j];
+      }
+    }
+  } else {
+    for (int64_t i = 0; i < mi; ++i) {
+      const C di = delta[i];
+#pragma omp simd
+      for (int64_t j = 0; j < kBN; ++j) dp[i * kBN + j] = sc[i * kBN + j] * (dp[i * kBN + j] - di);
+    }
+  }
+  if (p.dscores) {  // d loss / d (final score), for the mask's gradient (dense layouts only)
+    C* ds = static_cast<C*>(p.dscores) + ((g.b * p.heads_q + h) * p.seqlen_q + i0) * p.seqlen_k;
+    for (int64_t i = 0; i < mi; ++i)
+      for (int64_t j = 0; j < nj; ++j) ds[i * p.seqlen_k + j0 + j] = dp[i * kBN + j];
+  }
+  if (p.softcap > 0) {
+    const C* t = w.t.data();
+    for (int64_t i = 0; i < mi * kBN; ++i) dp[i] *= C(1) - t[i] * t[i];
+  }
+}
+
+template <typename C>
+struct BwdRows {  // a q-tile's base pointers into q, dO, lse and delta
+  const C* q;
+  const C* dout;
+  const C* lse;
+  const C* delta;
+};
+
+template <typename C>
+LLMCORE_ALWAYS_INLINE inline BwdRows<C> bwd_rows(const AttentionParams& p, const Seq& g, int64_t h,
+                                                 int64_t i0, const C* delta_all) {
+  const int64_t row = (g.b * p.heads_q + h) * p.seqlen_q + g.q0 + i0;
+  return {static_cast<const C*>(p.q) + g.b * p.q_stride[0] + h * p.q_stride[1] +
+              (g.q0 + i0) * p.q_stride[2],
+          static_cast<const C*>(p.dout) + g.b * p.dout_stride[0] + h * p.dout_stride[1] +
+              (g.q0 + i0) * p.dout_stride[2],
+          static_cast<const C*>(p.lse) + row, delta_all + row};
+}
+
+// delta rows [r0, r1) of the flat (B * Hq * Nq) index: rowsum(dO * O)
+template <typename C>
+LLMCORE_ALWAYS_INLINE inline void delta_rows(const AttentionParams& p, int64_t r0, int64_t r1,
+                                             C* delta) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t i = r % p.seqlen_q, h = (r / p.seqlen_q) % p.heads_q, b = r / p.seqlen_q / p.heads_q;
+    const C* o = static_cast<const C*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] +
+                 i * p.out_stride[2];
+    const C* go = static_cast<const C*>(p.dout) + b * p.dout_stride[0] + h * p.dout_stride[1] +
+                  i * p.dout_stride[2];
+    C sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < p.head_dim_v; ++c) sum += o[c] * go[c];
+    delta[r] = sum;
+  }
+}
+
+// Pass A: task (s, kv head, k-tile) -> dK, dV rows of that tile.
+template <typename C>
+LLMCORE_ALWAYS_INLINE inline void bwd_kv_task(const AttentionParams& p, int64_t task,
+                                              const C* delta_all, Work<C>& w) {
+  const int64_t hkv = p.heads_kv, d = p.head_dim, dv = p.head_dim_v;
+  const int64_t group = p.heads_q / hkv;
+  const int64_t tiles = (p.seqlen_k + kBN - 1) / kBN;
+  const int64_t jt = task % tiles, hk = (task / tiles) % hkv, s = task / tiles / hkv;
+  const Seq g = seq_of(p, s);
+  const int64_t j0 = jt * kBN;
+  if (j0 >= g.lk) return;
+  const int64_t nj = std::min(kBN, g.lk - j0);
+  const C* kb = static_cast<const C*>(p.k) + g.b * p.k_stride[0] + hk * p.k_stride[1] +
+                g.k0 * p.k_stride[2];
+  const C* vb = static_cast<const C*>(p.v) + g.b * p.v_stride[0] + hk * p.v_stride[1] +
+                g.k0 * p.v_stride[2];
+  load_cols(kb, p.k_stride[2], j0, nj, d, w.kt.data());
+  load_cols(vb, p.v_stride[2], j0, nj, dv, w.vt.data());
+  C* dk = w.acc.data();   // (nj, d)
+  C* dvv = w.acc2.data(); // (nj, dv)
+  std::fill(dk, dk + nj * d, C(0));
+  std::fill(dvv, dvv + nj * dv, C(0));
+  int64_t ib, ie;
+  query_range(p, g, j0, nj, &ib, &ie);
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+    for (int64_t i0 = ib; i0 < ie; i0 += kBM) {
+      const int64_t mi = std::min(kBM, ie - i0);
+      const BwdRows<C> r = bwd_rows(p, g, h, i0, delta_all);
+      load_rows(r.q, p.q_stride[2], 0, mi, d, w.qs.data());
+      load_rows(r.dout, p.dout_stride[2], 0, mi, dv, w.dos.data());
+      bwd_tile(p, g, h, i0, mi, j0, nj, r.lse, r.delta, w);
+      const C* pz = w.s.data();
+      const C* ds = w.dp.data();
+      const C* qs = w.qs.data();
+      const C* dos = w.dos.data();
+      for (int64_t j = 0; j < nj; ++j) {
+        C* dvrow = dvv + j * dv;
+        C* dkrow = dk + j * d;
+        for (int64_t i = 0; i < mi; ++i) {
+          const C a = pz[i * kBN + j], b = ds[i * kBN + j];
+#pragma omp simd
+          for (int64_t c = 0; c < dv; ++c) dvrow[c] += a * dos[i * dv + c];
+#pragma omp simd
+          for (int64_t c = 0; c < d; ++c) dkrow[c] += b * qs[i * d + c];
+        }
+      }
+    }
+  }
+  const C scale = C(p.scale);
+  C* dkb = static_cast<C*>(p.dk) + ((g.b * hkv + hk) * p.seqlen_k + g.k0 + j0) * d;
+  C* dvb = static_cast<C*>(p.dv) + ((g.b * hkv + hk) * p.seqlen_k + g.k0 + j0) * dv;
+  for (int64_t i = 0; i < nj * d; ++i) dkb[i] = dk[i] * scale;
+  for (int64_t i = 0; i < nj * dv; ++i) dvb[i] = dvv[i];
+}
+
+// Pass B: task (s, q head, q-tile) -> dQ rows of that tile.
+template <typename C>
+LLMCORE_ALWAYS_INLINE inline void bwd_q_task(const AttentionParams& p, int64_t task,
+                                             const C* delta_all, Work<C>& w) {
+  const int64_t hq = p.heads_q, d = p.head_dim, dv = p.head_dim_v;
+  const int64_t tiles = (p.seqlen_q + kBM - 1) / kBM;
+  const int64_t it = task % tiles, h = (task / tiles) % hq, s = task / tiles / hq;
+  const Seq g = seq_of(p, s);
+  const int64_t i0 = it * kBM;
+  if (i0 >= g.lq) return;
+  const int64_t mi = std::min(kBM, g.lq - i0), hk = h / (hq / p.heads_kv);
+  const C* kb = static_cast<const C*>(p.k) + g.b * p.k_stride[0] + hk * p.k_stride[1] +
+                g.k0 * p.k_stride[2];
+  const C* vb = static_cast<const C*>(p.v) + g.b * p.v_stride[0] + hk * p.v_stride[1] +
+                g.k0 * p.v_stride[2];
+  const BwdRows<C> r = bwd_rows(p, g, h, i0, delta_all);
+  load_rows(r.q, p.q_stride[2], 0, mi, d, w.qs.data());
+  load_rows(r.dout, p.dout_stride[2], 0, mi, dv, w.dos.data());
+  C* dq = w.acc.data();  // (mi, d)
+  std::fill(dq, dq + mi * d, C(0));
+  int64_t jb, je;
+  key_range(p, g, i0, mi, &jb, &je);
+  for (int64_t j0 = jb; j0 < je; j0 += kBN) {
+    const int64_t nj = std::min(kBN, je - j0);
+    load_cols(kb, p.k_stride[2], j0, nj, d, w.kt.data());
+    load_cols(vb, p.v_stride[2], j0, nj, dv, w.vt.data());
+    bwd_tile(p, g, h, i0, mi, j0, nj, r.lse, r.delta, w);
+    const C* ds = w.dp.data();
+    for (int64_t i = 0; i < mi; ++i) {
+      C* dqrow = dq + i * d;
+      for (int64_t j = 0; j < nj; ++j) {
+        const C a = ds[i * kBN + j];
+        const C* krow = kb + (j0 + j) * p.k_stride[2];
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) dqrow[c] += a * krow[c];
+      }
+    }
+  }
+  const C scale = C(p.scale);
+  C* dqb = static_cast<C*>(p.dq) + ((g.b * hq + h) * p.seqlen_q + g.q0 + i0) * d;
+  for (int64_t i = 0; i < mi * d; ++i) dqb[i] = dq[i] * scale;
+}
+
+// One function per element type and task kind, compiled for several x86 ISA levels.
+#define LLMCORE_ATTN_TASKS(suffix, C)                                                          \
+  LLMCORE_CPU_CLONES void fwd_task_##suffix(const AttentionParams& p, int64_t task,            \
+                                            Work<C>& w) {                                      \
+    fwd_task<C>(p, task, w);                                                                   \
+  }                                                                                            \
+  LLMCORE_CPU_CLONES void delta_##suffix(const AttentionParams& p, int64_t r0, int64_t r1,     \
+                                         C* delta) {                                           \
+    delta_rows<C>(p, r0, r1, delta);                                                           \
+  }                                                                                            \
+  LLMCORE_CPU_CLONES void bwd_kv_task_##suffix(const AttentionParams& p, int64_t task,         \
+                                               const C* delta, Work<C>& w) {                   \
+    bwd_kv_task<C>(p, task, delta, w);                                                         \
+  }                                                                                            \
+  LLMCORE_CPU_CLONES void bwd_q_task_##suffix(const AttentionParams& p, int64_t task,          \
+                                              const C* delta, Work<C>& w) {                    \
+    bwd_q_task<C>(p, task, delta, w);                                                          \
+  }
+LLMCORE_ATTN_TASKS(f32, float)
+LLMCORE_ATTN_TASKS(f64, double)
+#undef LLMCORE_ATTN_TASKS
+
+inline void fwd_task_any(const AttentionParams& p, int64_t task, Work<float>& w) {
+  fwd_task_f32(p, task, w);
+}
+inline void fwd_task_any(const AttentionParams& p, int64_t task, Work<double>& w) {
+  fwd_task_f64(p, task, w);
+}
+inline void delta_any(const AttentionParams& p, int64_t r0, int64_t r1, float* d) {
+  delta_f32(p, r0, r1, d);
+}
+inline void delta_any(const AttentionParams& p, int64_t r0, int64_t r1, double* d) {
+  delta_f64(p, r0, r1, d);
+}
+inline void bwd_kv_any(const AttentionParams& p, int64_t t, const float* d, Work<float>& w) {
+  bwd_kv_task_f32(p, t, d, w);
+}
+inline void bwd_kv_any(const AttentionParams& p, int64_t t, const double* d, Work<double>& w) {
+  bwd_kv_task_f64(p, t, d, w);
+}
+inline void bwd_q_any(const AttentionParams& p, int64_t t, const float* d, Work<float>& w) {
+  bwd_q_task_f32(p, t, d, w);
+}
+inline void bwd_q_any(const AttentionParams& p, int64_t t, const double* d, Work<double>& w) {
+  bwd_q_task_f64(p, t, d, w);
+}
+
+// Tasks: (sequence, head, tile) with seqlen_q / seqlen_k tiles per sequence. For varlen these
+// are the packed totals (B == 1), an upper bound on every sequence: tasks past a sequence's end
+// return at once.
+int64_t num_seqs(const AttentionParams& p) { return p.cu_seqlens_q ? p.num_seqs : p.batch; }
+
+int team(const AttentionParams& p, int64_t tasks) {
+  const int64_t work = p.batch * p.heads_q * std::max<int64_t>(p.seqlen_q, 1) *
+                       std::max<int64_t>(p.seqlen_k, 1);
+  return cpu::team_size(tasks, work / std::max<int64_t>(tasks, 1) + 1, p.num_threads);
+}
+
+template <typename C>
+void fwd_impl(const AttentionParams& p) {
+  const int64_t tasks = num_seqs(p) * p.heads_q * ((p.seqlen_q + kBM - 1) / kBM);
+  const int nt = team(p, tasks);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    Work<C> w(p.head_dim, p.head_dim_v);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) fwd_task_any(p, t, w);
+  }
+}
+
+template <typename C>
+void bwd_impl(const AttentionParams& p) {
+  const int64_t rows = p.batch * p.heads_q * p.seqlen_q;
+  std::vector<C> delta(rows);
+  const int64_t q_tasks = num_seqs(p) * p.heads_q * ((p.seqlen_q + kBM - 1) / kBM);
+  const int64_t kv_tasks = num_seqs(p) * p.heads_kv * ((p.seqlen_k + kBN - 1) / kBN);
+  const int nt = team(p, q_tasks + kv_tasks);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    int64_t r0, r1;
+    cpu::chunk(rows, cpu::team_threads(), cpu::thread_id(), &r0, &r1);
+    delta_any(p, r0, r1, delta.data());
+#pragma omp barrier
+    Work<C> w(p.head_dim, p.head_dim_v);
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t t = 0; t < kv_tasks; ++t) bwd_kv_any(p, t, delta.data(), w);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < q_tasks; ++t) bwd_q_any(p, t, delta.data(), w);
+  }
+}
+
+}  // namespace
+
+bool attention_dropout_keep(uint64_t seed, int64_t b, int64_t h, int64_t heads_q, int64_t i,
+                            int64_t j, double p) {
+  const uint64_t key = row_key(seed, b, h, heads_q, i);
+  return col_bits(uint32_t(key), uint32_t(key >> 32), uint32_t(j)) >= drop_threshold(p);
+}
+
+void attention_fwd_cpu(const AttentionParams& p) {
+  if (p.dtype == DType::kFloat64) fwd_impl<double>(p);
+  else fwd_impl<float>(p);
+}
+
+void attention_bwd_cpu(const AttentionParams& p) {
+  if (p.dtype == DType::kFloat64) bwd_impl<double>(p);
+  else bwd_impl<float>(p);
+}
+
+}  // namespace llmcore
