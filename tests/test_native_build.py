@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import llmcore
-from conftest import assert_close_to_oracle
+from llmcore_testing import assert_close_to_oracle
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIPPED = os.environ.get("LLMCORE_SKIP_NATIVE", "0") == "1"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import llmcore
-from conftest import assert_close_to_oracle
+from llmcore_testing import assert_close_to_oracle
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -105,7 +105,7 @@ def test_patched_hf_matches_unpatched(name, padded):
 
 
 def _full_backends():
-    from conftest import kernel_backends
+    from llmcore_testing import kernel_backends
     return [b for b in kernel_backends("norm")
             if b in kernel_backends("cross_entropy") and b in kernel_backends("attention")]
 

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from conftest import HAS_CUDA, assert_close_to_oracle
+from llmcore_testing import HAS_CUDA, assert_close_to_oracle
 
 pytest.importorskip("triton")
 A = pytest.importorskip("llmcore.kernels.triton.attention")

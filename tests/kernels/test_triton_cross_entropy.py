@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import llmcore
-from conftest import assert_close_to_oracle, kernel_backends
+from llmcore_testing import assert_close_to_oracle, kernel_backends
 from llmcore.kernels import reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

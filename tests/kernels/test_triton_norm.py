@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import llmcore
-from conftest import assert_close_to_oracle, kernel_backends
+from llmcore_testing import assert_close_to_oracle, kernel_backends
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif("triton" not in kernel_backends("norm", DEVICE),

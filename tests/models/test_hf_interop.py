@@ -9,7 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
-from conftest import assert_close_to_oracle  # noqa: E402
+from llmcore_testing import assert_close_to_oracle  # noqa: E402
 from llmcore.models import (Transformer, export_hf, from_hf, tiny_gpt,  # noqa: E402
                             tiny_llama, to_hf)
 

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from conftest import assert_close_to_oracle, kernel_backends
+from llmcore_testing import assert_close_to_oracle, kernel_backends
 from llmcore.models import Transformer, preset
 
 FULL = [b for b in kernel_backends("norm")

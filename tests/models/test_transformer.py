@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_close_to_oracle
+from llmcore_testing import assert_close_to_oracle
 from llmcore import backends
 from llmcore.models import (PRESETS, Transformer, TransformerConfig, preset, tiny_bert,
                             tiny_gpt, tiny_llama)

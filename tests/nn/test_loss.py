@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import llmcore
 from llmcore.nn import CrossEntropyLoss, LinearCrossEntropyLoss
-from conftest import kernel_backends
+from llmcore_testing import kernel_backends
 
 BACKENDS = kernel_backends("cross_entropy")
 

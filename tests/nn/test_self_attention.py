@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import kernel_backends
+from llmcore_testing import kernel_backends
 from llmcore.nn import SelfAttention
 from llmcore.nn.attention import KVCache
 

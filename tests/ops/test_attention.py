@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import llmcore
-from conftest import assert_close_to_oracle, kernel_backends
+from llmcore_testing import assert_close_to_oracle, kernel_backends
 
 BACKENDS = kernel_backends("attention")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

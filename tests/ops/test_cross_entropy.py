@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import llmcore
-from conftest import assert_close_to_oracle, default_atol, kernel_backends
+from llmcore_testing import assert_close_to_oracle, default_atol, kernel_backends
 
 BACKENDS = kernel_backends("cross_entropy")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import llmcore
-from conftest import kernel_backends
+from llmcore_testing import kernel_backends
 
 pytestmark = pytest.mark.skipif("native" not in kernel_backends("cross_entropy"),
                                 reason="llmcore._native is not built")

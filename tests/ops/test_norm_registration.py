@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import llmcore
-from conftest import kernel_backends
+from llmcore_testing import kernel_backends
 
 pytestmark = pytest.mark.skipif("native" not in kernel_backends("norm"),
                                 reason="llmcore._native is not built")

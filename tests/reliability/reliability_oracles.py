@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import llmcore
-import conftest
-from conftest import default_atol
+import llmcore_testing as conftest
+from llmcore_testing import default_atol
 
 
 # ---------------------------------------------------------------------------- norms

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import llmcore
-from conftest import kernel_backends
+from llmcore_testing import kernel_backends
 from llmcore.ops import attention as attention_ops
 from llmcore.ops import cross_entropy as ce_ops
 from llmcore.ops import norm as norm_ops
@@ -261,17 +261,7 @@ ATTENTION_CASES = [
 
 # Known bugs, each a strict xfail so that the fix shows up: (case id, backend or None = all) ->
 # reason. Listed in the reliability report for the owners.
-KNOWN = {
-    ("ln-weight-dtype", None):
-        "llmcore/ops/norm.py _check: weight/bias dtype is not checked; torch backend raises "
-        "ATen's 'mixed dtype' RuntimeError not naming `weight`, native/triton silently accept "
-        "a bfloat16 weight for float32 input",
-    ("ln-eps-negative", None):
-        "llmcore/ops/norm.py: eps < 0 is not checked before dispatch (only native's C++ op "
-        "refuses it; torch and triton return nan)",
-    ("attn-head-dim-zero", None):
-        "llmcore/ops/attention.py attention(): head dim 0 reaches 1/sqrt(D): ZeroDivisionError",
-}
+KNOWN: dict = {}
 
 
 def _params(cases, family):

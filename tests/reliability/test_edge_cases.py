@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import llmcore
-from conftest import kernel_backends
+from llmcore_testing import kernel_backends
 from reliability_oracles import (assert_close_to_oracle, attention_eager, attention_oracle,
                                  call_norm, ce_eager, ce_oracle, check_fwd_bwd, loss_atol,
                                  norm_eager, norm_oracle, varlen_oracle)
@@ -39,17 +39,8 @@ LAYOUTS = ["strided-rows", "transposed", "expanded-input", "expanded-residual",
            "strided-weight", "permuted-3d"]
 
 
-def _layout_marks(backend, layout):
-    if backend == "triton" and layout == "strided-weight":
-        return [pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-            "llmcore/ops/norm.py _triton_norm passes weight.reshape(cols), a strided view, and "
-            "llmcore/kernels/triton/norm.py _norm_fwd_kernel/_norm_bwd_kernel load W + cols "
-            "(stride 1): a non-contiguous weight or bias gives a silently wrong result"))]
-    return []
-
-
-@pytest.mark.parametrize("backend,layout", [pytest.param(b, lay, marks=_layout_marks(b, lay))
-                                            for b in NORM for lay in LAYOUTS])
+@pytest.mark.parametrize("backend", NORM)
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 def test_norm_layouts(backend, kind, layout):
     n = 37
@@ -99,15 +90,7 @@ def test_layer_norm_bias_without_weight(backend, residual):
     _norm_check(backend, "layer", lambda x, b, r: (x, None, b, r), [x, b, r])
 
 
-def _zero_features_marks(backend):
-    if backend == "triton":
-        return [pytest.mark.xfail(strict=True, reason=(
-            "llmcore/ops/norm.py _triton_norm: x.reshape(-1, cols) with cols == 0 raises "
-            "'cannot reshape tensor of 0 elements' (torch returns an empty result)"))]
-    return []
-
-
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=_zero_features_marks(b)) for b in NORM])
+@pytest.mark.parametrize("backend", NORM)
 def test_norm_zero_features(backend):
     x = torch.randn(3, 0)
     assert llmcore.layer_norm(x, 0, backend=backend).shape == (3, 0)
@@ -146,16 +129,6 @@ def _ce_check(backend, make, leaves, dtype=torch.float32, **kw):
                          atol=loss_atol(want_scale, dtype), grad_atol=_grad_atol(dtype))
 
 
-def _target_marks(backend):
-    if backend == "triton":
-        return [pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-            "llmcore/ops/cross_entropy.py _triton_cross_entropy passes target.reshape(-1), a "
-            "strided view, and _ce_fwd_kernel/_ce_bwd_kernel read T + row (stride 1): wrong "
-            "targets, a silently wrong loss (a stride-0 target of a 1-element storage "
-            "segfaults)"))]
-    return []
-
-
 @pytest.mark.parametrize("backend", CE)
 @pytest.mark.parametrize("layout", ["transposed", "expanded-logits", "strided-rows", "class-dim-1"])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
@@ -186,7 +159,7 @@ def test_cross_entropy_logit_layouts(backend, layout, reduction):
                                         reduction=reduction), want, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=_target_marks(b)) for b in CE])
+@pytest.mark.parametrize("backend", CE)
 @pytest.mark.parametrize("layout", ["strided", "expanded", "column"])
 def test_cross_entropy_target_layouts(backend, layout):
     c = 37
@@ -308,10 +281,7 @@ def test_linear_cross_entropy_all_ignored_and_empty(backend):
         assert bool((gx == 0).all()) and bool((gw == 0).all())
 
 
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.xfail(strict=True, reason=(
-    "llmcore/ops/cross_entropy.py linear_cross_entropy: input.reshape(-1, hidden) with hidden "
-    "== 0 raises 'cannot reshape tensor of 0 elements' (F.linear gives zero logits: loss log V)")))
-    for b in CE])
+@pytest.mark.parametrize("backend", CE)
 def test_linear_cross_entropy_zero_hidden(backend):
     x, w = torch.randn(3, 0), torch.randn(7, 0)
     got = llmcore.linear_cross_entropy(x, w, torch.tensor([1, 2, 3]), reduction="none",
@@ -423,12 +393,7 @@ def test_attention_head_dim_limit(backend, d, dv):
     _attn_check(backend, lambda q, k, v: (q, k, v), [q, k, v])
 
 
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason=(
-    "llmcore/ops/attention.py passes cu_seqlens views as they are and "
-    "llmcore/kernels/triton/attention.py _seq_bounds loads CU_Q + b (stride 1): a strided "
-    "cu_seqlens gives wrong sequence bounds, a wrong result (or, when the misread bounds point "
-    "past the buffers, heap corruption)")) if b == "triton" else []) for b in ATTN])
+@pytest.mark.parametrize("backend", ATTN)
 def test_varlen_strided_cu_seqlens(backend):
     # offsets [0, 3, 7] and [0, 4, 9] read through stride 2 (every other entry of a longer
     # storage); a kernel that assumes stride 1 sees [0, 0, 3] and [0, 0, 4]: in bounds, wrong
@@ -442,12 +407,7 @@ def test_varlen_strided_cu_seqlens(backend):
     assert_close_to_oracle(got, varlen_oracle(q, k, v, cu_q.contiguous(), cu_k.contiguous()), want)
 
 
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason=(
-    "llmcore/ops/cross_entropy.py _triton_cross_entropy passes the class weight as it is and "
-    "llmcore/kernels/triton/cross_entropy.py loads Wc + t / Wc + cols (stride 1): a "
-    "non-contiguous class weight gives a silently wrong loss")) if b == "triton" else [])
-    for b in CE])
+@pytest.mark.parametrize("backend", CE)
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_cross_entropy_strided_class_weight(backend, label_smoothing):
     x = torch.randn(5, 11, requires_grad=True)

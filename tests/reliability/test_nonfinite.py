@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import llmcore
-from conftest import kernel_backends
+from llmcore_testing import kernel_backends
 from reliability_oracles import (assert_close_to_oracle, attention_eager, attention_oracle,
                                  call_norm, ce_eager, ce_oracle, check_fwd_bwd, loss_atol,
                                  norm_eager, norm_oracle, varlen_oracle)
@@ -99,18 +99,7 @@ def test_cross_entropy_ignored_row_with_nan_is_ignored(backend):
 LEAD_INF_V, LEAD_INF_K = 8200, 8192     # past the native (2048) and triton (8192) tile widths
 
 
-def _lead_inf_marks(backend):
-    reasons = {
-        "triton": "llmcore/kernels/triton/cross_entropy.py _ce_fwd_kernel: first BLOCK_V=8192 "
-                  "logits all -inf -> exp2(m - m_new) = exp2(nan): loss nan instead of finite",
-    }
-    if backend not in reasons:
-        return []
-    return [pytest.mark.xfail(strict=True, raises=AssertionError, reason=reasons[backend])]
-
-
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=_lead_inf_marks(b))
-                                     for b in kernel_backends("cross_entropy")])
+@pytest.mark.parametrize("backend", kernel_backends("cross_entropy"))
 def test_cross_entropy_leading_masked_vocabulary_is_finite(backend):
     x = torch.randn(2, LEAD_INF_V)
     x[0, :LEAD_INF_K] = -INF
@@ -155,23 +144,8 @@ def _assert_superset(got, eager, oracle, name):
                            oracle.where(both, z.double()), name=name)
 
 
-# The Triton forward stores lse = +inf ("row saw no key") for a row whose normaliser l is nan,
-# because it tests `l > 0`; the backward then takes p = exp(s - inf) = 0 for that row, and the
-# gradients of the values it read (dv) come out finite, without that row's share.
-_LSE_NAN = ("llmcore/kernels/triton/attention.py _attn_fwd_kernel: `seen = l_i > 0.0` is False "
-            "for a nan row, so its lse is stored as +inf (an empty row) instead of nan; backward "
-            "then drops that row: dv finite and wrong where the oracle is nan")
-
-
-def _nan_marks(backend, where):
-    if backend == "triton" and where == "k":
-        return [pytest.mark.xfail(strict=True, raises=AssertionError, reason=_LSE_NAN)]
-    return []
-
-
-@pytest.mark.parametrize("backend,where", [
-    pytest.param(b, w, marks=_nan_marks(b, w))
-    for b in kernel_backends("attention") for w in ("q", "k", "v")])
+@pytest.mark.parametrize("backend", kernel_backends("attention"))
+@pytest.mark.parametrize("where", ["q", "k", "v"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_nan_stays_in_its_batch_and_head(backend, dtype, where):
     q = torch.randn(3, 4, 9, 16, dtype=dtype)
@@ -207,18 +181,8 @@ def test_attention_nan_stays_in_its_batch_and_head(backend, dtype, where):
     assert not torch.isfinite(got[1]).all()
 
 
-def _varlen_marks(backend, where):
-    if backend == "torch" and where == "v":
-        return [pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-            "llmcore/kernels/reference.py attention: varlen is one materialised (1, H, total_q, "
-            "total_k) softmax, so p=0 times a nan value of another sequence gives nan: a nan in "
-            "sequence 0's v makes every sequence's output nan"))]
-    return []
-
-
-@pytest.mark.parametrize("backend,where", [
-    pytest.param(b, w, marks=_varlen_marks(b, w))
-    for b in kernel_backends("attention") for w in ("q", "k", "v")])
+@pytest.mark.parametrize("backend", kernel_backends("attention"))
+@pytest.mark.parametrize("where", ["q", "k", "v"])
 def test_varlen_nan_stays_in_its_sequence(backend, where):
     cu_q = torch.tensor([0, 3, 3, 8, 10], dtype=torch.int32)
     cu_k = torch.tensor([0, 4, 6, 11, 12], dtype=torch.int32)
@@ -232,9 +196,7 @@ def test_varlen_nan_stays_in_its_sequence(backend, where):
     assert not torch.isfinite(out[:3]).all()
 
 
-@pytest.mark.parametrize("backend", [
-    pytest.param(b, marks=_nan_marks(b, "k"))
-    for b in kernel_backends("attention")])
+@pytest.mark.parametrize("backend", kernel_backends("attention"))
 def test_flash_attn_lse_of_a_nan_row_is_nan(backend):
     # lse = +inf means "this row saw no key"; a row with a nan score must not look like that
     q, k, v = torch.randn(1, 5, 2, 16), torch.randn(1, 7, 2, 16), torch.randn(1, 7, 2, 16)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import llmcore
-from conftest import kernel_backends
+from llmcore_testing import kernel_backends
 from reliability_oracles import (attention_eager, attention_oracle, call_norm, ce_eager,
                                  ce_oracle, check_fwd_bwd, loss_atol, norm_eager, norm_oracle,
                                  varlen_oracle)
