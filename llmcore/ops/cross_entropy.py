@@ -105,7 +105,8 @@ def _check_linear_cross_entropy(input, weight, target, bias, ignore_index, reduc
 # ---------------------------------------------------------------------------- public functions
 
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
-                  label_smoothing=0.0, *, z_loss=0.0, softcap=None, backend="auto"):
+                  label_smoothing=0.0, *, z_loss=0.0, softcap=None, inplace_backward=False,
+                  backend="auto"):
     """Cross-entropy of logits `input` against class indices `target`, like F.cross_entropy.
 
     input: (C,), (N, C) or (N, C, d1, ...) logits; target: integer class indices of input's shape
@@ -133,14 +134,22 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     are 0. float16/bfloat16 logits are reduced in float32 and rounded once.
 
     Target values are checked: a ValueError on CPU tensors; on CUDA (and under torch.compile)
-    an asynchronous device-side assert, so no host sync."""
+    an asynchronous device-side assert, so no host sync.
+
+    inplace_backward=True allows a kernel backend to write the gradient into `input`'s own
+    buffer during the forward, saving an (N, C) allocation: pass it only when nothing reads the
+    logits after the loss, and backpropagate once. Backends that cannot do it (torch, native)
+    compute as usual; the values and gradients are the same either way."""
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
     _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
                          z_loss, softcap)
     name = backends.resolve("cross_entropy", backend, input.device)
     # backends receive int64 class indices (a no-op for the usual int64 target)
+    extra = {"inplace_backward": True} if inplace_backward and name in _INPLACE_BACKWARD else {}
     return _CROSS_ENTROPY[name](input, target.long(), weight, ignore_index, reduction,
                                 float(label_smoothing), float(z_loss),
-                                None if softcap is None else float(softcap))
+                                None if softcap is None else float(softcap), **extra)
 
 
 def linear_cross_entropy(input, weight, target, bias=None, ignore_index=-100, reduction="mean",
@@ -292,6 +301,7 @@ def chunked_linear_cross_entropy(rows_fn):
 # _LINEAR_CROSS_ENTROPY[name](x (N, H), weight (V, H), target (N,), bias, ignore_index,
 #                      reduction, label_smoothing, z_loss, softcap, chunk_size): (N,) or scalar.
 _CROSS_ENTROPY = {"torch": reference.cross_entropy}
+_INPLACE_BACKWARD: set[str] = set()     # backends whose entry takes inplace_backward=True
 _LINEAR_CROSS_ENTROPY = {"torch": chunked_linear_cross_entropy(reference.cross_entropy_rows)}
 
 
@@ -458,6 +468,7 @@ def _triton_cross_entropy(input, target, weight, ignore_index, reduction, label_
 
 
 _CROSS_ENTROPY["triton"] = _triton_cross_entropy
+_INPLACE_BACKWARD.add("triton")
 _LINEAR_CROSS_ENTROPY["triton"] = chunked_linear_cross_entropy(_triton_cross_entropy_rows)
 
 

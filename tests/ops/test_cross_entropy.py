@@ -492,3 +492,31 @@ def test_torch_backend_compiles_fullgraph(reduction):
     torch.testing.assert_close(got, want)
     for a, b in zip(torch.autograd.grad(got, [x, w]), torch.autograd.grad(want, [x, w])):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_inplace_backward_gives_the_same_loss_and_gradient(backend, reduction):
+    from llmcore.ops import cross_entropy as ce_ops
+
+    logits = torch.randn(13, 1001)
+    target = torch.randint(0, 1001, (13,))
+    target[3] = -100
+    ref_x = logits.clone().requires_grad_()
+    ref = llmcore.cross_entropy(ref_x, target, reduction=reduction, z_loss=1e-3, backend=backend)
+    ref_g, = torch.autograd.grad(ref.sum() if reduction == "none" else ref, ref_x)
+
+    x = logits.clone().requires_grad_()
+    h = x * 1.0                       # a non-leaf whose buffer the kernel may overwrite
+    got = llmcore.cross_entropy(h, target, reduction=reduction, z_loss=1e-3,
+                                inplace_backward=True, backend=backend)
+    got_g, = torch.autograd.grad(got.sum() if reduction == "none" else got, x)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_g, ref_g, rtol=1e-5, atol=1e-7)
+    if backend in ce_ops._INPLACE_BACKWARD:   # the logits' buffer now holds the gradient
+        torch.testing.assert_close(h.detach(), got_g, rtol=1e-5, atol=1e-7)
+
+
+def test_inplace_backward_must_be_bool():
+    with pytest.raises(TypeError, match="inplace_backward must be a bool"):
+        llmcore.cross_entropy(torch.randn(2, 5), torch.tensor([0, 1]), inplace_backward=1)

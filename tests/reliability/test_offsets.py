@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import llmcore
-from conftest import kernel_backends
+from llmcore_testing import kernel_backends
 from reliability_oracles import (assert_close_to_oracle, attention_eager, attention_oracle,
                                  ce_eager, ce_oracle, norm_eager, norm_oracle)
 
@@ -195,49 +195,20 @@ def _attention_case(backend, which):
     return case
 
 
-# Known int32 products, found by these tests; each reason names the kernel and the product.
-_NORM_BWD_LOOP = ("llmcore/kernels/triton/norm.py _norm_bwd_kernel: under the Triton interpreter "
-                  "the row loop variable of `for row in range(row_start, row_end)` is int32, so "
-                  "row * stride_hm wraps past 2**31 and the backward reads out of bounds "
-                  "(compiled for a GPU the loop variable takes the int64 type of its bounds, not "
-                  "verified on a GPU here); fix: row = row_start + r, r in range(0, count)")
-_NORM_COLS = ("llmcore/kernels/triton/norm.py: cols * stride_xn (and stride_dyn, stride_hn) "
-              "multiply an int32 arange by an int32 stride: a feature stride S with col * S > "
-              "2**31 wraps (GPU too); fix: cols.to(tl.int64) where a column stride is used")
-_CE_COLS = ("llmcore/kernels/triton/cross_entropy.py _ce_fwd_kernel/_ce_grad_row: cols * "
-            "stride_xv multiplies an int32 arange by an int32 stride: class stride S with "
-            "c * S > 2**31 (transposed (V, N) logits) wraps (GPU too); fix: cols.to(tl.int64)")
-_ATTN_ROWS = ("llmcore/kernels/triton/attention.py: offs_m[:, None] * sqm and offs_n[None, :] * "
-              "skn multiply int32 index vectors by int32 strides: a sequence stride S with "
-              "i * S > 2**31 wraps (GPU too: e.g. (B, N, H, D) with N * H * D > 2**31); fix: "
-              "offs_m/offs_n .to(tl.int64) in the pointer arithmetic")
-
-NORM_KNOWN = {("triton", "rows"): _NORM_BWD_LOOP, ("triton", "cols"): _NORM_COLS}
-CE_KNOWN = {("triton", "cols"): _CE_COLS}
-ATTN_KNOWN = {"triton": _ATTN_ROWS}
-
-
-def _xfail(reason):
-    return [pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)] if reason else []
-
-
-@pytest.mark.parametrize("backend,axis", [
-    pytest.param(b, a, marks=_xfail(NORM_KNOWN.get((b, a))))
-    for b in kernel_backends("norm") for a in ("rows", "cols")])
+@pytest.mark.parametrize("backend", kernel_backends("norm"))
+@pytest.mark.parametrize("axis", ["rows", "cols"])
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 def test_norm_offsets_past_2_31(backend, axis, kind):
     _run_isolated(_norm_case, backend, kind, axis)
 
 
-@pytest.mark.parametrize("backend,axis", [
-    pytest.param(b, a, marks=_xfail(CE_KNOWN.get((b, a))))
-    for b in kernel_backends("cross_entropy") for a in ("rows", "cols")])
+@pytest.mark.parametrize("backend", kernel_backends("cross_entropy"))
+@pytest.mark.parametrize("axis", ["rows", "cols"])
 def test_cross_entropy_offsets_past_2_31(backend, axis):
     _run_isolated(_ce_case, backend, axis)
 
 
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=_xfail(ATTN_KNOWN.get(b)))
-                                     for b in kernel_backends("attention")])
+@pytest.mark.parametrize("backend", kernel_backends("attention"))
 @pytest.mark.parametrize("which", ["q", "kv"])
 def test_attention_offsets_past_2_31(backend, which):
     _run_isolated(_attention_case, backend, which)
@@ -251,6 +222,6 @@ def _crash():
 
 
 def test_isolation_reports_a_crash():
-    """The runner turns a crash into a failure (so the xfails above are real failures)."""
+    """The runner turns a crash into a failure (a kernel that overflows fails its test)."""
     with pytest.raises(AssertionError, match="crashed"):
         _run_isolated(_crash)
