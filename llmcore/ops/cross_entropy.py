@@ -17,6 +17,7 @@ REDUCTIONS = ("none", "mean", "sum")
 
 # Rows of one linear_cross_entropy chunk: its fp32 logits stay within 64 MiB (2**24 floats).
 _CHUNK_ELEMENTS = 1 << 24
+_CUDA_CHUNK_BYTES = 512 << 20         # cap of a CUDA chunk's fp32 logits
 
 
 # ---------------------------------------------------------------------------- input checks
@@ -168,17 +169,24 @@ def linear_cross_entropy(input, weight, target, bias=None, ignore_index=-100, re
     x = input.reshape(input.shape[:-1].numel(), hidden)              # (N, H); H may be 0
     t = target.reshape(-1).long()                                    # (N,) int64
     if chunk_size is None:
-        chunk_size = default_chunk_size(x.shape[0], weight.shape[0])
+        chunk_size = default_chunk_size(x.shape[0], weight.shape[0], x.device)
     out = _LINEAR_CROSS_ENTROPY[name](x, weight, t, bias, ignore_index, reduction,
                                       float(label_smoothing), float(z_loss),
                                       None if softcap is None else float(softcap), chunk_size)
     return out.reshape(target.shape) if reduction == "none" else out
 
 
-def default_chunk_size(n_rows: int, n_classes: int) -> int:
-    """Rows per linear_cross_entropy chunk: fp32 logits of at most 64 MiB, a multiple of 8 rows
-    when that allows, never more than the rows there are."""
-    rows = max(1, _CHUNK_ELEMENTS // max(n_classes, 1))
+def default_chunk_size(n_rows: int, n_classes: int, device=None) -> int:
+    """Rows per linear_cross_entropy chunk, a multiple of 8 rows when that allows, never more
+    than the rows there are. The chunk's fp32 logits get a budget: 64 MiB on the CPU (the
+    chunk stays near the caches); on CUDA a quarter of the free device memory, capped at
+    512 MiB, so that a chunk's matmuls stay large enough to run at full speed (at V = 128k,
+    1024 rows) while peak memory stays a small fraction of eager's (N, V) logits."""
+    budget = _CHUNK_ELEMENTS
+    if device is not None and torch.device(device).type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)   # a driver query, no stream sync
+        budget = max(_CHUNK_ELEMENTS, min(_CUDA_CHUNK_BYTES, free // 4) // 4)
+    rows = max(1, budget // max(n_classes, 1))
     if rows >= 8:
         rows -= rows % 8
     return max(1, min(rows, n_rows))

@@ -520,3 +520,11 @@ def test_inplace_backward_gives_the_same_loss_and_gradient(backend, reduction):
 def test_inplace_backward_must_be_bool():
     with pytest.raises(TypeError, match="inplace_backward must be a bool"):
         llmcore.cross_entropy(torch.randn(2, 5), torch.tensor([0, 1]), inplace_backward=1)
+
+
+@pytest.mark.gpu
+def test_default_chunk_size_on_cuda_uses_a_larger_bounded_budget():
+    from llmcore.ops.cross_entropy import default_chunk_size
+
+    rows = default_chunk_size(16384, 131072, "cuda")
+    assert rows * 131072 * 4 <= 512 * 2 ** 20 and rows >= default_chunk_size(16384, 131072)
