@@ -26,8 +26,11 @@ BACKENDS = ("triton", "native", "torch", "flash_attn")
 IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "norm": ("torch", "native", "triton"),
     "cross_entropy": ("torch", "triton", "native"),
-    "attention": ("torch", "flash_attn", "triton"),
+    "attention": ("torch", "flash_attn", "triton", "native"),
 }
+
+# Families whose native kernels exist for the CPU only (csrc/cpu, no csrc/cuda kernel yet).
+_NATIVE_CPU_ONLY = ("attention",)
 
 _AUTO_ORDER = {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")}
 
@@ -92,6 +95,8 @@ def _why_not(family: str, backend: str, device_type: str) -> str | None:
         if device_type == "cpu":
             return None
         if device_type == "cuda":
+            if family in _NATIVE_CPU_ONLY:
+                return f"llmcore._native has no CUDA kernels for {family} yet (CPU only)"
             return None if _native_has_cuda() else "llmcore._native was built without CUDA kernels"
         return f"no native kernels for {device_type} tensors"
     if backend == "flash_attn":

@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import llmcore
@@ -41,3 +42,11 @@ def test_cli_info_runs():
     assert res.returncode == 0, res.stderr
     assert f"torch {torch.__version__}" in res.stdout
     assert "norm / cpu: auto ->" in res.stdout
+
+
+def test_native_attention_is_cpu_only(monkeypatch):
+    monkeypatch.setattr(backends, "_native_has_cuda", lambda: True)
+    if backends.native_module() is None:
+        pytest.skip("llmcore._native is not built here")
+    assert backends._why_not("attention", "native", "cuda").startswith("llmcore._native has no CUDA")
+    assert backends._why_not("norm", "native", "cuda") is None

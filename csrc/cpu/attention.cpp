@@ -5,9 +5,8 @@
 //
 // Work is split over (batch-or-sequence, head, tile) tasks, one OpenMP dynamic schedule; every
 // task writes its own rows, so results do not depend on the thread count (no atomics). The tile
-// products are written as rank-1 updates over a contiguous row (C[i][:] += a * B[k][:]) so the
-// compiler vectorises them; the per-task functions are compiled per x86 ISA level
-// (LLMCORE_CPU_CLONES). Only fp32 and fp64 tensors reach this file (the binding upcasts fp16 and
+// products are register-blocked rank-1 updates (gemm_acc); the per-task functions are compiled
+// per x86 ISA level (LLMCORE_CPU_CLONES). Only fp32 and fp64 tensors reach this file (the binding upcasts fp16 and
 // bf16), so the element type is the compute type C.
 #include "llmcore/attention.h"
 
@@ -97,6 +96,15 @@ inline void query_range(const AttentionParams& p, const Seq& g, int64_t j0, int6
                            : g.lq;
 }
 
+// Tasks: (sequence, head, tile), with the tiles of the longest sequence per sequence (varlen:
+// tasks past a shorter sequence's end return at once).
+inline int64_t q_tiles(const AttentionParams& p) {
+  return ((p.cu_seqlens_q ? p.max_len_q : p.seqlen_q) + kBM - 1) / kBM;
+}
+inline int64_t k_tiles(const AttentionParams& p) {
+  return ((p.cu_seqlens_q ? p.max_len_k : p.seqlen_k) + kBN - 1) / kBN;
+}
+
 // Per-thread scratch, sized once per kernel call.
 template <typename C>
 struct Work {
@@ -130,24 +138,88 @@ LLMCORE_ALWAYS_INLINE inline void load_cols(const C* base, int64_t stride, int64
   }
 }
 
-// out (mi, kBN) = a (mi, kdim) @ bt (kdim, kBN): one rank-1 update per k, row in registers
+// ------------------------------------------------------------------ tile products
+// C (M, N) += A (M, K) @ B (K, N), with A read through strides (a_rs per row, a_ks per k) so
+// that a transposed operand (P^T, dS^T) needs no copy, and B / C row-major (ldb, ldc). Blocks
+// of kR rows x 2 vectors of C stay in registers across the K loop: one B load feeds kR FMAs.
+// GCC vector types (64 bytes: 16 floats or 8 doubles) are split by each ISA clone into its own
+// registers (4 xmm, 2 ymm or 1 zmm), so the same code runs everywhere.
+typedef float VecF __attribute__((vector_size(64)));
+typedef double VecD __attribute__((vector_size(64)));
+template <typename C> struct VecOf;
+template <> struct VecOf<float> { using type = VecF; };
+template <> struct VecOf<double> { using type = VecD; };
+
+constexpr int kR = 4;  // rows per register block
+
+// unaligned vector load / store (by reference: no vector-typed arguments crossing an ABI)
+template <typename Vec, typename C>
+LLMCORE_ALWAYS_INLINE inline void vload(Vec& r, const C* p) {
+  __builtin_memcpy(&r, p, sizeof r);
+}
+
+template <typename Vec, typename C>
+LLMCORE_ALWAYS_INLINE inline void vstore(C* p, const Vec& v) {
+  __builtin_memcpy(p, &v, sizeof v);
+}
+
+template <typename C, int R>
+LLMCORE_ALWAYS_INLINE inline void gemm_block(int64_t K, const C* A, int64_t a_rs, int64_t a_ks,
+                                             const C* B, int64_t ldb, C* Cm, int64_t ldc) {
+  using Vec = typename VecOf<C>::type;
+  constexpr int kL = int(sizeof(Vec) / sizeof(C));
+  Vec acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) {
+    vload(acc0[r], Cm + r * ldc);
+    vload(acc1[r], Cm + r * ldc + kL);
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    Vec b0, b1;
+    vload(b0, B + k * ldb);
+    vload(b1, B + k * ldb + kL);
+    for (int r = 0; r < R; ++r) {
+      const C x = A[r * a_rs + k * a_ks];
+      acc0[r] += x * b0;
+      acc1[r] += x * b1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    vstore(Cm + r * ldc, acc0[r]);
+    vstore(Cm + r * ldc + kL, acc1[r]);
+  }
+}
+
+template <typename C>
+LLMCORE_ALWAYS_INLINE inline void gemm_acc(int64_t M, int64_t N, int64_t K, const C* A,
+                                           int64_t a_rs, int64_t a_ks, const C* B, int64_t ldb,
+                                           C* Cm, int64_t ldc) {
+  constexpr int64_t kW = 2 * int64_t(64 / sizeof(C));  // columns per block
+  int64_t n0 = 0;
+  for (; n0 + kW <= N; n0 += kW) {
+    int64_t m0 = 0;
+    for (; m0 + kR <= M; m0 += kR)
+      gemm_block<C, kR>(K, A + m0 * a_rs, a_rs, a_ks, B + n0, ldb, Cm + m0 * ldc + n0, ldc);
+    for (; m0 < M; ++m0)
+      gemm_block<C, 1>(K, A + m0 * a_rs, a_rs, a_ks, B + n0, ldb, Cm + m0 * ldc + n0, ldc);
+  }
+  if (n0 == N) return;
+  for (int64_t m = 0; m < M; ++m) {  // the last N % kW columns: rank-1 updates of one row
+    C* crow = Cm + m * ldc;
+    for (int64_t k = 0; k < K; ++k) {
+      const C x = A[m * a_rs + k * a_ks];
+      const C* b = B + k * ldb;
+#pragma omp simd
+      for (int64_t n = n0; n < N; ++n) crow[n] += x * b[n];
+    }
+  }
+}
+
+// out (mi, kBN) = a (mi, kdim) @ bt (kdim, kBN)
 template <typename C>
 LLMCORE_ALWAYS_INLINE inline void tile_abt(const C* a, const C* bt, int64_t mi, int64_t kdim,
                                            C* out) {
-  for (int64_t i = 0; i < mi; ++i) {
-    C row[kBN];
-#pragma omp simd
-    for (int64_t j = 0; j < kBN; ++j) row[j] = C(0);
-    const C* ai = a + i * kdim;
-    for (int64_t d = 0; d < kdim; ++d) {
-      const C x = ai[d];
-      const C* b = bt + d * kBN;
-#pragma omp simd
-      for (int64_t j = 0; j < kBN; ++j) row[j] += x * b[j];
-    }
-#pragma omp simd
-    for (int64_t j = 0; j < kBN; ++j) out[i * kBN + j] = row[j];
-  }
+  std::fill(out, out + mi * kBN, C(0));
+  gemm_acc(mi, kBN, kdim, a, kdim, 1, bt, kBN, out, kBN);
 }
 
 // The final scores of a tile, in place on s (mi, kBN) holding q.k: scale, softcap (t keeps
@@ -220,7 +292,7 @@ template <typename C>
 LLMCORE_ALWAYS_INLINE inline void fwd_task(const AttentionParams& p, int64_t task, Work<C>& w) {
   constexpr C kNegInf = -std::numeric_limits<C>::infinity();
   const int64_t hq = p.heads_q, d = p.head_dim, dv = p.head_dim_v;
-  const int64_t tiles = (p.seqlen_q + kBM - 1) / kBM;
+  const int64_t tiles = q_tiles(p);
   const int64_t it = task % tiles, h = (task / tiles) % hq, s = task / tiles / hq;
   const Seq g = seq_of(p, s);
   const int64_t i0 = it * kBM;
@@ -253,9 +325,13 @@ LLMCORE_ALWAYS_INLINE inline void fwd_task(const AttentionParams& p, int64_t tas
     for (int64_t i = 0; i < mi; ++i) {
       C* row = sc + i * kBN;
       C mx = kNegInf;
-#pragma omp simd reduction(max : mx)
-      for (int64_t j = 0; j < kBN; ++j) mx = std::max(mx, row[j]);
-      const C mnew = std::max(m[i], mx);
+      int nans = 0;  // a nan score (nan in q or k) must give a nan row, as the oracle does
+#pragma omp simd reduction(max : mx) reduction(+ : nans)
+      for (int64_t j = 0; j < kBN; ++j) {
+        mx = std::max(mx, row[j]);
+        nans += row[j] != row[j];
+      }
+      const C mnew = nans ? std::numeric_limits<C>::quiet_NaN() : std::max(m[i], mx);
       if (mnew == kNegInf) {  // nothing visible yet in this row
         std::fill(row, row + kBN, C(0));
         continue;
@@ -278,15 +354,7 @@ LLMCORE_ALWAYS_INLINE inline void fwd_task(const AttentionParams& p, int64_t tas
     }
     if (p.dropout_p > 0) apply_dropout(p, g, h, i0, mi, j0, sc, sc);
     // acc (mi, dv) += P (mi, nj) @ V (nj, dv)
-    for (int64_t i = 0; i < mi; ++i) {
-      C* arow = acc + i * dv;
-      for (int64_t j = 0; j < nj; ++j) {
-        const C a = sc[i * kBN + j];
-        const C* vrow = vb + (j0 + j) * p.v_stride[2];
-#pragma omp simd
-        for (int64_t c = 0; c < dv; ++c) arow[c] += a * vrow[c];
-      }
-    }
+    gemm_acc(mi, dv, nj, sc, kBN, 1, vb + j0 * p.v_stride[2], p.v_stride[2], acc, dv);
   }
   C* ob = static_cast<C*>(p.out) + g.b * p.out_stride[0] + h * p.out_stride[1] +
           (g.q0 + i0) * p.out_stride[2];
@@ -294,7 +362,7 @@ LLMCORE_ALWAYS_INLINE inline void fwd_task(const AttentionParams& p, int64_t tas
   for (int64_t i = 0; i < mi; ++i) {
     C* orow = ob + i * p.out_stride[2];
     const C* arow = acc + i * dv;
-    if (l[i] > C(0)) {
+    if (l[i] != C(0)) {  // (nan too: a nan row stays nan, it must not look empty)
       const C inv = C(1) / l[i];
 #pragma omp simd
       for (int64_t c = 0; c < dv; ++c) orow[c] = arow[c] * inv;
@@ -410,7 +478,7 @@ LLMCORE_ALWAYS_INLINE inline void bwd_kv_task(const AttentionParams& p, int64_t 
                                               const C* delta_all, Work<C>& w) {
   const int64_t hkv = p.heads_kv, d = p.head_dim, dv = p.head_dim_v;
   const int64_t group = p.heads_q / hkv;
-  const int64_t tiles = (p.seqlen_k + kBN - 1) / kBN;
+  const int64_t tiles = k_tiles(p);
   const int64_t jt = task % tiles, hk = (task / tiles) % hkv, s = task / tiles / hkv;
   const Seq g = seq_of(p, s);
   const int64_t j0 = jt * kBN;
@@ -435,21 +503,9 @@ LLMCORE_ALWAYS_INLINE inline void bwd_kv_task(const AttentionParams& p, int64_t 
       load_rows(r.q, p.q_stride[2], 0, mi, d, w.qs.data());
       load_rows(r.dout, p.dout_stride[2], 0, mi, dv, w.dos.data());
       bwd_tile(p, g, h, i0, mi, j0, nj, r.lse, r.delta, w);
-      const C* pz = w.s.data();
-      const C* ds = w.dp.data();
-      const C* qs = w.qs.data();
-      const C* dos = w.dos.data();
-      for (int64_t j = 0; j < nj; ++j) {
-        C* dvrow = dvv + j * dv;
-        C* dkrow = dk + j * d;
-        for (int64_t i = 0; i < mi; ++i) {
-          const C a = pz[i * kBN + j], b = ds[i * kBN + j];
-#pragma omp simd
-          for (int64_t c = 0; c < dv; ++c) dvrow[c] += a * dos[i * dv + c];
-#pragma omp simd
-          for (int64_t c = 0; c < d; ++c) dkrow[c] += b * qs[i * d + c];
-        }
-      }
+      // dV (nj, dv) += (P*Z)^T @ dO;  dK (nj, d) += dS^T @ Q  (scale applied at the end)
+      gemm_acc(nj, dv, mi, w.s.data(), 1, kBN, w.dos.data(), dv, dvv, dv);
+      gemm_acc(nj, d, mi, w.dp.data(), 1, kBN, w.qs.data(), d, dk, d);
     }
   }
   const C scale = C(p.scale);
@@ -464,7 +520,7 @@ template <typename C>
 LLMCORE_ALWAYS_INLINE inline void bwd_q_task(const AttentionParams& p, int64_t task,
                                              const C* delta_all, Work<C>& w) {
   const int64_t hq = p.heads_q, d = p.head_dim, dv = p.head_dim_v;
-  const int64_t tiles = (p.seqlen_q + kBM - 1) / kBM;
+  const int64_t tiles = q_tiles(p);
   const int64_t it = task % tiles, h = (task / tiles) % hq, s = task / tiles / hq;
   const Seq g = seq_of(p, s);
   const int64_t i0 = it * kBM;
@@ -486,16 +542,8 @@ LLMCORE_ALWAYS_INLINE inline void bwd_q_task(const AttentionParams& p, int64_t t
     load_cols(kb, p.k_stride[2], j0, nj, d, w.kt.data());
     load_cols(vb, p.v_stride[2], j0, nj, dv, w.vt.data());
     bwd_tile(p, g, h, i0, mi, j0, nj, r.lse, r.delta, w);
-    const C* ds = w.dp.data();
-    for (int64_t i = 0; i < mi; ++i) {
-      C* dqrow = dq + i * d;
-      for (int64_t j = 0; j < nj; ++j) {
-        const C a = ds[i * kBN + j];
-        const C* krow = kb + (j0 + j) * p.k_stride[2];
-#pragma omp simd
-        for (int64_t c = 0; c < d; ++c) dqrow[c] += a * krow[c];
-      }
-    }
+    // dQ (mi, d) += dS (mi, nj) @ K (nj, d)
+    gemm_acc(mi, d, nj, w.dp.data(), kBN, 1, kb + j0 * p.k_stride[2], p.k_stride[2], dq, d);
   }
   const C scale = C(p.scale);
   C* dqb = static_cast<C*>(p.dq) + ((g.b * hq + h) * p.seqlen_q + g.q0 + i0) * d;
@@ -549,9 +597,6 @@ inline void bwd_q_any(const AttentionParams& p, int64_t t, const double* d, Work
   bwd_q_task_f64(p, t, d, w);
 }
 
-// Tasks: (sequence, head, tile) with seqlen_q / seqlen_k tiles per sequence. For varlen these
-// are the packed totals (B == 1), an upper bound on every sequence: tasks past a sequence's end
-// return at once.
 int64_t num_seqs(const AttentionParams& p) { return p.cu_seqlens_q ? p.num_seqs : p.batch; }
 
 int team(const AttentionParams& p, int64_t tasks) {
@@ -562,7 +607,7 @@ int team(const AttentionParams& p, int64_t tasks) {
 
 template <typename C>
 void fwd_impl(const AttentionParams& p) {
-  const int64_t tasks = num_seqs(p) * p.heads_q * ((p.seqlen_q + kBM - 1) / kBM);
+  const int64_t tasks = num_seqs(p) * p.heads_q * q_tiles(p);
   const int nt = team(p, tasks);
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
@@ -576,8 +621,8 @@ template <typename C>
 void bwd_impl(const AttentionParams& p) {
   const int64_t rows = p.batch * p.heads_q * p.seqlen_q;
   std::vector<C> delta(rows);
-  const int64_t q_tasks = num_seqs(p) * p.heads_q * ((p.seqlen_q + kBM - 1) / kBM);
-  const int64_t kv_tasks = num_seqs(p) * p.heads_kv * ((p.seqlen_k + kBN - 1) / kBN);
+  const int64_t q_tasks = num_seqs(p) * p.heads_q * q_tiles(p);
+  const int64_t kv_tasks = num_seqs(p) * p.heads_kv * k_tiles(p);
   const int nt = team(p, q_tasks + kv_tasks);
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {

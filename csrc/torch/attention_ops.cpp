@@ -9,6 +9,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -115,11 +116,15 @@ Prepared prepare(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                       "1-D of the same length batch + 1, got ", r.cu_q.sizes(), " and ",
                       r.cu_k.sizes());
     // offsets are host memory here: validate them, the kernel indexes with them
-    for (auto [name, cu, total] : {std::make_tuple("cu_seqlens_q", &r.cu_q, Nq),
-                                   std::make_tuple("cu_seqlens_k", &r.cu_k, Nk)}) {
+    for (auto [name, cu, total, max_len] :
+         {std::make_tuple("cu_seqlens_q", &r.cu_q, Nq, &p.max_len_q),
+          std::make_tuple("cu_seqlens_k", &r.cu_k, Nk, &p.max_len_k)}) {
       const int64_t* o = cu->const_data_ptr<int64_t>();
       bool ok = o[0] == 0 && o[cu->numel() - 1] == total;
-      for (int64_t s = 1; s < cu->numel(); ++s) ok = ok && o[s] >= o[s - 1];
+      for (int64_t s = 1; s < cu->numel(); ++s) {
+        ok = ok && o[s] >= o[s - 1];
+        *max_len = std::max(*max_len, o[s] - o[s - 1]);
+      }
       TORCH_CHECK_VALUE(ok, name, " must start at 0, be non-decreasing and end at ", total);
     }
     p.cu_seqlens_q = r.cu_q.const_data_ptr<int64_t>();

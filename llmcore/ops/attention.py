@@ -348,8 +348,9 @@ def _flash_attn_core(q, k, v, *, scale, window, bottom_right, softcap, attn_mask
 # ---------------------------------------------------------------------------- triton backend
 # Two torch.library ops in namespace llmcore_triton (the C++ extension owns `llmcore`): forward
 # (q, k, v, ...) -> (out, lse) and backward -> (dq, dk, dv, d attn_mask), with fake impls for
-# tracing and the backward registered as the forward's autograd (lse has no gradient). The kernels (llmcore.kernels.triton.attention)
-# are imported on first use, so importing llmcore never imports triton. The dropout seed is drawn
+# tracing and the backward registered as the forward's autograd (lse has no gradient). The
+# kernels (llmcore.kernels.triton.attention) are imported on first use, so importing llmcore
+# never imports triton. The dropout seed is drawn
 # before the op, from torch's generator for q's device, and passed in: the ops stay pure
 # functions of their inputs (opcheck, torch.compile) and torch.manual_seed reproduces a run.
 # Scalars travel packed: floats (scale, softcap, dropout_p), ints (window left, window right,

@@ -46,6 +46,7 @@ struct AttentionParams {
   const int64_t* cu_seqlens_q = nullptr;  // (S + 1,) offsets, or null (dense)
   const int64_t* cu_seqlens_k = nullptr;
   int64_t num_seqs = 0;            // S (varlen only)
+  int64_t max_len_q = 0, max_len_k = 0;  // varlen: the longest sequences (size the task grid)
   double dropout_p = 0.0;
   uint64_t seed = 0;
 
