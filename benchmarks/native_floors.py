@@ -1,6 +1,6 @@
 """Rough CPU timing of the native kernels against eager PyTorch (a measurement script, not a test).
 
-    python csrc/tests/bench_native.py [--reps 5] [--cases layer_norm rms_norm ...]
+    python benchmarks/native_floors.py [--reps 5] [--cases layer_norm rms_norm ...]
 
 Each case runs forward + backward; time is the median over reps after one warm-up. Peak memory is
 the growth of the process's peak RSS (VmHWM) during one forward + backward, measured in a fresh
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import llmcore
 
 
-CASES = ("layer_norm", "rms_norm", "cross_entropy", "linear_cross_entropy")
+CASES = ("layer_norm", "rms_norm", "cross_entropy", "linear_cross_entropy", "attention")
 
 
 def _case(name: str, backend: str):
@@ -62,6 +62,22 @@ def _case(name: str, backend: str):
             loss = (F.cross_entropy(x @ w.t(), t) if backend == "eager"
                     else llmcore.linear_cross_entropy(x, w, t, backend=backend))
             torch.autograd.grad(loss, [x, w])
+        return make, run
+    if name == "attention":
+        def make():
+            q, k, v = (torch.randn(2, 8, 1024, 64, requires_grad=True) for _ in range(3))
+            return q, k, v, torch.randn(2, 8, 1024, 64)
+
+        def run(q, k, v, do):
+            if backend == "eager":        # materialised: scores, causal mask, softmax, matmul
+                s = (q @ k.transpose(-1, -2)) * 64 ** -0.5
+                causal = torch.ones(1024, 1024, dtype=torch.bool).tril()
+                o = s.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+            elif backend == "sdpa":
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                o = llmcore.attention(q, k, v, is_causal=True, backend=backend)
+            torch.autograd.grad(o, [q, k, v], do)
         return make, run
     raise ValueError(name)
 
@@ -113,10 +129,19 @@ def main():
             out = subprocess.run([sys.executable, __file__, "--peak", name, backend],
                                  capture_output=True, text=True, check=True)
             row[backend] = (med, lo, hi, json.loads(out.stdout))
+        if name == "attention":           # the issue also compares with PyTorch's fused SDPA
+            med, lo, hi = _time(name, "sdpa", args.reps)
+            out = subprocess.run([sys.executable, __file__, "--peak", name, "sdpa"],
+                                 capture_output=True, text=True, check=True)
+            row["sdpa"] = (med, lo, hi, json.loads(out.stdout))
         (em, elo, ehi, epk), (nm, nlo, nhi, npk) = row["eager"], row["native"]
-        print(f"{name:22s} eager {em * 1e3:8.1f} ms [{elo * 1e3:.1f}-{ehi * 1e3:.1f}] "
-              f"peak +{epk:7.1f} MiB | native {nm * 1e3:8.1f} ms [{nlo * 1e3:.1f}-{nhi * 1e3:.1f}]"
-              f" peak +{npk:7.1f} MiB | speedup {em / nm:5.2f}x, memory {npk / max(epk, 1e-9):4.2f}x")
+        line = (f"{name:22s} eager {em * 1e3:8.1f} ms [{elo * 1e3:.1f}-{ehi * 1e3:.1f}] "
+                f"peak +{epk:7.1f} MiB | native {nm * 1e3:8.1f} ms [{nlo * 1e3:.1f}-{nhi * 1e3:.1f}]"
+                f" peak +{npk:7.1f} MiB | speedup {em / nm:5.2f}x, memory {npk / max(epk, 1e-9):4.2f}x")
+        if "sdpa" in row:
+            sm, _, _, spk = row["sdpa"]
+            line += f" | sdpa {sm * 1e3:.1f} ms peak +{spk:.1f} MiB: native {sm / nm:4.2f}x sdpa's speed"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":
