@@ -92,7 +92,7 @@ def _train_flags(args, names) -> dict:
 _COMMON = ("out", "max_steps", "batch_size", "lr", "seed", "save_every", "eval_every",
            "device", "backend", "data", "eval_data", "epochs", "weight_decay", "warmup_steps",
            "schedule", "grad_accum", "precision", "dropout", "log_every", "patience",
-           "keep_last", "tokenizer")
+           "keep_last", "tokenizer", "fsdp")
 
 
 def _finish(kind: str, summary: dict) -> None:
@@ -225,6 +225,9 @@ def _add_run_flags(p) -> None:
     a("--device", choices=("auto", "cpu", "cuda"))
     a("--backend", choices=("auto", "triton", "native", "torch"))
     a("--precision", choices=("auto", "fp32", "bf16", "fp16"))
+    a("--fsdp", action="store_true", default=None,
+      help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) "
+      "instead of DDP")
     a("--tokenizer", metavar="PATH", help="tokenizer.json or HF tokenizer dir to use")
     a("--no-progress", dest="progress", action="store_false", default=None,
       help="no progress bar")

@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.export
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -40,6 +41,11 @@ class TransformerOutput:
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
+
+
+# A pytree node, so that wrappers that walk a module's outputs (FSDP2's root forward hooks,
+# torch.export) see the tensors inside it.
+torch.export.register_dataclass(TransformerOutput)
 
 
 @dataclass

@@ -48,10 +48,12 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A state_dict safetensors can store: contiguous CPU tensors, shared storage cloned."""
+def model_state(model: torch.nn.Module | dict) -> dict[str, torch.Tensor]:
+    """A state_dict safetensors can store: contiguous CPU tensors, shared storage cloned.
+    `model`: a module, or a state dict already gathered from an FSDP model."""
     out, seen = {}, {}
-    for k, v in model.state_dict().items():
+    state = model if isinstance(model, dict) else model.state_dict()
+    for k, v in state.items():
         t = v.detach().to("cpu").contiguous()
         ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         out[k] = t.clone() if ptr in seen else t
@@ -59,10 +61,23 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(root: str | os.PathLike, step: int, *, model: torch.nn.Module,
+def write_errors() -> tuple[type[BaseException], ...]:
+    """What a failed write (a full disk, a lost permission) raises on the way out: OSError from
+    plain writes and fsync, RuntimeError from torch.save ("PytorchStreamWriter failed writing
+    file ..."), SafetensorError from safetensors ("IoError(... StorageFull ...)")."""
+    from safetensors import SafetensorError
+    return (OSError, RuntimeError, SafetensorError)
+
+
+def error_reason(exc: BaseException) -> str:
+    return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, *, model: torch.nn.Module | dict,
                     trainer_state: dict, config: dict, keep_last: int = 2) -> Path:
     """Write checkpoint `step` atomically under `root` (OUT/checkpoints) and delete all but the
-    newest `keep_last` complete checkpoints. Returns the checkpoint's directory."""
+    newest `keep_last` complete checkpoints. Returns the checkpoint's directory. `model`: the
+    module, or its full state dict (gathered from an FSDP model)."""
     from safetensors.torch import save_file
 
     root = Path(root)
@@ -90,9 +105,9 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, model: torch.nn.Modul
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_path(root)
-    except OSError as exc:
+    except write_errors() as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not write checkpoint {final}: {exc.strerror or exc}") from exc
+        raise CheckpointError(f"could not write checkpoint {final}: {error_reason(exc)}") from exc
     prune(root, keep_last)
     return final
 
@@ -144,12 +159,14 @@ def latest_complete(root: str | os.PathLike) -> Path | None:
     return None
 
 
-def load_checkpoint(ckpt: Path, model: torch.nn.Module) -> dict:
-    """Load the model weights into `model` and return the trainer state."""
+def load_checkpoint(ckpt: Path, model: torch.nn.Module, *, load_state=None) -> dict:
+    """Load the model weights into `model` and return the trainer state. `load_state(state)`
+    replaces `model.load_state_dict(state)` (FSDP: each rank keeps its shard of the full
+    state)."""
     from safetensors.torch import load_file
 
     state = load_file(str(ckpt / "model.safetensors"))
-    model.load_state_dict(state)
+    (load_state or model.load_state_dict)(state)
     return torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
 
 

@@ -75,6 +75,7 @@ class TrainConfig:
     precision: str = "auto"             # bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False
     activation_checkpointing: bool = False
+    fsdp: bool = False                  # under torchrun: FSDP2 (sharded) instead of DDP
     num_threads: int = 0                # CPU intra-op threads; 0: torch's default
     progress: bool = True
 
@@ -115,6 +116,11 @@ class TrainConfig:
         need(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(isinstance(self.model, dict), f"model must be a dict of overrides, got {self.model!r}")
+        if self.fsdp:
+            need(self.precision != "fp16", "fsdp supports precision fp32 or bf16, not fp16 "
+                 "(its GradScaler does not handle sharded gradients)")
+            need(self.adversarial is None, "adversarial training (fgm) is not supported with "
+                 "fsdp: it perturbs the full embedding table, which fsdp shards")
 
     # --- (de)serialisation -----------------------------------------------------------------
     def to_dict(self) -> dict:

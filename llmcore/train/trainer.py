@@ -7,7 +7,7 @@ processes and `grad_accum` micro-batches each:
 
 where n_m counts the targets of micro-batch m and N = sum n_m over the global batch (all-reduced
 before the backward). Each rank back-propagates mean_loss_m * n_m * world / N, because DDP
-averages gradients over ranks. So the gradient is that of the mean over every valid target of
+(and FSDP2's reduce-scatter, with `fsdp`) averages gradients over ranks. So the gradient is that of the mean over every valid target of
 the global batch, however the batch is split: 1 process x 2 micro-batches, 2 processes x 1, or
 one batch of 16 give the same step up to float rounding.
 
@@ -123,12 +123,17 @@ class Trainer:
             per_epoch = len(train_data) / config.batch_size
             self.total_steps = max(1, min(config.max_steps, math.ceil(config.epochs * per_epoch)))
         self.precision = self._precision()
+        # FSDP2 shards the parameters in place, so before the optimizer sees them
+        self.fsdp = config.fsdp and self.info.enabled
+        if self.fsdp:
+            dist.wrap_fsdp(self.model, self.info,
+                           bf16=self.precision == "bf16" and self.device.type == "cuda")
         self.optimizer = build_optimizer(self.model, config, self.device)
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
         self.scaler = (torch.amp.GradScaler("cuda") if self.precision == "fp16" else None)
         self.sampler = EpochSampler(len(train_data), config.seed)
         engine = torch.compile(self.model) if config.compile else self.model
-        self.engine = dist.wrap_ddp(engine, self.info)
+        self.engine = engine if self.fsdp else dist.wrap_ddp(engine, self.info)
         # counters (all saved in checkpoints)
         self.step = 0
         self.tokens = 0
@@ -180,9 +185,15 @@ class Trainer:
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                ignore_index=IGNORE_INDEX, label_smoothing=self.cfg.label_smoothing)
 
-    def _zero_loss(self) -> torch.Tensor:
+    def _zero_loss(self, batch: dict) -> torch.Tensor:
         """A zero that touches every parameter: a micro-batch with no valid target still takes
-        part in DDP's gradient reduction."""
+        part in DDP's gradient reduction. Under FSDP every rank must run the same forwards and
+        backwards (they all-gather and reduce-scatter), so the zero is 0 * sum(logits) of a
+        forward without labels."""
+        if self.fsdp:
+            out = self.engine(**{k: v for k, v in self._to_device(batch).items()
+                                 if k != "labels"})
+            return out.logits.float().sum() * 0.0
         return sum(p.reshape(-1)[0] * 0.0 for p in self.model.parameters() if p.requires_grad)
 
     def _backward_pass(self, batches, counts, n_global: torch.Tensor) -> torch.Tensor:
@@ -192,14 +203,18 @@ class Trainer:
         share = torch.zeros((), device=self.device)
         for m, (batch, n) in enumerate(zip(batches, counts)):
             last = m == len(batches) - 1
-            sync = contextlib.nullcontext() if (last or not self.info.enabled) \
-                else self.engine.no_sync()
+            if self.fsdp:                  # FSDP2: reduce-scatter on the last micro-batch only
+                self.model.set_requires_gradient_sync(last)
+                sync = contextlib.nullcontext()
+            else:
+                sync = contextlib.nullcontext() if (last or not self.info.enabled) \
+                    else self.engine.no_sync()
             with sync:
                 if n == 0 and not self.info.enabled:
                     continue
                 with self._autocast():
                     if n == 0:
-                        loss = scaled = self._zero_loss()
+                        loss = scaled = self._zero_loss(batch)
                     else:
                         loss = self._loss(self._to_device(batch))
                         scaled = loss * (n * world / n_global)
@@ -252,7 +267,7 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = dist.local_value(torch.nn.utils.clip_grad_norm_(params, max_norm))
         dist.all_reduce_sum(share, self.info)
         # the one host sync of the step: the loss, the gradient norm, the global token count
         loss, gnorm, tokens = torch.stack([share, norm.float(), totals[1]]).tolist()
@@ -292,7 +307,8 @@ class Trainer:
                      else None)
         return evaluate_model(self.model, data, task=self.task, micro=self.micro,
                               label_map=self.label_map, info=self.info,
-                              autocast=self._autocast, max_items=max_items)
+                              autocast=self._autocast, max_items=max_items,
+                              lockstep=self.fsdp)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -302,7 +318,9 @@ class Trainer:
             "nonfinite_in_row": self.nonfinite_in_row, "best": self.best,
             "best_step": self.best_step, "bad_evals": self.bad_evals,
             "wall_seconds": self.wall_before + (time.perf_counter() - self._t0),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "optimizer": (dist.full_optimizer_state(self.model, self.optimizer) if self.fsdp
+                          else self.optimizer.state_dict()),
+            "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "sampler": self.sampler.state_dict(),
             "rng": dist.gather_objects(_rng_state(), self.info),
@@ -312,10 +330,11 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         state = self._trainer_state()         # every rank joins the RNG gather
+        model = dist.full_model_state(self.model) if self.fsdp else self.model
         path = None
         self._last_ckpt_step = self.step
         if self.info.is_main:
-            path = ckpt.save_checkpoint(self.out / "checkpoints", self.step, model=self.model,
+            path = ckpt.save_checkpoint(self.out / "checkpoints", self.step, model=model,
                                         trainer_state=state, config=self.cfg.to_dict(),
                                         keep_last=self.cfg.keep_last)
         dist.barrier(self.info)
@@ -326,9 +345,21 @@ class Trainer:
         when there is none."""
         found = ckpt.latest_complete(self.out / "checkpoints")
         if found is None:
+            n = len(ckpt.list_checkpoints(self.out / "checkpoints"))
+            if n:                            # starting over would silently throw the run away
+                raise TrainingError(
+                    f"--resume: no intact checkpoint in {self.out / 'checkpoints'}: all {n} "
+                    "checkpoint(s) failed verification (see the warnings); restore one, or "
+                    "start again with --overwrite")
             return 0
-        state = ckpt.load_checkpoint(found, self.model)
-        self.optimizer.load_state_dict(state["optimizer"])
+        state = ckpt.load_checkpoint(
+            found, self.model,
+            load_state=(lambda sd: dist.load_full_model_state(self.model, sd)) if self.fsdp
+            else None)
+        if dist.keyed_by_name(state["optimizer"]):       # written by an FSDP run
+            dist.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
@@ -362,8 +393,9 @@ class Trainer:
         value, improved = self._better(metrics)
         if improved:
             self.best, self.best_step, self.bad_evals = value, self.step, 0
+            full = dist.full_model_state(self.model) if self.fsdp else None
             if self.info.is_main:
-                self._save_model(self.out / "best")
+                self._save_model(self.out / "best", full)
         else:
             self.bad_evals += 1
         if self.cfg.patience and self.bad_evals >= self.cfg.patience:
@@ -372,19 +404,34 @@ class Trainer:
             return True
         return False
 
-    def _save_model(self, directory: Path) -> None:
+    def _save_model(self, directory: Path, full_state: dict | None = None) -> None:
+        """`_publish_model`, with a failed write (a full disk) turned into a CheckpointError and
+        the temporary directory removed; `directory` keeps its previous content."""
+        try:
+            self._publish_model(directory, full_state)
+        except ckpt.write_errors() as exc:
+            shutil.rmtree(directory.with_name(f".{directory.name}.tmp{os.getpid()}"),
+                          ignore_errors=True)
+            raise ckpt.CheckpointError(f"could not write the model to {directory}: "
+                                       f"{ckpt.error_reason(exc)}") from exc
+
+    def _publish_model(self, directory: Path, full_state: dict | None = None) -> None:
         """Model (safetensors + config), tokenizer, label map and run config, published by
-        renaming a complete temporary directory."""
+        renaming a complete temporary directory. full_state: the model's state gathered from
+        FSDP shards (`dist.full_model_state`), written instead of `model.state_dict()`."""
         import json
 
         tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        if hasattr(self.model, "save"):
+        if full_state is None and hasattr(self.model, "save"):
             self.model.save(tmp)
         else:
             from safetensors.torch import save_file
-            save_file(ckpt.model_state(self.model), str(tmp / "model.safetensors"))
+            save_file(ckpt.model_state(self.model if full_state is None else full_state),
+                      str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            if hasattr(getattr(self.model, "config", None), "to_json"):    # as Transformer.save
+                (tmp / "config.json").write_text(self.model.config.to_json())
         if self.tokenizer is not None:
             self.tokenizer.save(tmp)
         if self.label_map is not None:
@@ -462,8 +509,9 @@ class Trainer:
                 self.save_checkpoint()
             wall = self.wall_before + (time.perf_counter() - self._t0)
             summary = self._summary(wall)
+            full = dist.full_model_state(self.model) if self.fsdp else None
             if info.is_main:
-                self._save_model(self.out / "final")
+                self._save_model(self.out / "final", full)
                 log.plot()
                 write_summary(self.out, summary)
             dist.barrier(info)
@@ -512,10 +560,13 @@ class Trainer:
 
 @torch.no_grad()
 def evaluate_model(model, data, *, task: str, micro: int, label_map=None, info=None,
-                   autocast=contextlib.nullcontext, max_items: int | None = None) -> dict:
+                   autocast=contextlib.nullcontext, max_items: int | None = None,
+                   lockstep: bool = False) -> dict:
     """eval_loss (mean over every valid target) and eval_perplexity for LM tasks; eval_loss,
     eval_accuracy and eval_macro_f1 for classification. The first `max_items` items of `data`
-    are split into contiguous slices over the ranks and summed with all-reduce."""
+    are split into contiguous slices over the ranks and summed with all-reduce. lockstep (FSDP,
+    whose forward is a collective): every rank runs the same number of forwards, repeating its
+    first micro-batch with weight 0 where its slice is shorter or has no valid target."""
     info = info or dist.DistInfo()
     device = next(model.parameters()).device
     was_training = model.training
@@ -526,11 +577,18 @@ def evaluate_model(model, data, *, task: str, micro: int, label_map=None, info=N
     n_cls = len(label_map) if label_map else 0
     confusion = torch.zeros(n_cls * n_cls, device=device, dtype=torch.float64)
     want_logits = _accepts_return_logits(model)
-    for start in range(lo, hi, micro):
-        idx = np.arange(start, min(start + micro, hi))
+    starts = list(range(lo, hi, micro))
+    if lockstep:                        # the longest slice has ceil(n / world) items
+        n_fwd = math.ceil(math.ceil(n / info.world_size) / micro)
+        starts += [None] * (n_fwd - len(starts))
+    for start in starts:
+        idx = np.arange(lo, min(lo + micro, hi)) if start is None \
+            else np.arange(start, min(start + micro, hi))
+        if len(idx) == 0:               # lockstep, an empty slice: any valid item will do
+            idx = np.arange(0, 1)
         batch = data.batch(idx, 0, idx)
-        count = valid_count(task, batch)
-        if count == 0:
+        count = 0 if start is None else valid_count(task, batch)
+        if count == 0 and not lockstep:
             continue
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
@@ -538,6 +596,8 @@ def evaluate_model(model, data, *, task: str, micro: int, label_map=None, info=N
                 out = model(**batch)
             else:
                 out = model(**batch, return_logits=True)
+        if count == 0:
+            continue
         sums[0] += out.loss.double() * count
         sums[1] += count
         if task not in LM_TASKS:
@@ -546,6 +606,8 @@ def evaluate_model(model, data, *, task: str, micro: int, label_map=None, info=N
             pred = out.logits.argmax(-1)
             confusion += torch.bincount(labels[keep] * n_cls + pred[keep],
                                         minlength=n_cls * n_cls).double()
+    if lockstep:
+        dist.reshard(model)
     dist.all_reduce_sum(sums, info)
     eval_loss = (sums[0] / sums[1].clamp_min(1)).item()
     metrics = {"eval_loss": eval_loss}
