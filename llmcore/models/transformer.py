@@ -33,6 +33,7 @@ from llmcore import backends
 from llmcore.models import heads
 from llmcore.models.config import TransformerConfig
 from llmcore.nn import LayerNorm, RMSNorm
+from llmcore.nn.attention import apply_rotary
 from llmcore.ops.attention import flash_attn_func, flash_attn_varlen_func
 
 
@@ -90,13 +91,6 @@ def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float):
     angles = positions.float()[:, None] * inv_freq[None, :]          # (P, D/2)
     angles = torch.cat((angles, angles), dim=-1)                      # (P, D)
     return angles.cos(), angles.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (..., P, H, D) rotated: x * cos + rotate_half(x) * sin, rotate_half(a, b) = (-b, a)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
 
 
 def _norm(cfg: TransformerConfig, dim: int | None = None) -> nn.Module:

@@ -22,11 +22,17 @@ class KVCache:
         return key, value
 
 
-def _rotate(x, cos, sin):
-    # x (B, N, H, D); cos, sin (N, D) or (B, N, D). Half-split rotary (Llama / HF convention):
-    # x * cos + rotate_half(x) * sin, rotate_half(x1, x2) = (-x2, x1).
+def apply_rotary(x, cos, sin):
+    """Half-split rotary embedding (the Llama / HF convention), in x's dtype:
+    x * cos + rotate_half(x) * sin, rotate_half(x1, x2) = (-x2, x1). cos, sin broadcast against
+    x (..., D)."""
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos.unsqueeze(-2) + torch.cat([-x2, x1], dim=-1) * sin.unsqueeze(-2)
+    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+
+def _rotate(x, cos, sin):
+    # x (B, N, H, D); cos, sin (N, D) or (B, N, D): broadcast over the heads
+    return apply_rotary(x, cos.unsqueeze(-2), sin.unsqueeze(-2))
 
 
 class SelfAttention(torch.nn.Module):
