@@ -115,3 +115,40 @@ def test_cpu_peak_memory_in_a_child_process():
     assert "error" not in fwd and "error" not in both, (fwd, both)
     assert 3.5 <= fwd["peak_mb"] <= 12, fwd
     assert 7.5 <= both["peak_mb"] <= 24, both
+
+
+def test_overhead_op_times_every_public_op_per_call(tmp_path):
+    cfg = BenchConfig(size_set="tiny", ops=["overhead"], providers=["torch", "llmcore_native"],
+                      out=str(tmp_path), memory=False, plots=True)
+    if harness.plan(BenchConfig(ops=["overhead"]))[1]:  # native not built: torch alone
+        cfg.providers = ["torch"]
+    result = harness.run(cfg)
+    assert result["errors"] == []
+    recs = result["records"]
+    variants = {"layer_norm", "rms_norm", "cross_entropy", "linear_ce", "attention"}
+    for provider in cfg.providers:
+        for mode in ("fwd", "fwd+bwd"):
+            got = {r["variant"] for r in recs if (r["provider"], r["mode"]) == (provider, mode)}
+            assert got == variants, (provider, mode, got)
+    for r in recs:
+        assert r["throughput_unit"] == "calls/s"
+        assert r["input_sets"] == 1                 # one call on one input set, no rotation
+        assert r["cpu_ms"] > 0 and r["ms"] > 0
+        assert r["throughput"] == pytest.approx(1e3 / r["ms"])
+    assert "overhead" in (tmp_path / "results.md").read_text()
+    assert not list(tmp_path.glob("overhead*.png"))  # nothing swept, nothing plotted
+
+
+def test_skip_reason_lists_a_case_as_skipped_not_failed(tmp_path, monkeypatch):
+    from llmcore.benchmarks import overhead
+
+    bench = overhead.BENCHES["overhead"]
+    monkeypatch.setattr(bench, "skip_reason",
+                        lambda p, s, d: "no kernel here" if s["variant"] == "attention" else None)
+    result = harness.run(BenchConfig(size_set="tiny", ops=["overhead"], providers=["torch"],
+                                     modes=["fwd"], out=str(tmp_path), memory=False,
+                                     plots=False))
+    assert result["errors"] == []
+    assert "attention" not in {r["variant"] for r in result["records"]}
+    assert any("attention" in s["reason"] and "no kernel here" in s["reason"]
+               for s in result["skipped"])

@@ -7,6 +7,7 @@ OP_MODULES = {
     "cross_entropy": "cross_entropy", "linear_cross_entropy": "cross_entropy",
     "attention": "attention", "attention_varlen": "attention",
     "train_step": "train_step",
+    "overhead": "overhead",
 }
 OPS = tuple(OP_MODULES)
 MODES = ("fwd", "bwd", "fwd+bwd", "step")

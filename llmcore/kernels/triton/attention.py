@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llmcore.kernels.triton._host import cdiv, next_power_of_2
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 LOG2E = 1.4426950408889634  # log2(e)
@@ -709,9 +711,9 @@ class _Features:
             raise ValueError(f"query heads ({self.H}) must be a multiple of key/value heads "
                              f"({self.Hkv})")
         self.group = self.H // self.Hkv
-        self.block_d = max(16, triton.next_power_of_2(self.D))
-        self.block_dv = max(16, triton.next_power_of_2(self.Dv))
-        self.seq_bucket = min(triton.next_power_of_2(max(self.Nq, 1)), 8192)
+        self.block_d = max(16, next_power_of_2(self.D))
+        self.block_dv = max(16, next_power_of_2(self.Dv))
+        self.seq_bucket = min(next_power_of_2(max(self.Nq, 1)), 8192)
         left, right = (int(w) for w in window)
         self.window_left, self.window_right = max(left, 0), max(right, 0)
         self.has_wl, self.has_wr = left >= 0, right >= 0
@@ -804,7 +806,7 @@ def attention_fwd(q, k, v, *, scale, window=(-1, -1), bottom_right=False, softca
             *_strides4(q, f.varlen), *_strides4(k, f.varlen), *_strides4(v, f.varlen),
             *_strides4(out, f.varlen), *f.lse_strides(lse), *f.mask_strides(),
             *f.slope_strides(), *f.sizes(), *f.score_args(), f.seq_bucket)
-    _launch(_fwd_kernel, lambda meta: triton.cdiv(f.Nq, meta["BLOCK_M"]), f.H, f.B, args,
+    _launch(_fwd_kernel, lambda meta: cdiv(f.Nq, meta["BLOCK_M"]), f.H, f.B, args,
             f.consts())
     return out, lse
 
@@ -837,7 +839,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, *, scale, window=(-1, -1), bottom
     delta = torch.empty_like(lse)  # rowsum(do * o), fp32, lse's layout
     lse_strides = f.lse_strides(lse)
     delta_block = 32 if _INTERPRET else 64
-    _attn_bwd_delta_kernel[(triton.cdiv(f.Nq, delta_block), f.H, f.B)](
+    _attn_bwd_delta_kernel[(cdiv(f.Nq, delta_block), f.H, f.B)](
         out, grad_out, delta, q if f.cu_q is None else f.cu_q,
         *_strides4(out, f.varlen), *_strides4(grad_out, f.varlen), *lse_strides,
         f.Nq, f.Dv, BLOCK_M=delta_block, BLOCK_DV=f.block_dv, IS_VARLEN=f.varlen)
@@ -846,11 +848,11 @@ def attention_bwd(grad_out, q, k, v, out, lse, *, scale, window=(-1, -1), bottom
               *_strides4(v, f.varlen), *_strides4(grad_out, f.varlen))
     tail = (*f.mask_strides(), *f.slope_strides(), *f.sizes(), f.scale, *f.score_args(),
             f.seq_bucket)
-    _launch(_dq_kernel, lambda meta: triton.cdiv(f.Nq, meta["BLOCK_M"]), f.H, f.B,
+    _launch(_dq_kernel, lambda meta: cdiv(f.Nq, meta["BLOCK_M"]), f.H, f.B,
             (q, k, v, grad_out, dq, q if dmask is None else dmask, lse, delta, *common,
              *_strides4(dq, f.varlen), *lse_strides, *tail),
             {**f.consts(), "MASK_GRAD": mask_grad})
-    _launch(_dkdv_kernel, lambda meta: triton.cdiv(f.Nk, meta["BLOCK_N"]), f.Hkv, f.B,
+    _launch(_dkdv_kernel, lambda meta: cdiv(f.Nk, meta["BLOCK_N"]), f.Hkv, f.B,
             (q, k, v, grad_out, dk, dv, lse, delta, *common, *_strides4(dk, f.varlen),
              *_strides4(dv, f.varlen), *lse_strides, *tail), f.consts())
     return dq, dk, dv, _reduce_dmask(dmask, attn_mask)
@@ -885,7 +887,7 @@ def dropout_mask(seed: torch.Tensor, dropout_p: float, batch: int, heads: int, s
     if keep.numel() == 0:
         return keep.bool()
     block = 32
-    grid = (triton.cdiv(seqlen_q, block), triton.cdiv(seqlen_k, block), batch * heads)
+    grid = (cdiv(seqlen_q, block), cdiv(seqlen_k, block), batch * heads)
     _dropout_mask_kernel[grid](keep, seed, float(dropout_p), seqlen_q, seqlen_k,
                                BLOCK_M=block, BLOCK_N=block)
     return keep.bool()
