@@ -3,8 +3,11 @@
 # build llmcore._native with its CUDA kernels, run the GPU tests, then the benchmarks in order of
 # importance, each stage with its own time budget and writing its results as it goes.
 #
-#   benchmarks/gpu_check.sh [OUT_DIR]        OUT_DIR defaults to $OUT, else
-#                                            benchmarks/results/gpu-<UTC date and time>
+#   benchmarks/gpu_check.sh [OUT_DIR]        OUT_DIR defaults to benchmarks/results/gpu-<UTC
+#                                            date and time>; on the device machine ($OUT set,
+#                                            no OUT_DIR) it is /tmp/gpu_check, packed after every
+#                                            stage into $OUT/gpu_check.tar.gz (the device brings
+#                                            back at most 8 files), with gpu_check.log beside it
 #
 # Stages (GPU_CHECK_STAGES, default "build tests ops profile steps"):
 #   build    pip install --no-build-isolation --no-deps -e . (CUDA arch 90 unless
@@ -27,11 +30,24 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
-out=${1:-${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%dT%H%M%SZ)}}
+archive=${GPU_CHECK_ARCHIVE:-}
+if [ $# -ge 1 ]; then
+    out=$1
+elif [ -n "${OUT:-}" ]; then
+    out=/tmp/gpu_check
+    archive=${archive:-$OUT/gpu_check.tar.gz}
+else
+    out=benchmarks/results/gpu-$(date -u +%Y%m%dT%H%M%SZ)
+fi
 stages=${GPU_CHECK_STAGES:-build tests ops profile steps}
 mkdir -p "$out"
 summary="$out/gpu_check.log"
 say() { echo "[gpu_check $(date -u +%H:%M:%S)] $*" | tee -a "$summary"; }
+pack() {  # everything so far into the archive (if any), replaced whole, and the summary beside it
+    [ -n "$archive" ] || return 0
+    tar czf "$archive.part" -C "$out" . && mv "$archive.part" "$archive"
+    cp "$summary" "$(dirname "$archive")/gpu_check.log"
+}
 failed=0
 export PYTHONUNBUFFERED=1
 
@@ -125,6 +141,8 @@ for stage in $stages; do
         failed=1
         ;;
     esac
+    pack
 done
 say "done: $([ "$failed" = 0 ] && echo 'every stage passed' || echo 'a stage FAILED')"
+pack
 exit "$failed"
