@@ -9,22 +9,25 @@
 #                                            stage into $OUT/gpu_check.tar.gz (the device brings
 #                                            back at most 8 files), with gpu_check.log beside it
 #
-# Stages (GPU_CHECK_STAGES, default "build tests ops profile steps"):
+# Stages (GPU_CHECK_STAGES, default "build tests ops profile steps features"):
 #   build    pip install --no-build-isolation --no-deps -e . (CUDA arch 90 unless
 #            LLMCORE_CUDA_ARCHS says otherwise)                               ~1 min
-#   tests    pytest -m gpu                                       at most GPU_CHECK_TEST_S (150 s)
+#   tests    pytest -m gpu                                       at most GPU_CHECK_TEST_S (120 s)
 #   ops      llmcore bench: overhead (30 s), then fwd+bwd of linear_cross_entropy,
 #            cross_entropy, rms_norm, layer_norm against eager and liger when installed
-#                                                                GPU_CHECK_OPS_MINUTES (2)
+#                                                                GPU_CHECK_OPS_MINUTES (1.75)
 #   profile  torch.profiler tables of the gpt2-small train step (llmcore_auto and hf)  ~1 min
-#   steps    llmcore bench: train_step, attention, attention_varlen  GPU_CHECK_STEPS_MINUTES (2)
+#   steps    llmcore bench: train_step, attention                GPU_CHECK_STEPS_MINUTES (2)
+#   features llmcore bench: attention_features (window, softcap, ALiBi, documents, bool mask vs
+#            FlexAttention and SDPA), attention_varlen           GPU_CHECK_FEATURES_MINUTES (1)
 # Liger-Kernel is pure Python: put its wheel in .whl/ (see benchmarks/README.md) and carry .whl;
 # this script installs it to /tmp/site when it is there.
 #
 # Environment: PYTHON (default python3); GPU_CHECK_DRY_RUN=1 on a machine without CUDA runs
 # what the CPU can (the build, pytest -m gpu, which then skips everything, the suites with the
 # tiny sizes on the CPU, a CPU profile) to check the script itself.
-# Writes: gpu_check.log (the summary), build.log, pytest_gpu.log, info.txt, overhead/, ops/, steps/
+# Writes: gpu_check.log (the summary), build.log, pytest_gpu.log, info.txt, overhead/, ops/,
+# steps/, features/
 # (results.json, results.md, bench.log each), profile_*.txt. Exit status: 0 when every stage
 # passed, 1 when one failed, 2 when there is no CUDA device (and no dry run).
 set -uo pipefail
@@ -39,7 +42,7 @@ elif [ -n "${OUT:-}" ]; then
 else
     out=benchmarks/results/gpu-$(date -u +%Y%m%dT%H%M%SZ)
 fi
-stages=${GPU_CHECK_STAGES:-build tests ops profile steps}
+stages=${GPU_CHECK_STAGES:-build tests ops profile steps features}
 mkdir -p "$out"
 summary="$out/gpu_check.log"
 say() { echo "[gpu_check $(date -u +%H:%M:%S)] $*" | tee -a "$summary"; }
@@ -104,9 +107,9 @@ for stage in $stages; do
         "$py" -m llmcore info >"$out/info.txt" 2>&1
         ;;
     tests)
-        say "tests: pytest -m gpu (at most ${GPU_CHECK_TEST_S:-150} s)"
+        say "tests: pytest -m gpu (at most ${GPU_CHECK_TEST_S:-120} s)"
         t0=$SECONDS
-        timeout "${GPU_CHECK_TEST_S:-150}" "$py" -m pytest -q -m gpu -p no:cacheprovider tests \
+        timeout "${GPU_CHECK_TEST_S:-120}" "$py" -m pytest -q -m gpu -p no:cacheprovider tests \
             >"$out/pytest_gpu.log" 2>&1
         status=$?
         # 5 = no test collected, which is a failure here too: the GPU tests must exist
@@ -118,7 +121,7 @@ for stage in $stages; do
         peers=torch,llmcore_triton,llmcore_native
         "$py" -c "import liger_kernel" 2>/dev/null && peers=$peers,liger
         bench overhead 0.5 overhead torch,llmcore_triton,llmcore_native
-        bench ops "${GPU_CHECK_OPS_MINUTES:-2}" \
+        bench ops "${GPU_CHECK_OPS_MINUTES:-1.75}" \
             linear_cross_entropy,cross_entropy,rms_norm,layer_norm "$peers" --modes fwd+bwd
         ;;
     profile)
@@ -133,11 +136,15 @@ for stage in $stages; do
         done
         ;;
     steps)
-        bench steps "${GPU_CHECK_STEPS_MINUTES:-2}" train_step,attention,attention_varlen \
+        bench steps "${GPU_CHECK_STEPS_MINUTES:-2}" train_step,attention \
             torch,torch_compile,llmcore_auto,hf,sdpa,llmcore_triton
         ;;
+    features)
+        bench features "${GPU_CHECK_FEATURES_MINUTES:-1}" attention_features,attention_varlen \
+            sdpa,flex_attention,llmcore_triton
+        ;;
     *)
-        say "unknown stage '$stage' (stages: build tests ops profile steps)"
+        say "unknown stage '$stage' (stages: build tests ops profile steps features)"
         failed=1
         ;;
     esac

@@ -144,7 +144,7 @@ def test_skip_reason_lists_a_case_as_skipped_not_failed(tmp_path, monkeypatch):
 
     bench = overhead.BENCHES["overhead"]
     monkeypatch.setattr(bench, "skip_reason",
-                        lambda p, s, d: "no kernel here" if s["variant"] == "attention" else None)
+                        lambda p, s, d, m: "no kernel here" if s["variant"] == "attention" else None)
     result = harness.run(BenchConfig(size_set="tiny", ops=["overhead"], providers=["torch"],
                                      modes=["fwd"], out=str(tmp_path), memory=False,
                                      plots=False))
@@ -152,3 +152,25 @@ def test_skip_reason_lists_a_case_as_skipped_not_failed(tmp_path, monkeypatch):
     assert "attention" not in {r["variant"] for r in result["records"]}
     assert any("attention" in s["reason"] and "no kernel here" in s["reason"]
                for s in result["skipped"])
+
+
+@pytest.mark.parametrize("feature", ["window", "softcap", "alibi", "documents", "bool_mask"])
+def test_attention_features_providers_compute_the_same_attention(feature):
+    """The feature benchmark compares like with like: every provider that runs here gives the
+    same output (FlexAttention: forward, where it compiles on the CPU)."""
+    from llmcore import backends
+    from llmcore.benchmarks import attention_features as af
+
+    bench = af.BENCHES["attention_features"]
+    shape = next(s for s in bench.shapes("tiny", "cpu") if s["feature"] == feature)
+    inp = {k: v.double() for k, v in bench.inputs(shape, torch.float32, "cpu", 0).items()}
+    want = bench.function("torch", shape)(**inp)
+    providers = ["llmcore_native"] if "native" in backends.IMPLEMENTED["attention"] and \
+        backends.native_module() is not None else []
+    if feature != "softcap":
+        providers.append("sdpa")
+    for p in providers:
+        got = bench.function(p, shape)(**inp)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=f"{p} vs eager")
+    assert bench.work(shape, torch.float32, "fwd") == \
+        4 * shape["B"] * shape["H"] * shape["D"] * int(af.allowed(shape, "cpu").sum())

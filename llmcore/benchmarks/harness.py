@@ -117,9 +117,9 @@ class OpBench:
     def probe(self, provider: str, device: str) -> str | None:
         return _providers.probe(provider, self.families, device)
 
-    def skip_reason(self, provider: str, shape: dict, device: str) -> str | None:
-        """Why `provider` cannot run this one shape here (None: it can); such cases are listed
-        as skipped, not failed."""
+    def skip_reason(self, provider: str, shape: dict, device: str, mode: str) -> str | None:
+        """Why `provider` cannot run this one shape in this mode here (None: it can); such
+        cases are listed as skipped, not failed."""
         return None
 
     def inputs(self, shape: dict, dtype: torch.dtype, device: str, seed: int) -> dict:
@@ -513,15 +513,18 @@ def run(cfg: BenchConfig) -> dict:
         dtypes = list(cfg.dtypes or bench.default_dtypes(cfg.device))
         modes = [m for m in bench.modes if not cfg.modes or m in cfg.modes]
         for shape in bench.shapes(cfg.size_set, cfg.device):
-            reason = bench.skip_reason(provider, shape, cfg.device)
-            if reason is not None:
-                skipped.append({"op": bench.name, "provider": provider,
-                                "reason": f"{shape['variant']} {_label(shape)}: {reason}"})
-                log.info("skip %s / %s %s: %s", bench.name, provider, _label(shape), reason)
-                continue
             for dtype_name in dtypes:
                 dtype = DTYPES[dtype_name]
                 for mode in modes:
+                    reason = bench.skip_reason(provider, shape, cfg.device, mode)
+                    if reason is not None:
+                        if dtype_name == dtypes[0]:
+                            skipped.append({"op": bench.name, "provider": provider,
+                                            "reason": f"{shape['variant']} {_label(shape)} "
+                                                      f"{mode}: {reason}"})
+                            log.info("skip %s / %s %s %s: %s", bench.name, provider,
+                                     _label(shape), mode, reason)
+                        continue
                     case = {"op": bench.name, "provider": provider, "device": cfg.device,
                             "dtype": dtype_name, "mode": mode, "variant": shape["variant"],
                             "shape": {k: v for k, v in shape.items() if k != "variant"}}

@@ -38,7 +38,7 @@ class OverheadBench(OpBench):
     def shapes(self, size_set, device):
         return [{"variant": v} for v in _FAMILY]
 
-    def skip_reason(self, provider, shape, device):
+    def skip_reason(self, provider, shape, device, mode):
         from llmcore.benchmarks import providers
 
         if provider not in LLMCORE_BACKEND:
