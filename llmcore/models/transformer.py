@@ -186,7 +186,8 @@ class Transformer(nn.Module):
     shifts them: position t predicts labels[t+1]) and "mlm" (-100 = not masked), (B,) classes
     for "seq_cls" (float when num_labels == 1: regression), (B, N) classes for "token_cls".
     With labels, LM logits are not computed unless `return_logits=True`: the loss is the fused
-    linear cross-entropy, which never holds the (tokens, V) logits.
+    linear cross-entropy, which never holds the (tokens, V) logits. `label_smoothing` goes to
+    the head's loss (the trainer's label smoothing).
     """
 
     def __init__(self, config: TransformerConfig):
@@ -253,7 +254,8 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, *,
-                return_logits: bool | None = None) -> TransformerOutput:
+                return_logits: bool | None = None,
+                label_smoothing: float = 0.0) -> TransformerOutput:
         h = self.hidden_states(input_ids, attention_mask, token_type_ids)
         cfg = self.config
         if cfg.head is None:
@@ -263,14 +265,15 @@ class Transformer(nn.Module):
         if return_logits is None:
             return_logits = labels is None
         if cfg.head in ("clm", "mlm"):
-            loss, logits = self.head(h, self.decoder_weight(), labels, return_logits)
+            loss, logits = self.head(h, self.decoder_weight(), labels, return_logits,
+                                     label_smoothing)
         elif cfg.head == "seq_cls":
             pooled = heads.pool(h, attention_mask, cfg.pooling)             # (B, E)
             if self.pooler is not None:
                 pooled = torch.tanh(self.pooler(pooled))
-            loss, logits = self.head(pooled, labels)
+            loss, logits = self.head(pooled, labels, label_smoothing)
         else:
-            loss, logits = self.head(h, labels)
+            loss, logits = self.head(h, labels, label_smoothing)
         return TransformerOutput(loss=loss, logits=logits, last_hidden_state=h)
 
     def hidden_states(self, input_ids, attention_mask=None, token_type_ids=None, *,
