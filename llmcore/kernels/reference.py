@@ -155,7 +155,9 @@ def cross_entropy_grad_block(logits, target, lse, col_start, n_classes, ignore_i
     logits (n, c): the columns [col_start, col_start + c) of rows whose full width is n_classes;
     target (n,) global class indices; lse (n,) the logsumexp of the whole (capped) row;
     grad_scale 0-dim or (n,). Returns (n, c) in float32 (float64 for float64 logits); ignored
-    rows get 0. Formula as in cross_entropy_rows, restricted to the block:
+    rows get 0. A kernel backend's version may instead write the gradient over `logits` and
+    return that same tensor object (in logits' dtype). Formula as in cross_entropy_rows,
+    restricted to the block:
         dloss/dy[c] = p[c] (1 + 2 z_loss lse) - (1-e) [c == t] - e/V,  p[c] = exp(y[c] - lse)
         dloss/dlogits[c] = dloss/dy[c] * (1 - (y[c]/softcap)^2)"""
     n, width = logits.shape

@@ -430,7 +430,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if kind == "logits":
             dlogits = grad_block_fn(stash, target, lse, 0, weight.shape[0], *options,
                                     grad_scale=scale)                 # (N, V)
-            if dlogits.data_ptr() == stash.data_ptr():
+            if dlogits is stash:
                 ctx.stash = None    # overwritten: a second backward (retain_graph) recomputes
             dlogits = dlogits.to(weight.dtype)                        # eager rounds it too
             if want[0]:

@@ -232,3 +232,20 @@ def test_memory_is_the_gradients_plus_a_chunk(backend, dtype):
     workspace = chunk * v * 4 * (1 if dtype == torch.float32 else 3)
     assert got.peak <= grads + workspace + (16 << 10), (got.peak, grads, workspace)
     assert got.peak < want.peak / 2, (got.peak, want.peak)
+
+
+@pytest.mark.parametrize("dtype, chunk", [(torch.float32, None), (torch.bfloat16, None),
+                                          (torch.bfloat16, 5)])
+def test_every_schedule_compiles_fullgraph(dtype, chunk):
+    # one chunk (kept logits), and the bf16 token + vocabulary passes, traced by aot_eager
+    x, w, b, t = _inputs(16, 8, 37, dtype)
+
+    def loss(x, w, b, t):
+        return llmcore.linear_cross_entropy(x, w, t, b, label_smoothing=0.1, chunk_size=chunk,
+                                            backend="torch")
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got, want = compiled(x, w, b, t), loss(x, w, b, t)
+    torch.testing.assert_close(got, want)
+    for a, c in zip(torch.autograd.grad(got, [x, w, b]), torch.autograd.grad(want, [x, w, b])):
+        torch.testing.assert_close(a, c)
