@@ -122,6 +122,66 @@ def cross_entropy_rows(logits, target, ignore_index=-100, label_smoothing=0.0, z
     return loss, dlogits
 
 
+def cross_entropy_rows_lse(logits, target, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+                           softcap=None, grad_scale=None):
+    """cross_entropy_rows, also returning the per-row lse (n,) that a later gradient pass
+    (cross_entropy_grad_block) starts from: (loss, lse, dlogits or None), float32 (float64 for
+    float64 logits). The forward of linear_cross_entropy's vocabulary-blocked path."""
+    n, n_classes = logits.shape
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    y = logits.to(acc)                                               # (n, V)
+    if softcap is not None:
+        y = torch.tanh(y / softcap) * softcap
+    valid = target != ignore_index                                   # (n,)
+    safe_target = torch.where(valid, target.long(), 0)[:, None]      # (n, 1)
+    lse = torch.logsumexp(y, dim=1)                                  # (n,)
+    loss = lse - (1.0 - label_smoothing) * y.gather(1, safe_target).squeeze(1)
+    if label_smoothing > 0:
+        loss = loss - (label_smoothing / n_classes) * y.sum(1)
+    if z_loss > 0:
+        loss = loss + z_loss * lse * lse
+    loss = torch.where(valid, loss, 0)
+    if grad_scale is None:
+        return loss, lse, None
+    dlogits = cross_entropy_grad_block(logits, target, lse, 0, n_classes, ignore_index,
+                                       label_smoothing, z_loss, softcap, grad_scale)
+    return loss, lse, dlogits
+
+
+def cross_entropy_grad_block(logits, target, lse, col_start, n_classes, ignore_index=-100,
+                             label_smoothing=0.0, z_loss=0.0, softcap=None, grad_scale=None):
+    """dloss/dlogits * grad_scale for a block of vocabulary columns, from the saved lse.
+
+    logits (n, c): the columns [col_start, col_start + c) of rows whose full width is n_classes;
+    target (n,) global class indices; lse (n,) the logsumexp of the whole (capped) row;
+    grad_scale 0-dim or (n,). Returns (n, c) in float32 (float64 for float64 logits); ignored
+    rows get 0. A kernel backend's version may instead write the gradient over `logits` and
+    return that same tensor object (in logits' dtype). Formula as in cross_entropy_rows,
+    restricted to the block:
+        dloss/dy[c] = p[c] (1 + 2 z_loss lse) - (1-e) [c == t] - e/V,  p[c] = exp(y[c] - lse)
+        dloss/dlogits[c] = dloss/dy[c] * (1 - (y[c]/softcap)^2)"""
+    n, width = logits.shape
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    y = logits.to(acc)                                               # (n, c)
+    capped = None
+    if softcap is not None:
+        capped = torch.tanh(y / softcap)
+        y = capped * softcap
+    valid = target != ignore_index
+    row = torch.where(valid, grad_scale.to(acc), 0).expand(n)        # (n,) scale, 0 if ignored
+    local = target.long() - col_start                                # target's column in block
+    hit = valid & (local >= 0) & (local < width)                     # target inside this block
+    d = (y - lse.to(acc)[:, None]).exp_()                            # p
+    d.mul_((row * (1.0 + 2.0 * z_loss * lse.to(acc)))[:, None])
+    d.scatter_add_(1, torch.where(hit, local, 0)[:, None],
+                   torch.where(hit, -(1.0 - label_smoothing) * row, 0)[:, None])
+    if label_smoothing > 0:
+        d.sub_(((label_smoothing / n_classes) * row)[:, None])
+    if capped is not None:
+        d.mul_(capped.square_().neg_().add_(1.0))                    # d tanh = 1 - tanh^2
+    return d
+
+
 # ---------------------------------------------------------------------------- attention
 # One generic op that llmcore.attention, flash_attn_func and flash_attn_varlen_func all map onto
 # (its contract is documented at llmcore.ops.attention._attention_core). For query row i and

@@ -7,7 +7,8 @@
   seq_cls    classifier(dropout(pooled)), pooled by `pool` (+ the model's optional pooler).
   token_cls  classifier(dropout(h)) per token.
 
-Each head returns (loss or None, logits or None); LM losses are fp32 whatever the compute
+Each head takes `label_smoothing` (default 0; not for regression) and returns (loss or None,
+logits or None); LM losses are fp32 whatever the compute
 dtype (as HF upcasts for its losses). LM heads do not own the decoder matrix when it
 is tied: the model passes it in.
 """
@@ -72,7 +73,7 @@ class CausalLMHead(_DecoderWeight):
     def logits(self, h, weight):
         return F.linear(h, weight)                                          # (..., V)
 
-    def forward(self, h, weight, labels, return_logits):
+    def forward(self, h, weight, labels, return_logits, label_smoothing=0.0):
         loss = None
         if labels is not None:
             _check_labels(labels, h.shape[:2], "the input ids; shifted inside")
@@ -81,6 +82,7 @@ class CausalLMHead(_DecoderWeight):
             target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)       # (B, N)
             x, w, _ = _one_dtype(h.reshape(-1, h.shape[-1]), weight)
             loss = linear_cross_entropy(x, w, target.reshape(-1), ignore_index=IGNORE_INDEX,
+                                        label_smoothing=label_smoothing,
                                         backend=self.backend).float()
         return loss, (self.logits(h, weight) if return_logits else None)
 
@@ -103,7 +105,7 @@ class MaskedLMHead(_DecoderWeight):
     def logits(self, h, weight):
         return F.linear(self.transform(h), weight, self.bias)              # (..., V)
 
-    def forward(self, h, weight, labels, return_logits):
+    def forward(self, h, weight, labels, return_logits, label_smoothing=0.0):
         loss = None
         if labels is not None:
             _check_labels(labels, h.shape[:2], "-100 at unmasked positions")
@@ -113,6 +115,7 @@ class MaskedLMHead(_DecoderWeight):
             hm = self.transform(h.reshape(-1, h.shape[-1])[index])          # (M, E)
             x, w, b = _one_dtype(hm, weight, self.bias)
             loss = linear_cross_entropy(x, w, flat[index], bias=b, ignore_index=IGNORE_INDEX,
+                                        label_smoothing=label_smoothing,
                                         backend=self.backend).float()
         return loss, (self.logits(h, weight) if return_logits else None)
 
@@ -124,7 +127,7 @@ class SequenceClassificationHead(Head):
         self.drop = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(cfg.dim, cfg.num_labels)
 
-    def forward(self, pooled, labels):
+    def forward(self, pooled, labels, label_smoothing=0.0):
         logits = self.classifier(self.drop(pooled))                        # (B, num_labels)
         loss = None
         if labels is not None:
@@ -134,7 +137,7 @@ class SequenceClassificationHead(Head):
             else:
                 _check_class_labels(labels)
                 loss = cross_entropy(logits, labels, ignore_index=IGNORE_INDEX,
-                                     backend=self.backend)
+                                     label_smoothing=label_smoothing, backend=self.backend)
         return loss, logits
 
 
@@ -144,14 +147,15 @@ class TokenClassificationHead(Head):
         self.drop = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(cfg.dim, cfg.num_labels)
 
-    def forward(self, h, labels):
+    def forward(self, h, labels, label_smoothing=0.0):
         logits = self.classifier(self.drop(h))                             # (B, N, num_labels)
         loss = None
         if labels is not None:
             _check_labels(labels, h.shape[:2], "-100 at ignored tokens")
             _check_class_labels(labels)
             loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                 ignore_index=IGNORE_INDEX, backend=self.backend)
+                                 ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing,
+                                 backend=self.backend)
         return loss, logits
 
 

@@ -188,7 +188,8 @@ class Transformer(nn.Module):
     With labels, while training, LM logits are not computed unless `return_logits=True`: the
     loss is the fused linear cross-entropy, which never holds the (tokens, V) logits. In eval
     mode the logits come with the loss, as Hugging Face and Liger models return them;
-    `return_logits=False` skips them there too.
+    `return_logits=False` skips them there too. `label_smoothing` goes to the head's loss (the
+    trainer's label smoothing).
     """
 
     def __init__(self, config: TransformerConfig):
@@ -255,7 +256,8 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, *,
-                return_logits: bool | None = None) -> TransformerOutput:
+                return_logits: bool | None = None,
+                label_smoothing: float = 0.0) -> TransformerOutput:
         h = self.hidden_states(input_ids, attention_mask, token_type_ids)
         cfg = self.config
         if cfg.head is None:
@@ -265,14 +267,15 @@ class Transformer(nn.Module):
         if return_logits is None:
             return_logits = labels is None or not self.training
         if cfg.head in ("clm", "mlm"):
-            loss, logits = self.head(h, self.decoder_weight(), labels, return_logits)
+            loss, logits = self.head(h, self.decoder_weight(), labels, return_logits,
+                                     label_smoothing)
         elif cfg.head == "seq_cls":
             pooled = heads.pool(h, attention_mask, cfg.pooling)             # (B, E)
             if self.pooler is not None:
                 pooled = torch.tanh(self.pooler(pooled))
-            loss, logits = self.head(pooled, labels)
+            loss, logits = self.head(pooled, labels, label_smoothing)
         else:
-            loss, logits = self.head(h, labels)
+            loss, logits = self.head(h, labels, label_smoothing)
         return TransformerOutput(loss=loss, logits=logits, last_hidden_state=h)
 
     def hidden_states(self, input_ids, attention_mask=None, token_type_ids=None, *,

@@ -15,9 +15,12 @@ from llmcore.ops import _checks
 
 REDUCTIONS = ("none", "mean", "sum")
 
-# Rows of one linear_cross_entropy chunk: its fp32 logits stay within 64 MiB (2**24 floats).
-_CHUNK_ELEMENTS = 1 << 24
-_CUDA_CHUNK_BYTES = 512 << 20         # cap of a CUDA chunk's fp32 logits
+# linear_cross_entropy's workspace, whatever the device: a token chunk of logits gets 64 MiB in
+# fp32/fp64 and 256 MiB in bf16/fp16 (there it exists in the forward only, while the peak is
+# the backward's); a vocabulary block of the bf16/fp16 backward gets 16 MiB.
+_CHUNK_BYTES = 64 << 20
+_LOW_PRECISION_CHUNK_BYTES = 256 << 20
+_BLOCK_BYTES = 16 << 20
 
 
 # ---------------------------------------------------------------------------- input checks
@@ -161,7 +164,10 @@ def linear_cross_entropy(input, weight, target, bias=None, ignore_index=-100, re
 
     input: (..., H) hidden states; weight: (V, H) (the LM head); bias: optional (V,); target:
     (...) class indices. Same options and semantics as cross_entropy (no class weight).
-    chunk_size: rows per chunk; None picks one whose fp32 logits fit in 64 MiB."""
+    chunk_size: rows per chunk; None picks one from the shapes (default_chunk_size): 64 MiB of
+    fp32 logits, 256 MiB of bf16/fp16 ones. bf16/fp16 inputs with more rows than a chunk run a
+    second, vocabulary-blocked pass in the backward so that dW is one GEMM over all rows (see
+    "the chunk loop" below for the schedules, their FLOPs, memory and rounding)."""
     _check_linear_cross_entropy(input, weight, target, bias, ignore_index, reduction,
                                 label_smoothing, z_loss, softcap, chunk_size)
     name = backends.resolve("cross_entropy", backend, input.device)
@@ -169,137 +175,313 @@ def linear_cross_entropy(input, weight, target, bias=None, ignore_index=-100, re
     x = input.reshape(input.shape[:-1].numel(), hidden)              # (N, H); H may be 0
     t = target.reshape(-1).long()                                    # (N,) int64
     if chunk_size is None:
-        chunk_size = default_chunk_size(x.shape[0], weight.shape[0], x.device)
+        chunk_size = default_chunk_size(x.shape[0], weight.shape[0], x.element_size())
     out = _LINEAR_CROSS_ENTROPY[name](x, weight, t, bias, ignore_index, reduction,
                                       float(label_smoothing), float(z_loss),
                                       None if softcap is None else float(softcap), chunk_size)
     return out.reshape(target.shape) if reduction == "none" else out
 
 
-def default_chunk_size(n_rows: int, n_classes: int, device=None) -> int:
-    """Rows per linear_cross_entropy chunk, a multiple of 8 rows when that allows, never more
-    than the rows there are. The chunk's fp32 logits get a budget: 64 MiB on the CPU (the
-    chunk stays near the caches); on CUDA a quarter of the free device memory, capped at
-    512 MiB, so that a chunk's matmuls stay large enough to run at full speed (at V = 128k,
-    1024 rows) while peak memory stays a small fraction of eager's (N, V) logits."""
-    budget = _CHUNK_ELEMENTS
-    if device is not None and torch.device(device).type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)   # a driver query, no stream sync
-        budget = max(_CHUNK_ELEMENTS, min(_CUDA_CHUNK_BYTES, free // 4) // 4)
-    rows = max(1, budget // max(n_classes, 1))
+def default_chunk_size(n_rows: int, n_classes: int, element_size: int = 4) -> int:
+    """Rows per linear_cross_entropy chunk: the chunk's logits (n_classes values of
+    `element_size` bytes per row, the input's dtype) get 64 MiB (fp32/fp64) or 256 MiB
+    (bf16/fp16); a multiple of 8 rows when that allows, never more than the rows there are. A
+    function of the shapes alone (not of free memory or the device), so that a call chunks, and
+    therefore rounds, the same way every time. At V = 128256: 128 rows in fp32, 1040 in bf16
+    (GEMMs of ~1k rows run at full tensor-core speed; 256 rows would be near the H200's
+    FLOP/byte ridge, as every chunk reads all of W)."""
+    budget = _CHUNK_BYTES if element_size >= 4 else _LOW_PRECISION_CHUNK_BYTES
+    rows = max(1, budget // (element_size * max(n_classes, 1)))
     if rows >= 8:
         rows -= rows % 8
     return max(1, min(rows, n_rows))
 
 
 # ---------------------------------------------------------------------------- the chunk loop
+# Schedules, chosen by dtype and shapes (never by free memory). N tokens, H hidden, V classes, n
+# rows per token chunk. Every GEMM runs in the input dtype (fp32 accumulation inside the GEMM
+# for bf16/fp16), never on an fp32 copy of the weight or the hidden states, never in fp32 for
+# bf16 inputs.
+#
+# One chunk (N <= n, any dtype): the forward keeps the (N, V) logits (at most the chunk budget)
+# and their lse; the backward writes the gradient over them with grad_output folded in, then
+# dx = dlogits W and dW = dlogits^T x: eager's 6NHV FLOPs and eager's roundings. Small batches
+# and CPU runs (N=256, V=32000 fp32: 32 MB) take this path.
+#
+# Several chunks, fp32 / fp64: one token pass (_token_pass). Per chunk: logits = x_c W^T
+#   (2nHV FLOPs), the CE kernel writes dlogits over them, dx_c = dlogits W (2nHV) and
+#   dW += dlogits^T x_c (2nHV): 6NHV in all. dW accumulates in its own dtype in the gradient
+#   itself (the first chunk writes it, the others addmm_ into it), so the extra memory is one
+#   chunk of logits; the N/n roundings of the running sum are fp32 roundings, like those inside
+#   one long fp32 GEMM.
+#
+# Several chunks, bf16 / fp16: a token pass, then a vocabulary pass (_rows_lse_pass, _vocab_pass).
+#   Eager (F.linear in bf16 + fp32 cross-entropy) computes dW = dlogits^T x as one GEMM over
+#   all N rows: one rounding to bf16 per element. Summing token-chunk partials instead, either
+#   the running sum stays bf16 (as Liger-Kernel does) and is rounded N/n times (32 times at
+#   N=8192, n=256: an error growing like sqrt(32) = 5.7 roundings), or it is fp32 and costs
+#   V*H*4 bytes (2.1 GB at V=128256, H=4096: twice the bf16 dW itself). So:
+#   forward, token chunks: logits_c = x_c W^T (2nHV); one CE kernel pass gives the loss, the lse
+#     and (for "mean"/"sum" with grad) dlogits, and dx_c = dlogits W (2nHV), one GEMM over all V:
+#     dx rounded once. Kept: dx (N, H) and lse (N,); no (V, H) buffer.
+#   backward, vocabulary blocks of c columns: logits_b = x W_b^T over all N rows (2NHc), their
+#     gradient from the saved lse times grad_output (known by now: no pass over dW to apply it),
+#     and dW_b = dlogits_b^T x (2NHc), one GEMM over all N rows written straight into the bf16
+#     dW: rounded once, like eager's; db_b summed in fp32 over all rows, rounded once.
+#   FLOPs: 8NHV, a third more than eager's 6NHV ("none": 10NHV, as its dx waits for the per-row
+#   grad_output). Memory beyond the inputs, at its peak (the backward): dW (V*H*2 bytes) + dx
+#   (N*H*2, handed over and scaled in place) + one 16 MiB vocabulary block + lse (N*4); the
+#   forward holds dx + one 256 MiB token chunk. At N=8192, H=4096, V=128256: 34.4 TFLOP (eager
+#   25.8) and 1051 + 67 + 17 MB = 1.135 GB (1.06 GiB; dW + dx alone are 1.118 GB). Predicted
+#   H200 time in benchmarks/README.md.
+#
+# Several chunks, "mean"/"sum": the forward keeps the gradients it computed, pre-scaled (1/n_valid
+# for "mean"); the first backward hands them over, multiplied in place by grad_output. A second
+# backward (retain_graph) finds them spent and recomputes from the saved inputs.
 
-def _chunk_grads(dlogits, xc, weight, dx_out, dweight, dbias) -> None:
-    """Adds one chunk's share of the gradients, given dlogits = dloss/dlogits (n, V):
-    dx = dlogits @ W (rows of this chunk, in input's dtype, like eager autograd), and into the
-    float32 accumulators dW += dlogits^T @ x_chunk (V, H) and db += sum_rows dlogits (V,)."""
-    if dx_out is not None:
-        torch.mm(dlogits.to(weight.dtype), weight, out=dx_out)
-    if dweight is not None:
-        dweight.addmm_(dlogits.t().to(dweight.dtype), xc.to(dweight.dtype))
-    if dbias is not None:
-        dbias.add_(dlogits.sum(0).to(dbias.dtype))
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
 
 
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """The loop over token chunks, generic over `rows_fn`, a backend's per-chunk kernel with
-    reference.cross_entropy_rows's contract. Per chunk: logits = x_c W^T + b (n, V), then
-    rows_fn gives the per-row loss and dlogits; nothing of size (N, V) is ever kept.
+def _vocab_blocked(dtype: torch.dtype) -> bool:
+    return dtype in (torch.bfloat16, torch.float16)
 
-    "mean"/"sum": the forward also computes the gradients (dlogits scaled by 1/n_valid or 1) and
-    saves only dx (N, H), dW (V, H), db (V,); backward scales them by the scalar grad_output.
-    "none": per-row grad_outputs are only known in backward, so backward recomputes each chunk's
-    logits from the saved x, W, b, target."""
+
+def _mean_count(target, ignore_index, dtype):
+    """"mean"'s denominator: the number of valid tokens, a 0-dim device tensor (no host sync)."""
+    return (target != ignore_index).sum().to(dtype)
+
+
+def _base_scale(count, reduction, target, dtype):
+    """The gradient scale of "mean" (1/count, inf when no token is valid: every row's scale is
+    then masked to 0) or "sum" (1), a 0-dim device tensor; None for "none"."""
+    if reduction == "none":
+        return None
+    if reduction == "sum":
+        return torch.ones((), dtype=dtype, device=target.device)
+    return count.reciprocal()
+
+
+def _row_scale(base, grad_out, dtype):
+    """The gradient scale in backward: base * grad_output (0-dim), or grad_output (N,)."""
+    g = grad_out.to(dtype)
+    return g if base is None else base * g
+
+
+def _token_pass(x, weight, bias, target, rows_fn, options, chunk_size, scale, want, losses=None):
+    """fp32/fp64 schedule: one pass over token chunks. Fills `losses` (N,) when given; with
+    `scale` (0-dim or (N,)) also returns (dx, dW, db) for the flags in `want`."""
+    want_dx, want_dw, want_db = want if scale is not None else (False, False, False)
+    n_rows = x.shape[0]
+    dx = x.new_empty(x.shape) if want_dx else None                   # (N, H)
+    dweight = torch.empty_like(weight) if want_dw else None           # (V, H), the gradient
+    dbias = torch.empty_like(bias) if want_db else None               # (V,)
+    if n_rows == 0:
+        return dx, None if dweight is None else dweight.zero_(), \
+            None if dbias is None else dbias.zero_()
+    for start in range(0, n_rows, chunk_size):
+        end = min(start + chunk_size, n_rows)
+        xc = x[start:end]                                             # (n, H)
+        logits = F.linear(xc, weight, bias)                           # (n, V)
+        rows_scale = None if scale is None else (scale if scale.dim() == 0 else scale[start:end])
+        loss, dlogits = rows_fn(logits, target[start:end], *options, grad_scale=rows_scale)
+        if losses is not None:
+            losses[start:end] = loss
+        if scale is None:
+            del logits
+            continue
+        dlogits = dlogits.to(weight.dtype)                            # a no-op for the kernels
+        if dx is not None:
+            torch.mm(dlogits, weight, out=dx[start:end])
+        if dweight is not None:
+            if start == 0:
+                torch.mm(dlogits.t(), xc, out=dweight)
+            else:
+                dweight.addmm_(dlogits.t(), xc)
+        if dbias is not None:
+            if start == 0:
+                torch.sum(dlogits, 0, out=dbias)
+            else:
+                dbias.add_(dlogits.sum(0))
+        del logits, dlogits          # before the next chunk's logits: one chunk alive at a time
+    return dx, dweight, dbias
+
+
+def _rows_lse_pass(x, weight, bias, target, rows_lse_fn, options, chunk_size, scale, losses,
+                   lse, want_dx):
+    """bf16/fp16 schedule, forward: token chunks fill losses (N,) and lse (N,); with `scale`
+    and want_dx also returns dx (N, H) = dlogits W, one GEMM over all V per chunk."""
+    dx = x.new_empty(x.shape) if want_dx and scale is not None else None
+    for start in range(0, x.shape[0], chunk_size):
+        end = min(start + chunk_size, x.shape[0])
+        logits = F.linear(x[start:end], weight, bias)                 # (n, V)
+        loss, row_lse, dlogits = rows_lse_fn(logits, target[start:end], *options,
+                                             grad_scale=scale if dx is not None else None)
+        losses[start:end] = loss
+        lse[start:end] = row_lse
+        if dx is not None:
+            torch.mm(dlogits.to(weight.dtype), weight, out=dx[start:end])
+        del logits, dlogits
+    return dx
+
+
+def _dx_pass(x, weight, bias, target, lse, grad_block_fn, options, chunk_size, scale):
+    """bf16/fp16 schedule, backward of "none" (or a second backward): dx from the saved lse."""
+    n_classes = weight.shape[0]
+    dx = x.new_empty(x.shape)                                         # (N, H)
+    for start in range(0, x.shape[0], chunk_size):
+        end = min(start + chunk_size, x.shape[0])
+        logits = F.linear(x[start:end], weight, bias)                 # (n, V) recomputed
+        rows_scale = scale if scale.dim() == 0 else scale[start:end]
+        dlogits = grad_block_fn(logits, target[start:end], lse[start:end], 0, n_classes,
+                                *options, grad_scale=rows_scale)
+        torch.mm(dlogits.to(weight.dtype), weight, out=dx[start:end])
+        del logits, dlogits
+    return dx
+
+
+def _vocab_pass(x, weight, bias, target, lse, grad_block_fn, options, block, scale, want_dw,
+                want_db):
+    """bf16/fp16 schedule, backward: dW and db one block of `block` vocabulary columns at a
+    time, each from one GEMM (one sum) over all N rows, so each is rounded once."""
+    n_classes = weight.shape[0]
+    dweight = torch.empty_like(weight) if want_dw else None           # (V, H)
+    dbias = torch.empty_like(bias) if want_db else None               # (V,)
+    for v0 in range(0, n_classes, block):
+        v1 = min(v0 + block, n_classes)
+        logits = F.linear(x, weight[v0:v1], None if bias is None else bias[v0:v1])  # (N, c)
+        dlogits = grad_block_fn(logits, target, lse, v0, n_classes, *options, grad_scale=scale)
+        dlogits = dlogits.to(weight.dtype)                            # eager rounds it too
+        if dweight is not None:
+            torch.mm(dlogits.t(), x, out=dweight[v0:v1])              # (c, H)
+        if dbias is not None:
+            dbias[v0:v1] = dlogits.sum(0, dtype=_acc(weight.dtype))
+        del logits, dlogits
+    return dweight, dbias
+
+
+def _vocab_block(n_rows: int, n_classes: int, chunk_size: int, element_size: int) -> int:
+    # columns per block: c*N elements, at most a token chunk's n*V and 16 MiB; a multiple of 64
+    # when that allows (1024 at N = 8192 in bf16)
+    n_rows = max(n_rows, 1)
+    block = max(1, min(chunk_size * n_classes // n_rows, _BLOCK_BYTES // (n_rows * element_size)))
+    if block >= 128:
+        block -= block % 64
+    return min(block, n_classes)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """linear_cross_entropy's autograd, generic over a backend's kernels: `kernels` =
+    (rows_fn, rows_lse_fn, grad_block_fn) with the contracts of reference.cross_entropy_rows,
+    reference.cross_entropy_rows_lse and reference.cross_entropy_grad_block. The schedule
+    (see the comment above) follows the dtype; nothing of size (N, V) is ever held, except
+    when all N rows fit in one chunk: then the forward keeps that chunk's logits (within the
+    chunk budget) and the backward computes their gradient with grad_output folded in and runs
+    the two GEMMs: eager's 6NHV and eager's roundings, for every dtype and reduction."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, target, rows_fn, config):
+    def forward(ctx, x, weight, bias, target, kernels, config):
         # config: ((ignore_index, label_smoothing, z_loss, softcap), reduction, chunk_size,
-        # need_grad) -- plain values, one argument so backward returns few Nones
+        # need_grad): plain values, one argument so backward returns few Nones
         options, reduction, chunk_size, need_grad = config
-        ignore_index = options[0]
-        n_rows = x.shape[0]
-        acc = torch.promote_types(x.dtype, torch.float32)
-        n_valid = (target != ignore_index).sum()                      # 0-dim, stays on device
-        eager = need_grad and reduction != "none"
-        dx = dweight = dbias = None
-        scale = None
-        if eager:
-            # "mean": 1/n_valid (inf when no token is valid; every row's scale is then masked
-            # to 0, so the gradients are 0 as with F.cross_entropy)
-            scale = n_valid.to(acc).reciprocal() if reduction == "mean" else x.new_ones((), dtype=acc)
-            if ctx.needs_input_grad[0]:
-                dx = x.new_empty(x.shape)                             # (N, H)
-            if ctx.needs_input_grad[1]:
-                dweight = weight.new_zeros(weight.shape, dtype=acc)   # (V, H) fp32 accumulator
-            if bias is not None and ctx.needs_input_grad[2]:
-                dbias = bias.new_zeros(bias.shape, dtype=acc)         # (V,)
-        losses = x.new_empty((n_rows,), dtype=acc)                    # (N,)
-        for start in range(0, n_rows, chunk_size):
-            end = min(start + chunk_size, n_rows)
-            xc = x[start:end]                                         # (n, H)
-            logits = F.linear(xc, weight, bias)                       # (n, V)
-            loss, dlogits = rows_fn(logits, target[start:end], *options, grad_scale=scale)
-            losses[start:end] = loss
-            if eager:
-                _chunk_grads(dlogits, xc, weight, None if dx is None else dx[start:end],
-                             dweight, dbias)
-        if reduction == "none":
-            out = losses
-            ctx.save_for_backward(x, weight, bias, target)
-        elif reduction == "sum":
-            out = losses.sum()
-            ctx.save_for_backward(dx, dweight, dbias)
+        rows_fn, rows_lse_fn, _ = kernels
+        n_rows, acc, blocked = x.shape[0], _acc(x.dtype), _vocab_blocked(x.dtype)
+        want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                bias is not None and ctx.needs_input_grad[2])
+        count = _mean_count(target, options[0], acc) if reduction == "mean" else None
+        base = _base_scale(count, reduction, target, acc)
+        # gradients in the forward: "mean"/"sum" (a scalar grad_output scales them later)
+        scale = base if need_grad and reduction != "none" else None
+        lse = stash = None
+        if need_grad and 0 < n_rows <= chunk_size:
+            # one chunk: keep its logits (N, V) for the backward
+            logits = F.linear(x, weight, bias)                        # (N, V)
+            losses, lse, _ = rows_lse_fn(logits, target, *options)
+            stash = ("logits", logits)
+        elif blocked:
+            losses = x.new_empty((n_rows,), dtype=acc)                # (N,)
+            lse = x.new_empty((n_rows,), dtype=acc)                   # (N,)
+            dx = _rows_lse_pass(x, weight, bias, target, rows_lse_fn, options, chunk_size,
+                                scale, losses, lse, want[0])
+            stash = None if scale is None else ("grads", [dx, None, None])  # dW, db: backward
         else:
-            out = losses.sum() / n_valid
-            ctx.save_for_backward(dx, dweight, dbias)
-        ctx.rows_fn, ctx.config = rows_fn, config
-        ctx.dtypes = (x.dtype, None if bias is None else bias.dtype)
+            losses = x.new_empty((n_rows,), dtype=acc)                # (N,)
+            grads = _token_pass(x, weight, bias, target, rows_fn, options, chunk_size, scale,
+                                want, losses)
+            stash = None if scale is None else ("grads", list(grads))
+        ctx.save_for_backward(x, weight, bias, target, lse)
+        ctx.kernels, ctx.config, ctx.base, ctx.stash = kernels, config, base, stash
+        out = losses if reduction == "none" else losses.sum()
+        if reduction == "mean":
+            out = out / count
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         options, reduction, chunk_size, _ = ctx.config
-        dtype, bias_dtype = ctx.dtypes
-        want_dx, want_dw, want_db = ctx.needs_input_grad[:3]
-        if reduction != "none":
-            dx, dweight, dbias = ctx.saved_tensors
-            g = grad_out.to(torch.promote_types(dtype, torch.float32))    # 0-dim
-            dx = dx * grad_out if want_dx else None
-            dweight = (dweight * g).to(dtype) if want_dw else None
-            dbias = (dbias * g).to(bias_dtype) if want_db else None
-            return dx, dweight, dbias, None, None, None
-        x, weight, bias, target = ctx.saved_tensors
-        acc = torch.promote_types(dtype, torch.float32)
-        dx = x.new_empty(x.shape) if want_dx else None
-        dweight = weight.new_zeros(weight.shape, dtype=acc) if want_dw else None
-        dbias = bias.new_zeros(bias.shape, dtype=acc) if want_db else None
-        for start in range(0, x.shape[0], chunk_size):
-            end = min(start + chunk_size, x.shape[0])
-            xc = x[start:end]
-            logits = F.linear(xc, weight, bias)                       # recomputed (n, V)
-            _, dlogits = ctx.rows_fn(logits, target[start:end], *options,
-                                 grad_scale=grad_out[start:end])
-            _chunk_grads(dlogits, xc, weight, None if dx is None else dx[start:end],
-                         dweight, dbias)
-        return (dx, None if dweight is None else dweight.to(dtype),
-                None if dbias is None else dbias.to(bias_dtype), None, None, None)
+        rows_fn, _, grad_block_fn = ctx.kernels
+        x, weight, bias, target, lse = ctx.saved_tensors
+        want = list(ctx.needs_input_grad[:3])
+        want[2] = want[2] and bias is not None
+        acc = _acc(x.dtype)
+        scale = _row_scale(ctx.base, grad_out, acc)                   # 0-dim or (N,)
+        grads = [None, None, None]
+        kind, stash = ctx.stash or (None, None)
+        if kind == "logits":
+            dlogits = grad_block_fn(stash, target, lse, 0, weight.shape[0], *options,
+                                    grad_scale=scale)                 # (N, V)
+            if dlogits is stash:
+                ctx.stash = None    # overwritten: a second backward (retain_graph) recomputes
+            dlogits = dlogits.to(weight.dtype)                        # eager rounds it too
+            if want[0]:
+                grads[0] = torch.mm(dlogits, weight)                  # (N, H)
+            if want[1]:
+                grads[1] = torch.mm(dlogits.t(), x)                   # (V, H)
+            if want[2]:
+                grads[2] = dlogits.sum(0, dtype=acc).to(bias.dtype)   # (V,)
+            return grads[0], grads[1], grads[2], None, None, None
+        if kind == "grads":
+            ctx.stash = None    # spent: a second backward (retain_graph) recomputes
+            g = grad_out.to(x.dtype)
+            for i, grad in enumerate(stash):
+                if grad is not None and want[i]:
+                    grads[i] = grad.mul_(g)     # the only user now: scaled in place
+                    want[i] = False
+        if not any(want):
+            return grads[0], grads[1], grads[2], None, None, None
+        if not _vocab_blocked(x.dtype):
+            new = _token_pass(x, weight, bias, target, rows_fn, options, chunk_size, scale,
+                              want)
+            grads = [fresh if w else old for old, fresh, w in zip(grads, new, want)]
+            return grads[0], grads[1], grads[2], None, None, None
+        if want[0]:
+            grads[0] = _dx_pass(x, weight, bias, target, lse, grad_block_fn, options,
+                                chunk_size, scale)
+        if want[1] or want[2]:
+            block = _vocab_block(x.shape[0], weight.shape[0], chunk_size, x.element_size())
+            dweight, dbias = _vocab_pass(x, weight, bias, target, lse, grad_block_fn, options,
+                                         block, scale, want[1], want[2])
+            grads[1] = dweight if want[1] else grads[1]
+            grads[2] = dbias if want[2] else grads[2]
+        return grads[0], grads[1], grads[2], None, None, None
 
 
-def chunked_linear_cross_entropy(rows_fn):
-    """A linear_cross_entropy backend from a per-chunk kernel `rows_fn` (the contract of
-    llmcore.kernels.reference.cross_entropy_rows): kernel backends reuse the loop with theirs."""
+def chunked_linear_cross_entropy(rows_fn, rows_lse_fn=None, grad_block_fn=None):
+    """A linear_cross_entropy backend from a backend's per-chunk kernels: `rows_fn` (the
+    contract of llmcore.kernels.reference.cross_entropy_rows, the fp32/fp64 schedule), and for
+    the bf16/fp16 schedule `rows_lse_fn` and `grad_block_fn` (contracts of
+    reference.cross_entropy_rows_lse and reference.cross_entropy_grad_block; the reference
+    ones when a backend has none)."""
+    kernels = (rows_fn, rows_lse_fn or reference.cross_entropy_rows_lse,
+               grad_block_fn or reference.cross_entropy_grad_block)
+
     def run(x, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
             chunk_size):
         need_grad = torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
         options = (ignore_index, label_smoothing, z_loss, softcap)
-        return _ChunkedLinearCrossEntropy.apply(x, weight, bias, target, rows_fn,
-                                                (options, reduction, chunk_size, need_grad))
+        return _LinearCrossEntropy.apply(x, weight, bias, target, kernels,
+                                         (options, reduction, chunk_size, need_grad))
     return run
 
 
@@ -477,7 +659,6 @@ def _triton_cross_entropy(input, target, weight, ignore_index, reduction, label_
 
 _CROSS_ENTROPY["triton"] = _triton_cross_entropy
 _INPLACE_BACKWARD.add("triton")
-_LINEAR_CROSS_ENTROPY["triton"] = chunked_linear_cross_entropy(_triton_cross_entropy_rows)
 
 
 # ---------------------------------------------------------------------------- native backend
@@ -564,4 +745,97 @@ def _native_cross_entropy_rows(logits, target, ignore_index=-100, label_smoothin
 
 if _register_native():
     _CROSS_ENTROPY["native"] = _native_cross_entropy
-    _LINEAR_CROSS_ENTROPY["native"] = chunked_linear_cross_entropy(_native_cross_entropy_rows)
+
+
+# ---------------------------------------------------------------------------- linear-CE kernels
+# Each backend's kernels for linear_cross_entropy's chunk loop (see "the chunk loop" above):
+# rows_fn (fp32/fp64 schedule), rows_lse_fn and grad_block_fn (bf16/fp16 schedule).
+
+@torch.library.custom_op("llmcore_triton::cross_entropy_rows_lse_", mutates_args=("logits",))
+def _triton_ce_rows_lse_(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                         label_smoothing: float, z_loss: float, softcap: float,
+                         grad_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # one kernel pass: (loss (n,), lse (n,)), and `logits` (n, V) overwritten by its gradient
+    from llmcore.kernels.triton import cross_entropy as kernels
+
+    return kernels.ce_fwd(logits, target, None, ignore_index, label_smoothing, z_loss,
+                          softcap or None, grad=logits, grad_scale=grad_scale)
+
+
+@_triton_ce_rows_lse_.register_fake
+def _(logits, target, ignore_index, label_smoothing, z_loss, softcap, grad_scale):
+    n, acc = logits.shape[0], _triton_acc(logits)
+    return logits.new_empty((n,), dtype=acc), logits.new_empty((n,), dtype=acc)
+
+
+@torch.library.custom_op("llmcore_triton::cross_entropy_grad_block_", mutates_args=("logits",))
+def _triton_ce_grad_block_(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor,
+                           col_start: int, n_classes: int, ignore_index: int,
+                           label_smoothing: float, z_loss: float, softcap: float,
+                           grad_scale: torch.Tensor) -> None:
+    # the block (n, c) of vocabulary columns from col_start, overwritten by its gradient
+    from llmcore.kernels.triton import cross_entropy as kernels
+
+    kernels.ce_grad_block(logits, target, lse, grad_scale, col_start, n_classes, ignore_index,
+                          label_smoothing, z_loss, softcap or None, out=logits)
+
+
+@_triton_ce_grad_block_.register_fake
+def _(logits, target, lse, col_start, n_classes, ignore_index, label_smoothing, z_loss, softcap,
+      grad_scale):
+    return None
+
+
+def _triton_rows_lse(logits, target, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+                     softcap=None, grad_scale=None):
+    if grad_scale is None:
+        loss, lse = _triton_ce_fwd(logits, target, None, ignore_index, label_smoothing, z_loss,
+                                   softcap or 0.0)
+        return loss, lse, None
+    loss, lse = _triton_ce_rows_lse_(logits, target, ignore_index, label_smoothing, z_loss,
+                                     softcap or 0.0, grad_scale)
+    return loss, lse, logits
+
+
+def _triton_grad_block(logits, target, lse, col_start, n_classes, ignore_index=-100,
+                       label_smoothing=0.0, z_loss=0.0, softcap=None, grad_scale=None):
+    _triton_ce_grad_block_(logits, target, lse, col_start, n_classes, ignore_index,
+                           label_smoothing, z_loss, softcap or 0.0, grad_scale)
+    return logits
+
+
+_LINEAR_CROSS_ENTROPY["triton"] = chunked_linear_cross_entropy(
+    _triton_cross_entropy_rows, _triton_rows_lse, _triton_grad_block)
+
+
+def _native_rows_lse(logits, target, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+                     softcap=None, grad_scale=None):
+    # two native passes (loss and lse, then the gradient from the lse); no block kernel in C++
+    # yet, so the vocabulary pass uses the reference grad_block_fn
+    t = target.long()
+    loss, lse = torch.ops.llmcore.cross_entropy_fwd(logits, t, None, ignore_index,
+                                                    label_smoothing, z_loss, softcap or 0.0)
+    if grad_scale is None:
+        return loss, lse, None
+    dlogits = torch.ops.llmcore.cross_entropy_bwd(grad_scale.expand(logits.shape[0]), logits, t,
+                                                  None, lse, ignore_index, label_smoothing,
+                                                  z_loss, softcap or 0.0)
+    return loss, lse, dlogits
+
+
+def _native_grad_block(logits, target, lse, col_start, n_classes, ignore_index=-100,
+                       label_smoothing=0.0, z_loss=0.0, softcap=None, grad_scale=None):
+    # whole rows: the native kernel writes the gradient over the logits (it recomputes the lse
+    # on the way, bit-identical to the saved one); a block of columns: the reference
+    if col_start != 0 or logits.shape[1] != n_classes:
+        return reference.cross_entropy_grad_block(logits, target, lse, col_start, n_classes,
+                                                  ignore_index, label_smoothing, z_loss,
+                                                  softcap, grad_scale)
+    torch.ops.llmcore.cross_entropy_rows_(logits, target.long(), None, ignore_index,
+                                          label_smoothing, z_loss, softcap or 0.0, grad_scale)
+    return logits
+
+
+if "native" in _CROSS_ENTROPY:
+    _LINEAR_CROSS_ENTROPY["native"] = chunked_linear_cross_entropy(
+        _native_cross_entropy_rows, _native_rows_lse, _native_grad_block)

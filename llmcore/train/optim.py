@@ -44,9 +44,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over `param_groups`; the fused implementation on CUDA."""
+    """AdamW over `param_groups`; the fused implementation on CUDA and the CPU (one kernel per
+    step, and it can skip a non-finite step on the device: see the Trainer)."""
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    if device.type == "cuda":
+    if device.type in ("cuda", "cpu"):
         kwargs["fused"] = True
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **kwargs)
 

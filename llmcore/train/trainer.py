@@ -11,9 +11,16 @@ before the backward). Each rank back-propagates mean_loss_m * n_m * world / N, b
 the global batch, however the batch is split: 1 process x 2 micro-batches, 2 processes x 1, or
 one batch of 16 give the same step up to float rounding.
 
-Then: gradient clipping; one host sync per step reads the loss and gradient norm; a non-finite
-value skips the update (counted; `max_nonfinite` in a row stops the run with a clear message);
-AdamW and the lr schedule step. Periodic evaluation, checkpoints, early stopping and the final
+Then: gradient clipping, AdamW and the lr schedule step. The host reads nothing from the device
+between log steps: losses, gradient norms and token counts accumulate on the device and are
+read once per log step (and before a checkpoint, an evaluation and the summary). Non-finite
+steps: on a log step the loss and gradient norm are read, and a non-finite value skips the
+update without counting as a step (`max_nonfinite` in a row stops the run with a clear
+message). Between log steps the check stays on the device: the fused AdamW skips the update
+(parameters and optimizer state untouched, as GradScaler's found_inf does) but the step counts
+toward max_steps and the lr schedule; the skips, and the longest run of them, are read at the
+next log step, which stops the run if a run reached `max_nonfinite` (naming the step where it
+did). With an optimizer that cannot skip on the device (not fused), every step is read. Periodic evaluation, checkpoints, early stopping and the final
 model. Everything a resume needs (model, optimiser, scheduler, RNG states of every rank, the
 data position) is in the checkpoint, so `resume=True` continues exactly where it stopped.
 """
@@ -29,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from llmcore.data.collate import IGNORE_INDEX
 from llmcore.train import checkpoint as ckpt
@@ -148,7 +154,11 @@ class Trainer:
         self.initial_eval: dict | None = None
         self.last_train_loss: float | None = None
         self.stopped_early = False
-        self.window: list[float] = []       # train losses since the last log line
+        self.window = [0.0, 0]              # train loss sum and count since the last log line
+        # since the last host read, on the device: see _accumulate
+        self._dev = self._fresh_counters()
+        # fused optimizers skip a step on the device (found_inf), GradScaler's way
+        self._device_skip = getattr(self.optimizer, "_step_supports_amp_scaling", False)
         self._last_ckpt_step: int | None = None
 
     # ------------------------------------------------------------------ set-up helpers
@@ -170,20 +180,34 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
+    def _fresh_counters(self) -> torch.Tensor:
+        # loss sum and count of the finite steps, tokens, skipped steps, the trailing and the
+        # longest run of non-finite steps, the step where a run reached max_nonfinite (-1:
+        # none), the last finite gradient norm
+        return torch.tensor([0.0, 0, 0, 0, self.nonfinite_in_row, 0, -1, float("nan")],
+                            dtype=torch.float64, device=self.device)
+
     # ------------------------------------------------------------------ loss
 
     def _loss(self, batch: dict) -> torch.Tensor:
-        """Mean loss over the batch's valid targets: the model's own, or with label smoothing
-        cross-entropy on its logits (the model's `.loss` has no smoothing option)."""
-        if self.cfg.label_smoothing == 0.0:
+        """Mean loss over the batch's valid targets: the model's own. With label smoothing, the
+        model's own loss with its `label_smoothing` option (llmcore models: the fused
+        linear_cross_entropy of the LM heads, cross_entropy of the classifiers); a model
+        without that option gets llmcore.cross_entropy over its logits."""
+        ls = self.cfg.label_smoothing
+        if ls == 0.0:
             return self.engine(**batch).loss
+        if _accepts(self.model, "label_smoothing"):
+            return self.engine(**batch, label_smoothing=ls).loss
+        from llmcore.ops.cross_entropy import cross_entropy
+
         labels = batch["labels"]
         out = self.engine(**{k: v for k, v in batch.items() if k != "labels"})
-        logits = out.logits.float()
+        logits = out.logits
         if self.task == "clm":                   # position t predicts token t + 1
             logits, labels = logits[:, :-1], labels[:, 1:]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=IGNORE_INDEX, label_smoothing=self.cfg.label_smoothing)
+        return cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                             ignore_index=IGNORE_INDEX, label_smoothing=ls).float()
 
     def _zero_loss(self, batch: dict) -> torch.Tensor:
         """A zero that touches every parameter: a micro-batch with no valid target still takes
@@ -251,11 +275,20 @@ class Trainer:
         counts = [valid_count(self.task, b) for b in batches]
         return batches, counts
 
-    def train_step(self) -> tuple[float, float] | None:
-        """One optimiser step. Returns (loss, grad_norm), or None when it was skipped."""
+    def _log_due(self) -> bool:
+        """Whether the next step ends on a log step (or the last step): its values are read."""
+        nxt = self.step + 1
+        return not self._device_skip or nxt % self.cfg.log_every == 0 or nxt >= self.total_steps
+
+    def train_step(self, read: bool = True) -> tuple[float, float] | None:
+        """One optimiser step. read=True (log steps): returns (loss, grad_norm) read from the
+        device, or None when the step was skipped as non-finite; this one read also takes in
+        what the steps since the last read accumulated on the device (see flush). read=False:
+        nothing is read; the step's values accumulate on the device; returns None."""
         self.engine.train()
         batches, counts = self._next_batches()
-        n_tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b
+        # host tensors from the collator: counted with numpy, no device read
+        n_tokens = sum(int(np.count_nonzero(b["attention_mask"].numpy())) if "attention_mask" in b
                        else b["input_ids"].numel() for b in batches)
         totals = torch.tensor([float(sum(counts)), float(n_tokens)], device=self.device)
         dist.all_reduce_sum(totals, self.info)
@@ -269,8 +302,13 @@ class Trainer:
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         norm = dist.local_value(torch.nn.utils.clip_grad_norm_(params, max_norm))
         dist.all_reduce_sum(share, self.info)
-        # the one host sync of the step: the loss, the gradient norm, the global token count
-        loss, gnorm, tokens = torch.stack([share, norm.float(), totals[1]]).tolist()
+        if not read:
+            self._device_step(share, norm, totals[1])
+            return None
+        # the one host read: this step's loss, gradient norm and token count, and the counters
+        # of the steps since the last read
+        values = torch.cat([self._dev, torch.stack([share, norm.float(), totals[1]]).double()])
+        loss, gnorm, tokens = self.flush(values.tolist())
         if not (math.isfinite(loss) and math.isfinite(gnorm)):
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
@@ -294,6 +332,56 @@ class Trainer:
         self.step += 1
         self.tokens += int(tokens)
         return loss, gnorm
+
+    def _device_step(self, share, norm, tokens) -> None:
+        """The end of a step that reads nothing: the update is skipped on the device when the
+        loss or gradient norm is not finite (the fused optimizer's found_inf, or GradScaler's),
+        and the step's values go into the device counters."""
+        finite = torch.isfinite(share) & torch.isfinite(norm)
+        bad = (~finite).to(torch.float64)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)       # skips on its own found_inf (inf/nan grads)
+            self.scaler.update()
+        else:
+            self.optimizer.grad_scale = None
+            self.optimizer.found_inf = bad.float()          # 0-dim, as the step counters
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.grad_scale, self.optimizer.found_inf
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        d = self._dev
+        run = (d[4] + 1) * bad
+        reached = (run >= self.cfg.max_nonfinite) & (d[6] < 0)
+        self._dev = torch.stack([
+            d[0] + torch.where(finite, share.double(), 0.0), d[1] + 1 - bad,
+            d[2] + tokens.double(), d[3] + bad, run, torch.maximum(d[5], run),
+            torch.where(reached, float(self.step), d[6]),
+            torch.where(finite, norm.double(), d[7])])
+        self.step += 1
+
+    def flush(self, values=None) -> tuple[float, float] | None:
+        """Reads the device counters of the steps since the last read into the host ones
+        (tokens, skipped steps, the non-finite run, the loss window), one host read; stops the
+        run if a run of non-finite steps reached max_nonfinite. `values`: the counters already
+        read, followed by (loss, grad_norm, tokens) of the current step, which are returned."""
+        if values is None:
+            values = self._dev.tolist()
+        lsum, n_ok, tokens, skipped, run, _longest, reached, _gnorm = values[:8]
+        self._dev = self._fresh_counters()
+        self.tokens += int(tokens)
+        self.skipped_steps += int(skipped)
+        self.window[0] += lsum
+        self.window[1] += int(n_ok)
+        if n_ok or skipped:                      # the run went on from nonfinite_in_row
+            self.nonfinite_in_row = int(run)
+        if reached >= 0:
+            raise TrainingError(
+                f"the loss or gradient was not finite for {self.cfg.max_nonfinite} steps in a "
+                f"row (at step {int(reached)}); lower --lr, raise --warmup-steps, or check the "
+                "data")
+        return tuple(values[8:]) if len(values) > 8 else None
 
     # ------------------------------------------------------------------ evaluation
 
@@ -451,6 +539,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "config.json")
         start = self._restore() if self.resume else 0
+        self._dev = self._fresh_counters()        # the run of non-finite steps may go on
         if start == 0:
             # dropout streams differ per rank; data order and masks do not use them
             seed_everything(cfg.seed * 1000 + info.rank)
@@ -467,19 +556,22 @@ class Trainer:
         t_log, tok_log = time.perf_counter(), self.tokens
         try:
             while self.step < self.total_steps:
-                result = self.train_step()
-                if result is None:
+                read = self._log_due()
+                result = self.train_step(read=read)
+                if read and result is None:
                     log.write(f"step {self.step}: non-finite loss, update skipped "
                               f"({self.nonfinite_in_row} in a row)")
                     continue
-                loss, gnorm = result
-                self.window.append(loss)
-                self.last_train_loss = loss
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                if read:
+                    loss, gnorm = result
+                    self.window[0] += loss
+                    self.window[1] += 1
+                    self.last_train_loss = loss
+                if read and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
                     now = time.perf_counter()
                     tps = (self.tokens - tok_log) / max(now - t_log, 1e-9)
                     event = {"event": "train", "step": self.step,
-                             "loss": sum(self.window) / len(self.window),
+                             "loss": self.window[0] / max(self.window[1], 1),
                              "lr": self.scheduler.get_last_lr()[0], "grad_norm": gnorm,
                              "tokens": self.tokens, "tokens_per_s": tps}
                     postfix = {"loss": f"{event['loss']:.3f}", "lr": f"{event['lr']:.2e}",
@@ -489,19 +581,22 @@ class Trainer:
                         postfix["mfu"] = f"{100 * event['mfu']:.1f}%"
                     log.log(event)
                     log.progress(self.step, postfix)
-                    self.window, t_log, tok_log = [], now, self.tokens
+                    self.window, t_log, tok_log = [0.0, 0], now, self.tokens
                 stop = False
                 if (self.eval_data is not None and cfg.eval_every
                         and self.step % cfg.eval_every == 0 and self.step < self.total_steps):
+                    self.flush()
                     stop = self._on_eval(self.evaluate(), log)
                     t_log = time.perf_counter()
                 if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.flush()                   # the checkpoint holds the host counters
                     self.save_checkpoint()
                 for cb in self.callbacks:
                     cb(self)
                 if stop:
                     self.stopped_early = True
                     break
+            self.flush()
             if self.eval_data is not None:
                 if self.last_eval_step != self.step:
                     self._on_eval(self.evaluate(), log)
@@ -592,10 +687,10 @@ def evaluate_model(model, data, *, task: str, micro: int, label_map=None, info=N
             continue
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
-            if task in LM_TASKS or not want_logits:
+            if not want_logits:
                 out = model(**batch)
-            else:
-                out = model(**batch, return_logits=True)
+            else:   # LM tasks need only the loss: no (tokens, V) logits in eval mode either
+                out = model(**batch, return_logits=task not in LM_TASKS)
         if count == 0:
             continue
         sums[0] += out.loss.double() * count
@@ -618,6 +713,15 @@ def evaluate_model(model, data, *, task: str, micro: int, label_map=None, info=N
         metrics.update(classification_metrics(confusion.view(n_cls, n_cls).cpu()))
     model.train(was_training)
     return metrics
+
+
+def _accepts(model, name: str) -> bool:
+    """Whether model.forward takes a keyword argument `name`."""
+    import inspect
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _accepts_return_logits(model) -> bool:

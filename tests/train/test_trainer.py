@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from llmcore.train import Trainer, TrainingError
 from llmcore.train.config import TrainConfig
@@ -162,3 +163,107 @@ def test_classification_metrics():
 def test_bad_batch_split(tmp_path):
     with pytest.raises(ValueError, match="batch_size \\(8\\) must be divisible"):
         Trainer(TinyModel(), _cfg(tmp_path, grad_accum=3), train_data=RandomLMSource())
+
+
+# ----------------------------------------------------------------------------- host reads
+
+class _HostReads(TorchDispatchMode):
+    """Counts reads of tensor values by the host: aten._local_scalar_dense (.item(), bool(),
+    int(), float() of a tensor) and Tensor.tolist (which dispatches nothing, so is patched)."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.n = 0
+        tolist = torch.Tensor.tolist
+
+        def counted(t):
+            self.n += 1
+            return tolist(t)
+        monkeypatch.setattr(torch.Tensor, "tolist", counted)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_host_read_between_log_steps(tmp_path, monkeypatch):
+    # per step: the number of host reads since the previous step ended (callbacks run after
+    # every step); only log steps (every 4th, and the last) may read
+    reads = _HostReads(monkeypatch)
+    per_step = {}
+
+    def mark(trainer):
+        per_step[trainer.step] = reads.n
+        reads.n = 0
+
+    torch.manual_seed(0)
+    t = Trainer(TinyModel(), _cfg(tmp_path, max_steps=10, log_every=4), callbacks=[mark],
+                train_data=RandomLMSource())
+    with reads:
+        s = t.train()
+    assert s["steps"] == 10 and s["skipped_steps"] == 0
+    assert sorted(per_step) == list(range(1, 11))
+    quiet = {k: v for k, v in per_step.items() if k not in (4, 8, 10)}
+    assert all(v == 0 for v in quiet.values()), per_step
+    assert all(per_step[k] >= 1 for k in (4, 8, 10)), per_step
+    events = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [e for e in events if e["event"] == "train"]
+    assert [e["step"] for e in train] == [4, 8, 10]
+    assert all(math.isfinite(e["loss"]) for e in train) and train[-1]["tokens"] == t.tokens
+
+
+def _poisoned(model, nan_calls):
+    forward, calls = model.forward, {"n": 0}
+
+    def poisoned(*a, **k):
+        out = forward(*a, **k)
+        calls["n"] += 1
+        if calls["n"] in nan_calls:
+            out.loss = out.loss * float("nan")
+        return out
+    model.forward = poisoned
+    return model
+
+
+def test_nonfinite_between_log_steps_is_skipped_on_the_device(tmp_path):
+    # steps 2 and 3 are NaN and not log steps: their updates are skipped on the device (the
+    # weights stay finite), they count toward max_steps, and the next log step reads the skips
+    torch.manual_seed(0)
+    t = Trainer(_poisoned(TinyModel(), {2, 3}), _cfg(tmp_path, max_steps=8, log_every=4),
+                train_data=RandomLMSource())
+    s = t.train()
+    assert s["steps"] == 8 and s["skipped_steps"] == 2 and t.nonfinite_in_row == 0
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())
+    # a run of max_nonfinite between log steps stops the run at the next log step, naming the
+    # step where the run reached it
+    torch.manual_seed(0)
+    t = Trainer(_poisoned(TinyModel(), set(range(2, 100))),
+                _cfg(tmp_path, out=str(tmp_path / "r2"), max_steps=8, log_every=4,
+                     max_nonfinite=2), train_data=RandomLMSource())
+    with pytest.raises(TrainingError, match=r"not finite for 2 steps in a row \(at step 2\)"):
+        t.train()
+
+
+def test_label_smoothing_goes_through_the_fused_head_loss(tmp_path, monkeypatch):
+    # an llmcore CLM model: the trainer's smoothed loss is the head's linear_cross_entropy
+    # with label_smoothing, never F.cross_entropy over full logits
+    import llmcore
+    from llmcore.models import Transformer
+    from llmcore.models.config import tiny_gpt
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_gpt(vocab_size=23, backend="torch"))
+    t = Trainer(model, _cfg(tmp_path, label_smoothing=0.1), train_data=RandomLMSource())
+    batch = t._to_device(t.train_data.batch(list(range(4)), 0, list(range(4))))
+
+    def refused(*a, **k):
+        raise AssertionError("F.cross_entropy over full logits")
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", refused)
+    got = t._loss(batch)
+    h = model(batch["input_ids"]).last_hidden_state                  # (B, N, E)
+    labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+    want = llmcore.linear_cross_entropy(h.reshape(-1, h.shape[-1]), model.decoder_weight(),
+                                        labels.reshape(-1), label_smoothing=0.1,
+                                        backend="torch")
+    torch.testing.assert_close(got, want.float())

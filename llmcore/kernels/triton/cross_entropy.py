@@ -18,6 +18,8 @@ keeps fixed.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -271,3 +273,78 @@ def ce_bwd(logits, target, weight, lse, grad_scale, ignore_index: int, label_smo
         Z_LOSS=float(z_loss), SOFTCAP=float(softcap or 1.0), BLOCK_V=block, num_warps=warps,
     )
     return dlogits
+
+
+# ---------------------------------------------------------------------------- vocabulary blocks
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"   # read once, as @triton.jit does
+# linear_cross_entropy's backward walks the vocabulary in column blocks: for one block of
+# logits (all rows, columns [col_start, col_start + c)) it needs the gradient given the lse
+# saved by the forward. Per element, without class weight (W = V, w[t] = 1):
+#     dloss/dy[c] = p[c] (1 + 2 z lse) - (1-e) [c == t] - e/V,   p[c] = exp(y[c] - lse)
+#     dloss/dx[c] = dloss/dy[c] * (1 - tanh^2)                    (softcap)
+# times the row's scale (0 for ignored rows). Every element is independent: a 2-D grid of
+# (row, column tile) programs, each reading and writing one tile (the output may be the input).
+
+@triton.jit
+def _ce_grad_block_kernel(
+    X, stride_xn, stride_xv, T, stride_t, Lse, Scale, stride_s, DX, stride_dn, stride_dv,
+    n_cols, col_start, V, ignore_index,
+    SMOOTH: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SMOOTHING: tl.constexpr,
+    Z_LOSS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+):
+    acc_ty = Lse.dtype.element_ty  # fp32, fp64 for fp64 logits
+    smoothing = tl.full([], SMOOTHING, acc_ty)
+    z_loss = tl.full([], Z_LOSS, acc_ty)
+    softcap = tl.full([], SOFTCAP, acc_ty)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask = cols < n_cols
+    t = tl.load(T + row * stride_t).to(tl.int64)
+    valid = t != ignore_index
+    scale = tl.where(valid, tl.load(Scale + row * stride_s).to(acc_ty), 0.0)
+    lse = tl.load(Lse + row)
+    coef_p = (1.0 + 2.0 * z_loss * lse) * scale
+    x = tl.load(X + row * stride_xn + cols * stride_xv, mask=mask, other=0.0).to(acc_ty)
+    if HAS_SOFTCAP:
+        th = _tanh(x / softcap)
+        y = softcap * th
+    else:
+        y = x
+    d = tl.exp2((y - lse) * _LOG2E) * coef_p
+    d = tl.where(cols == t - col_start, d - (1.0 - smoothing) * scale, d)
+    if SMOOTH:
+        d -= smoothing / V * scale
+    if HAS_SOFTCAP:
+        d = d * (1.0 - th * th)
+    if ROUND_BF16:
+        # Triton's interpreter converts fp32 -> bf16 by truncation (the GPU rounds to nearest
+        # even): a bias toward 0 in every gradient, which the GEMMs after this kernel add up.
+        # Round to nearest even in integer arithmetic first, so the CPU sees the GPU's values.
+        bits = d.to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)
+        d = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+    tl.store(DX + row * stride_dn + cols * stride_dv, d.to(DX.dtype.element_ty), mask=mask)
+
+
+def ce_grad_block(logits, target, lse, grad_scale, col_start: int, n_classes: int,
+                  ignore_index: int, label_smoothing: float, z_loss: float,
+                  softcap: float | None, out=None):
+    """dloss/dlogits * grad_scale of the vocabulary block `logits` (n, c) = columns
+    [col_start, col_start + c) of rows of width n_classes, from their lse (n,). Written into
+    `out` (n, c; may be `logits` itself), a new tensor in logits' dtype when None."""
+    n, width = logits.shape
+    if out is None:
+        out = torch.empty((n, width), dtype=logits.dtype, device=logits.device)
+    if n == 0 or width == 0:
+        return out
+    block = min(triton.next_power_of_2(width), 1024)   # untuned: no GPU measured yet
+    _ce_grad_block_kernel[(n, triton.cdiv(width, block))](
+        logits, logits.stride(0), logits.stride(1), target, target.stride(0), lse,
+        grad_scale, _scale_stride(grad_scale, n), out, out.stride(0), out.stride(1),
+        width, col_start, n_classes, ignore_index,
+        SMOOTH=label_smoothing > 0, HAS_SOFTCAP=softcap is not None,
+        SMOOTHING=float(label_smoothing), Z_LOSS=float(z_loss), SOFTCAP=float(softcap or 1.0),
+        BLOCK_V=block, ROUND_BF16=_INTERPRETED and out.dtype == torch.bfloat16, num_warps=4,
+    )
+    return out
