@@ -42,9 +42,8 @@ def _check_target(target, expected_shape, n_classes, ignore_index, input,
     and under torch.compile, it is an asynchronous assert (torch._assert_async): no host sync and
     no graph break, but on CUDA a bad target surfaces as a device error at a later sync. It costs
     ~6 small kernels on CUDA. check_range=False leaves it to a backend that checks in its CUDA
-    kernel (native: a device-side assert). The Triton kernels cannot: tl.device_assert is
-    compiled only in debug mode, and a sentinel value in the loss would be indistinguishable
-    from the nan of non-finite logits."""
+    kernel: native (a device-side assert), and the eager Triton route (the kernel reports a bad
+    target as nan in the per-row w[t] it writes anyway: see _assert_targets)."""
     _checks.tensor("target", target)
     if target.dtype.is_floating_point and tuple(target.shape) == tuple(input.shape):
         raise TypeError(
@@ -162,8 +161,10 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
     _checks.tensor("input", input)
     name = backends.resolve("cross_entropy", backend, input.device)
-    # the native CUDA kernel asserts the target range itself; every CPU call is checked here
-    check_range = name not in _CHECKS_TARGETS or input.device.type == "cpu"
+    # every CPU call is checked here; on CUDA the native kernel asserts the target range itself,
+    # and the eager Triton route checks what its kernel reports (_assert_targets)
+    check_range = input.device.type == "cpu" or not (
+        name == "native" or (name == "triton" and not torch.compiler.is_compiling()))
     _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
                          z_loss, softcap, check_range)
     # backends receive int64 class indices (a no-op for the usual int64 target)
@@ -330,7 +331,6 @@ def chunked_linear_cross_entropy(rows_fn):
 #                      reduction, label_smoothing, z_loss, softcap, chunk_size): (N,) or scalar.
 _CROSS_ENTROPY = {"torch": reference.cross_entropy}
 _INPLACE_BACKWARD: set[str] = set()     # backends whose entry takes inplace_backward=True
-_CHECKS_TARGETS: set[str] = set()       # backends whose CUDA kernels check the target range
 _LINEAR_CROSS_ENTROPY = {"torch": chunked_linear_cross_entropy(reference.cross_entropy_rows)}
 
 
@@ -398,11 +398,19 @@ def _row_grad(grad, den, reduction):
 #                       and the in-place-gradient option, which saves the (n, V) gradient buffer.
 
 def _launch_ce_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap,
-                   z_ratio=None):
+                   z_ratio=None, **kwargs):
     from llmcore.kernels.triton import cross_entropy as kernels
 
     return kernels.ce_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss,
-                          softcap or None, z_ratio=z_ratio)
+                          softcap or None, z_ratio=z_ratio, **kwargs)
+
+
+def _assert_targets(wt_sum, n_classes, ignore_index):
+    """The eager Triton route's target check on CUDA: the kernel wrote w[t] per row, nan for a
+    target outside [0, n_classes), so one asynchronous assert on their sum (which "mean" needs
+    anyway) replaces the ~6-kernel check. CPU calls are checked before (a ValueError)."""
+    torch._assert_async(wt_sum == wt_sum, f"target values must be in [0, {n_classes}) or "
+                                          f"equal ignore_index={ignore_index}")
 
 
 def _launch_ce_bwd(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing, z_loss,
@@ -478,11 +486,17 @@ class _TritonCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, target, weight, config):
         ignore_index, reduction, label_smoothing, z_loss, softcap = config
         den = z_ratio = None
-        if reduction == "mean":
+        if reduction == "mean" and weight is not None and z_loss > 0:
+            # the z-term's scale den / n_valid is an input of the kernel: den comes first
             den, z_ratio = _mean_denominator(target, weight, ignore_index, _acc_dtype(logits),
-                                             count=z_loss > 0)
-        loss, lse = _launch_ce_fwd(logits, target, weight, ignore_index, label_smoothing,
-                                   z_loss, softcap, z_ratio)
+                                             count=True)
+        loss, lse, wt = _launch_ce_fwd(logits, target, weight, ignore_index, label_smoothing,
+                                       z_loss, softcap, z_ratio, valid_weight=True)
+        if reduction == "mean" and den is None:
+            den = wt.sum()                         # sum of w[t] over the valid rows
+        if target.device.type != "cpu":
+            _assert_targets(den if z_ratio is None and den is not None else wt.sum(),
+                            logits.shape[1], ignore_index)
         ctx.options = (ignore_index, label_smoothing, z_loss, softcap)
         ctx.reduction = reduction
         ctx.save_for_backward(logits, target, weight, lse, z_ratio, den)
@@ -561,8 +575,15 @@ class _TritonCrossEntropyInplace(torch.autograd.Function):
             scale = den.reciprocal()                                 # inf if all ignored: masked
         else:
             scale = buf.new_ones((), dtype=acc)
-        loss = _triton_ce_rows_(buf, target, weight, ignore_index, label_smoothing, z_loss,
-                                softcap, scale, z_ratio)             # (n,); buf now holds dlogits
+        if torch.compiler.is_compiling():
+            loss = _triton_ce_rows_(buf, target, weight, ignore_index, label_smoothing, z_loss,
+                                    softcap, scale, z_ratio)         # (n,); buf now holds dlogits
+        else:
+            loss, _lse, wt = _launch_ce_fwd(buf, target, weight, ignore_index, label_smoothing,
+                                            z_loss, softcap, z_ratio, grad=buf, grad_scale=scale,
+                                            valid_weight=True)
+            if target.device.type != "cpu":
+                _assert_targets(wt.sum(), buf.shape[1], ignore_index)
         ctx.reduction = reduction
         ctx.spent = False
         ctx.save_for_backward(buf)
@@ -683,5 +704,4 @@ def _native_cross_entropy_rows(logits, target, ignore_index=-100, label_smoothin
 
 if _register_native():
     _CROSS_ENTROPY["native"] = _native_cross_entropy
-    _CHECKS_TARGETS.add("native")
     _LINEAR_CROSS_ENTROPY["native"] = chunked_linear_cross_entropy(_native_cross_entropy_rows)

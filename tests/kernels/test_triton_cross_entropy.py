@@ -197,8 +197,9 @@ def test_opcheck_cross_entropy_ops():
                           (torch.randn(6), x.detach(), t, w, lse, -100, 0.1, 1e-3, 5.0))
     torch.library.opcheck(ops.cross_entropy_rows_.default,
                           (x.detach().clone(), t, w, -100, 0.1, 1e-3, 5.0, torch.randn(6)))
+    t5 = torch.tensor([0, 100, 5, 5, 7, 50])            # ignore_index 5 (-100 is out of range)
     torch.library.opcheck(ops.cross_entropy_rows_.default,
-                          (x.detach().clone(), t, None, 5, 0.0, 0.0, 0.0, torch.tensor(0.25)))
+                          (x.detach().clone(), t5, None, 5, 0.0, 0.0, 0.0, torch.tensor(0.25)))
 
 
 def test_compile_fullgraph():
@@ -233,3 +234,26 @@ def test_compile_fullgraph():
         torch.testing.assert_close(out, want)
         for g, e in zip(torch.autograd.grad(out, leaves), torch.autograd.grad(want, leaves)):
             torch.testing.assert_close(g, e)
+
+
+def test_kernel_reports_a_bad_target_through_the_valid_weights():
+    # the eager route's CUDA target check: the forward kernel keeps its loads inside the row and
+    # writes nan into the per-row w[t] (and the loss) of a target outside [0, V); the wrapper's
+    # one assert on their sum then fails. On the CPU the public function raises a ValueError
+    # before any kernel runs, so the pieces are exercised here directly.
+    from llmcore.ops.cross_entropy import _assert_targets
+
+    k = _kernels()
+    x = torch.randn(4, 37)
+    w = torch.rand(37) + 0.5
+    good = torch.tensor([3, -100, 36, 0])
+    loss, lse, wt = k.ce_fwd(x, good, w, -100, 0.1, 1e-3, None, valid_weight=True)
+    torch.testing.assert_close(wt, torch.where(good != -100, w[good.clamp(0)], 0))
+    torch.testing.assert_close(loss, k.ce_fwd(x, good, w, -100, 0.1, 1e-3, None)[0])
+    _assert_targets(wt.sum(), 37, -100)                                # passes
+    for bad in (37, -1):
+        t = torch.tensor([3, -100, bad, 0])
+        loss, lse, wt = k.ce_fwd(x, t, w, -100, 0.1, 1e-3, None, valid_weight=True)
+        assert torch.isnan(wt[2]) and torch.isnan(loss[2]) and not torch.isnan(wt[[0, 1, 3]]).any()
+        with pytest.raises(RuntimeError):
+            _assert_targets(wt.sum(), 37, -100)

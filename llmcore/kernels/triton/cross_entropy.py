@@ -113,12 +113,13 @@ def _ce_grad_row(
 
 @triton.jit
 def _ce_fwd_kernel(
-    X, stride_xn, stride_xv, T, stride_t, Wc, stride_w, Wsum, ZRatio, Loss, Lse,
+    X, stride_xn, stride_xv, T, stride_t, Wc, stride_w, Wsum, ZRatio, Loss, Lse, Wt,
     DX, stride_dn, stride_dv, Scale, stride_s,
     V, ignore_index,
     HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     SMOOTHING: tl.constexpr, Z_LOSS: tl.constexpr, SOFTCAP: tl.constexpr,
-    HAS_Z_RATIO: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_Z_RATIO: tl.constexpr, STORE_WT: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     acc_ty = Loss.dtype.element_ty  # fp32, fp64 for fp64 logits
 
@@ -133,7 +134,11 @@ def _ce_fwd_kernel(
     x_row = X + row * stride_xn
     t = tl.load(T + row * stride_t).to(tl.int64)
     valid = t != ignore_index
-    t = tl.where(valid, t, 0)
+    # a target outside [0, V) that is not ignore_index: its loads stay inside the row (class
+    # 0), and it is reported through Wt (below), not through an assert (tl.device_assert
+    # exists only in debug builds)
+    bad = valid & ((t < 0) | (t >= V))
+    t = tl.where(valid & (t >= 0) & (t < V), t, 0)
     # pass 1, online logsumexp (Milakov & Gimelshein 2018) in base 2 over the V tiles:
     # m = running max of y*log2(e), acc = sum exp2(y*log2(e) - m); also sum_c w[c] y[c]
     m = tl.full([], float("-inf"), acc_ty)
@@ -177,8 +182,13 @@ def _ce_fwd_kernel(
     loss = (1.0 - smoothing) * w_t * (lse - y_t) + z_loss * lse * lse
     if SMOOTH:
         loss += smoothing / V * (w_sum * lse - wy)
+    loss = tl.where(bad, float("nan"), loss)
     tl.store(Loss + row, tl.where(valid, loss, 0.0))
     tl.store(Lse + row, lse)
+    if STORE_WT:
+        # w[t] of a valid row, 0 for an ignored one, nan for a bad target: its sum is "mean"'s
+        # denominator, and nan there reports the bad target with one assert
+        tl.store(Wt + row, tl.where(bad, float("nan"), w_t))
 
     if COMPUTE_GRAD:
         # pass 2: the gradient, into DX (which may be X itself: each element is read, then
@@ -211,7 +221,7 @@ def _ce_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     t = tl.load(T + row * stride_t).to(tl.int64)
     valid = t != ignore_index
-    t = tl.where(valid, t, 0)
+    t = tl.where(valid & (t >= 0) & (t < V), t, 0)  # a bad target reads inside the row
     if HAS_WEIGHT:
         w_t = tl.load(Wc + t * stride_w).to(acc_ty)
     else:
@@ -250,34 +260,37 @@ def _scale_stride(scale: torch.Tensor, n: int) -> int:
 
 
 def ce_fwd(logits, target, weight, ignore_index: int, label_smoothing: float, z_loss: float,
-           softcap: float | None, grad=None, grad_scale=None, z_ratio=None):
+           softcap: float | None, grad=None, grad_scale=None, z_ratio=None, valid_weight=False):
     """logits (n, V), target (n,) integer and weight (V,) (logits' dtype or float32) or None,
     each with any strides; z_ratio: None or a one-element tensor r (module docstring).
 
     Returns loss (n,) and lse (n,) in fp32 (fp64 for fp64 logits). With `grad` (an (n, V)
     tensor, possibly `logits` itself) and `grad_scale` (0-dim or (n,)), also writes
-    dloss/dlogits * grad_scale into it."""
+    dloss/dlogits * grad_scale into it. valid_weight=True returns a third (n,) tensor: w[t]
+    (1 without a weight) on valid rows, 0 on ignored ones, nan where the target is outside
+    [0, V) (whose loss is nan too)."""
     n, v = logits.shape
     acc = acc_dtype(logits)
     loss = torch.empty(n, dtype=acc, device=logits.device)
     lse = torch.empty(n, dtype=acc, device=logits.device)
+    wt = torch.empty(n, dtype=acc, device=logits.device) if valid_weight else None
     if n == 0:
-        return loss, lse
+        return (loss, lse, wt) if valid_weight else (loss, lse)
     compute_grad = grad is not None
     block, warps = _block_v(v)
     _ce_fwd_kernel[(n,)](
         logits, logits.stride(0), logits.stride(1), target, target.stride(0), weight,
         _weight_stride(weight), _class_weight_sum(weight, acc, label_smoothing), z_ratio,
-        loss, lse,
+        loss, lse, wt,
         grad, grad.stride(0) if compute_grad else 0, grad.stride(1) if compute_grad else 0,
         grad_scale, _scale_stride(grad_scale, n) if compute_grad else 0,
         v, ignore_index,
         HAS_WEIGHT=weight is not None, SMOOTH=label_smoothing > 0,
         HAS_SOFTCAP=softcap is not None, SMOOTHING=float(label_smoothing),
         Z_LOSS=float(z_loss), SOFTCAP=float(softcap or 1.0), HAS_Z_RATIO=z_ratio is not None,
-        COMPUTE_GRAD=compute_grad, BLOCK_V=block, num_warps=warps,
+        STORE_WT=valid_weight, COMPUTE_GRAD=compute_grad, BLOCK_V=block, num_warps=warps,
     )
-    return loss, lse
+    return (loss, lse, wt) if valid_weight else (loss, lse)
 
 
 def ce_bwd(logits, target, weight, lse, grad_scale, ignore_index: int, label_smoothing: float,
