@@ -35,6 +35,7 @@ struct CeArgs {
   int64_t dloss_stride;  // 0: one value for every row
   T* dlogits;
   const float* z_ratio;  // scale of the z-term (device scalar), or null for 1
+  const float* weight_sum;  // sum of the class weights (device scalar), or null
   int64_t rows, V, ignore_index;
   float e, z_loss, cap;  // cap <= 0: no softcap
 };
@@ -56,12 +57,17 @@ __global__ void ce_kernel(CeArgs<T> a) {
   const bool smoothing = a.e > 0.f;
   const float inv_cap = a.cap > 0.f ? 1.f / a.cap : 0.f;
   const float z = a.z_loss * (a.z_ratio ? *a.z_ratio : 1.f);  // the z-term is not class-weighted
-  // W = sum of class weights (needed with label smoothing only), once per block
+  // W = sum of class weights (needed with label smoothing only): the caller's, else summed
+  // once per block
   float W = float(V);
   if (smoothing && a.weight) {
-    float s = 0.f;
-    for (int64_t c = threadIdx.x; c < V; c += blockDim.x) s += a.weight[c];
-    W = block_sum(s, smem);
+    if (a.weight_sum) {
+      W = *a.weight_sum;
+    } else {
+      float s = 0.f;
+      for (int64_t c = threadIdx.x; c < V; c += blockDim.x) s += a.weight[c];
+      W = block_sum(s, smem);
+    }
   }
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     const int64_t t = a.target[row];
@@ -168,7 +174,8 @@ void launch(const CrossEntropyParams& p, CUstream_st* stream, const char* what) 
     CeArgs<T> a{static_cast<const T*>(p.logits), p.target, static_cast<const float*>(p.weight),
                 static_cast<float*>(p.loss), static_cast<float*>(p.lse),
                 static_cast<const float*>(p.dloss), p.dloss_stride, static_cast<T*>(p.dlogits),
-                static_cast<const float*>(p.z_ratio), p.rows,
+                static_cast<const float*>(p.z_ratio), static_cast<const float*>(p.weight_sum),
+                p.rows,
                 p.classes, p.ignore_index, float(p.label_smoothing), float(p.z_loss),
                 float(p.softcap)};
     const bool vec = p.classes % Pack<T>::N == 0 && aligned16(p.logits) && aligned16(p.dlogits);

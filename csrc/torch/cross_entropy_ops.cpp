@@ -31,7 +31,7 @@ using std::optional;
 
 // The tensors a params struct points into: they must outlive the kernel call.
 struct Keep {
-  Tensor logits, target, weight, z_ratio;
+  Tensor logits, target, weight, z_ratio, weight_sum;
 };
 
 // Every target is in [0, classes) or ignore_index. On the CPU a ValueError in the words of the
@@ -85,6 +85,10 @@ Keep prepare(CrossEntropyParams* p, const Tensor& logits_in, const Tensor& targe
   p->target = keep.target.const_data_ptr<int64_t>();
   p->weight = keep.weight.defined() ? keep.weight.const_data_ptr() : nullptr;
   p->z_ratio = keep.z_ratio.defined() ? keep.z_ratio.const_data_ptr() : nullptr;
+  if (keep.weight.defined() && label_smoothing > 0.0 && logits_in.is_cuda()) {
+    keep.weight_sum = keep.weight.sum();  // one small kernel instead of a sum per CUDA block
+    p->weight_sum = keep.weight_sum.const_data_ptr();
+  }
   p->ignore_index = ignore_index;
   p->label_smoothing = label_smoothing;
   p->z_loss = z_loss;

@@ -34,6 +34,9 @@ struct CrossEntropyParams {
   double z_loss = 0.0;
   double softcap = 0.0;           // <= 0: no cap
   const void* z_ratio = nullptr;  // (1,) compute type C, r above (device memory on CUDA); null: 1
+  // (1,) C, sum_c w[c] when there is a weight and label smoothing, or null: the CUDA kernels
+  // then read it instead of summing the weights once per block (an extra (blocks, V) read)
+  const void* weight_sum = nullptr;
   // forward outputs / backward inputs, all (rows,) in the compute type C
   void* loss = nullptr;           // forward out: per-row loss (0 for ignored rows)
   void* lse = nullptr;            // forward out, backward in: logsumexp of the capped logits
