@@ -44,6 +44,14 @@ void check_targets_cpu(const Tensor& target, int64_t classes, int64_t ignore_ind
                       ignore_index, ", got ", t[i]);
 }
 
+// llmcore::cross_entropy_check_targets: any integer dtype, any strides.
+void cross_entropy_check_targets(const Tensor& target, int64_t classes, int64_t ignore_index) {
+  TORCH_CHECK_TYPE(at::isIntegralType(target.scalar_type(), /*includeBool=*/false),
+                   "target must be an integer tensor, got ", target.scalar_type());
+  const Tensor t = target.scalar_type() == at::kLong ? target : target.to(at::kLong);
+  check_targets_cpu(t.contiguous(), classes, ignore_index);
+}
+
 // Checks shared by forward and backward; fills everything but the outputs.
 Keep prepare(CrossEntropyParams* p, const Tensor& logits_in, const Tensor& target_in,
              const optional<Tensor>& weight_in, int64_t ignore_index, double label_smoothing,
@@ -339,6 +347,7 @@ TORCH_LIBRARY_IMPL(llmcore, CPU, m) {
   m.impl("cross_entropy_fwd", &llmcore::ops::cross_entropy_fwd);
   m.impl("cross_entropy_bwd", &llmcore::ops::cross_entropy_bwd);
   m.impl("cross_entropy_rows_", &llmcore::ops::cross_entropy_rows_);
+  m.impl("cross_entropy_check_targets", &llmcore::ops::cross_entropy_check_targets);
 }
 
 #ifdef LLMCORE_WITH_CUDA

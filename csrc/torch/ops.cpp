@@ -33,6 +33,9 @@ TORCH_LIBRARY(llmcore, m) {
   // llmcore.cross_entropy's one call on the native backend.
   m.def("cross_entropy(Tensor logits, Tensor target, Tensor? weight, int ignore_index,"
         " int reduction, float label_smoothing, float z_loss, float softcap) -> Tensor");
+  // CPU only: ValueError unless every target is in [0, classes) or ignore_index (the public
+  // functions' range check, one call instead of several tensor ops)
+  m.def("cross_entropy_check_targets(Tensor target, int classes, int ignore_index) -> ()");
 }
 
 namespace {

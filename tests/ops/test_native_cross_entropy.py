@@ -70,9 +70,10 @@ def test_one_call_dispatches_the_kernels_once(reduction):
         out = llmcore.cross_entropy(x, t, reduction=reduction, backend="native")
         torch.autograd.grad(out, x, seed)
     kernels = [op for op in mode.ops if op.startswith("llmcore.")]
-    assert kernels == ["llmcore.cross_entropy_fwd", "llmcore.cross_entropy_bwd"], mode.ops
-    # aten.detach: the CPU target check's numpy view (no kernel, no allocation)
-    others = len([op for op in mode.ops if op != "aten.detach"]) - len(kernels)
+    # the CPU target check (one pass in C++), then each kernel once
+    assert kernels == ["llmcore.cross_entropy_check_targets", "llmcore.cross_entropy_fwd",
+                       "llmcore.cross_entropy_bwd"], mode.ops
+    others = len(mode.ops) - len(kernels)
     assert others <= {"mean": 5, "sum": 1, "none": 0}[reduction], mode.ops
 
 
@@ -173,3 +174,12 @@ def test_op_level_errors_name_the_argument():
     with pytest.raises(ValueError, match="logits must be contiguous"):
         torch.ops.llmcore.cross_entropy_rows_(torch.randn(8, 3).t(), t, None, -100, 0.0, 0.0,
                                               0.0, torch.tensor(1.0))
+
+
+def test_check_targets_op_takes_any_integer_layout():
+    # the public functions' CPU range check: narrow dtypes and strided targets, first bad value
+    t32 = torch.tensor([[1, 9], [7, 0], [8, 2]], dtype=torch.int32)[:, 0]      # [1, 7, 8]
+    with pytest.raises(ValueError, match=r"in \[0, 7\) or equal ignore_index=-100, got 7"):
+        torch.ops.llmcore.cross_entropy_check_targets(t32, 7, -100)
+    torch.ops.llmcore.cross_entropy_check_targets(t32, 9, -100)
+    torch.ops.llmcore.cross_entropy_check_targets(torch.tensor(-100), 9, -100)
