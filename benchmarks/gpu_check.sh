@@ -1,37 +1,65 @@
 #!/usr/bin/env bash
-# The prepared check for a GPU machine (sized for one H200): build llmcore._native with its CUDA
-# kernels, run the GPU tests, then the benchmark suite on CUDA (bf16, the "quick" size set,
-# stopped after GPU_CHECK_BENCH_MINUTES, default 8), writing everything to one directory.
+# The prepared check for a GPU machine, sized for ONE call of at most 9 minutes on an H200:
+# build llmcore._native with its CUDA kernels, run the GPU tests, then the benchmarks in order of
+# importance, each stage with its own time budget and writing its results as it goes.
 #
-#   benchmarks/gpu_check.sh [OUT_DIR]        OUT_DIR defaults to $OUT, else
-#                                            benchmarks/results/gpu-<UTC date and time>
+#   benchmarks/gpu_check.sh [OUT_DIR]        OUT_DIR defaults to benchmarks/results/gpu-<UTC
+#                                            date and time>; on the device machine ($OUT set,
+#                                            no OUT_DIR) it is /tmp/gpu_check, packed after every
+#                                            stage into $OUT/gpu_check.tar.gz (the device brings
+#                                            back at most 8 files), with gpu_check.log beside it
 #
-# Environment:
-#   PYTHON                   interpreter with CUDA PyTorch (default: python3)
-#   GPU_CHECK_STAGES         which stages to run, in order (default "build tests bench"); split
-#                            them over two calls where one call may last only ~10 minutes
-#   GPU_CHECK_BENCH_MINUTES  time budget of the benchmark stage (default 8)
-#   GPU_CHECK_DRY_RUN=1      on a machine without CUDA: run every stage that can run (build,
-#                            pytest -m gpu, which then skips everything, and the suite on the
-#                            CPU with the tiny sizes, eager providers) to check the script
-#   LLMCORE_CUDA_ARCHS       passed to the build (default here: 90, Hopper only, to build fast)
+# Stages (GPU_CHECK_STAGES, default "build tests ops profile steps features"):
+#   build    pip install --no-build-isolation --no-deps -e . (CUDA arch 90 unless
+#            LLMCORE_CUDA_ARCHS says otherwise)                               ~1 min
+#   tests    pytest -m gpu                                       at most GPU_CHECK_TEST_S (120 s)
+#   ops      llmcore bench: overhead (30 s), then fwd+bwd of linear_cross_entropy,
+#            cross_entropy, rms_norm, layer_norm against eager and liger when installed
+#                                                                GPU_CHECK_OPS_MINUTES (1.75)
+#   profile  torch.profiler tables of the gpt2-small train step (llmcore_auto and hf)  ~1 min
+#   steps    llmcore bench: train_step, attention                GPU_CHECK_STEPS_MINUTES (2)
+#   features llmcore bench: attention_features (window, softcap, ALiBi, documents, bool mask vs
+#            FlexAttention and SDPA), attention_varlen           GPU_CHECK_FEATURES_MINUTES (1)
+# Liger-Kernel is pure Python: put its wheel in .whl/ (see benchmarks/README.md) and carry .whl;
+# this script installs it to /tmp/site when it is there.
 #
-# Writes: build.log, pytest_gpu.log, info.txt, results.json, results.md, <op>.png, bench.log,
-# gpu_check.log (the summary). Exit status: 0 when every stage passed, 1 when one failed,
-# 2 when there is no CUDA device (and no dry run).
+# Environment: PYTHON (default python3); GPU_CHECK_DRY_RUN=1 on a machine without CUDA runs
+# what the CPU can (the build, pytest -m gpu, which then skips everything, the suites with the
+# tiny sizes on the CPU, a CPU profile) to check the script itself.
+# Writes: gpu_check.log (the summary), build.log, pytest_gpu.log, info.txt, overhead/, ops/,
+# steps/, features/
+# (results.json, results.md, bench.log each), profile_*.txt. Exit status: 0 when every stage
+# passed, 1 when one failed, 2 when there is no CUDA device (and no dry run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
-out=${1:-${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%dT%H%M%SZ)}}
-stages=${GPU_CHECK_STAGES:-build tests bench}
-minutes=${GPU_CHECK_BENCH_MINUTES:-8}
+archive=${GPU_CHECK_ARCHIVE:-}
+if [ $# -ge 1 ]; then
+    out=$1
+elif [ -n "${OUT:-}" ]; then
+    out=/tmp/gpu_check
+    archive=${archive:-$OUT/gpu_check.tar.gz}
+else
+    out=benchmarks/results/gpu-$(date -u +%Y%m%dT%H%M%SZ)
+fi
+stages=${GPU_CHECK_STAGES:-build tests ops profile steps features}
 mkdir -p "$out"
 summary="$out/gpu_check.log"
 say() { echo "[gpu_check $(date -u +%H:%M:%S)] $*" | tee -a "$summary"; }
+pack() {  # everything so far into the archive (if any), replaced whole, and the summary beside it
+    [ -n "$archive" ] || return 0
+    tar czf "$archive.part" -C "$out" . && mv "$archive.part" "$archive"
+    cp "$summary" "$(dirname "$archive")/gpu_check.log"
+}
 failed=0
 export PYTHONUNBUFFERED=1
 
 say "output: $out; stages: $stages; commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+if ls .whl/liger_kernel-*.whl >/dev/null 2>&1; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    say "liger: installed from $(ls .whl/liger_kernel-*.whl)"
+fi
 if "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     cuda=1
     say "CUDA: $("$py" -c 'import torch; p = torch.cuda.get_device_properties(0); print(p.name, "torch", torch.__version__, "CUDA", torch.version.cuda)')"
@@ -42,8 +70,27 @@ else
         say "nothing to check without a GPU (GPU_CHECK_DRY_RUN=1 runs the CPU-capable stages)"
         exit 2
     fi
-    say "dry run: the GPU parts are skipped; the suite runs on the CPU with the tiny sizes"
+    say "dry run: the GPU parts are skipped; the suites run on the CPU with the tiny sizes"
 fi
+
+bench() {  # bench NAME MINUTES OPS PROVIDERS [MORE ARGS]: one llmcore bench run into $out/NAME
+    local name=$1 minutes=$2 ops=$3 providers=$4 args
+    shift 4
+    mkdir -p "$out/$name"
+    if [ "$cuda" = 1 ]; then
+        args=(--device cuda --quick --max-minutes "$minutes" --ops "$ops" --no-plots
+              --providers "$providers" "$@")
+    else
+        args=(--device cpu --size-set tiny --threads 1 --ops "$ops" --no-plots --no-memory
+              --providers torch,llmcore_native "$@")
+    fi
+    say "$name: llmcore bench ${args[*]}"
+    local t0=$SECONDS
+    "$py" -m llmcore bench "${args[@]}" --out "$out/$name" >"$out/$name/bench.log" 2>&1
+    local status=$?
+    say "$name: exit $status in $((SECONDS - t0)) s: $(tail -1 "$out/$name/bench.log")"
+    [ "$status" = 0 ] || failed=1
+}
 
 for stage in $stages; do
     case "$stage" in
@@ -57,37 +104,52 @@ for stage in $stages; do
             say "build: FAILED (see build.log): $(tail -3 "$out/build.log" | tr '\n' ' ')"
             failed=1
         fi
+        "$py" -m llmcore info >"$out/info.txt" 2>&1
         ;;
     tests)
-        say "tests: pytest -m gpu"
+        say "tests: pytest -m gpu (at most ${GPU_CHECK_TEST_S:-120} s)"
         t0=$SECONDS
-        "$py" -m pytest -q -m gpu -p no:cacheprovider tests >"$out/pytest_gpu.log" 2>&1
+        timeout "${GPU_CHECK_TEST_S:-120}" "$py" -m pytest -q -m gpu -p no:cacheprovider tests \
+            >"$out/pytest_gpu.log" 2>&1
         status=$?
         # 5 = no test collected, which is a failure here too: the GPU tests must exist
         say "tests: exit $status in $((SECONDS - t0)) s: $(tail -1 "$out/pytest_gpu.log")"
         [ "$status" = 0 ] || failed=1
         ;;
-    bench)
-        "$py" -m llmcore info >"$out/info.txt" 2>&1
-        if [ "$cuda" = 1 ]; then
-            # train_step and attention first: under the time budget they matter most
-            args=(--device cuda --quick --max-minutes "$minutes"
-                  --ops train_step,attention,attention_varlen,linear_cross_entropy,cross_entropy,rms_norm,layer_norm)
-        else
-            args=(--device cpu --size-set tiny --providers torch,sdpa)
-        fi
-        say "bench: llmcore bench ${args[*]} --out $out"
-        t0=$SECONDS
-        "$py" -m llmcore bench "${args[@]}" --out "$out" 2>&1 | tee "$out/bench.log"
-        status=${PIPESTATUS[0]}
-        say "bench: exit $status in $((SECONDS - t0)) s: $(tail -1 "$out/bench.log")"
-        [ "$status" = 0 ] || failed=1
+    ops)
+        # the peers that can run here (a provider named but missing would stop the run)
+        peers=torch,llmcore_triton,llmcore_native
+        "$py" -c "import liger_kernel" 2>/dev/null && peers=$peers,liger
+        bench overhead 0.5 overhead torch,llmcore_triton,llmcore_native
+        bench ops "${GPU_CHECK_OPS_MINUTES:-1.75}" \
+            linear_cross_entropy,cross_entropy,rms_norm,layer_norm "$peers" --modes fwd+bwd
+        ;;
+    profile)
+        size=quick; [ "$cuda" = 1 ] || size=tiny
+        for provider in llmcore_auto hf; do
+            t0=$SECONDS
+            timeout 120 "$py" benchmarks/profile_train_step.py --size-set "$size" \
+                --provider "$provider" --out "$out" >>"$out/profile.log" 2>&1
+            status=$?
+            say "profile $provider: exit $status in $((SECONDS - t0)) s: $(grep -h 'time per step' "$out"/profile_gpt2_"$provider".txt 2>/dev/null | tr '\n' ';')"
+            [ "$status" = 0 ] || failed=1
+        done
+        ;;
+    steps)
+        bench steps "${GPU_CHECK_STEPS_MINUTES:-2}" train_step,attention \
+            torch,torch_compile,llmcore_auto,hf,sdpa,llmcore_triton
+        ;;
+    features)
+        bench features "${GPU_CHECK_FEATURES_MINUTES:-1}" attention_features,attention_varlen \
+            sdpa,flex_attention,llmcore_triton
         ;;
     *)
-        say "unknown stage '$stage' (stages: build tests bench)"
+        say "unknown stage '$stage' (stages: build tests ops profile steps features)"
         failed=1
         ;;
     esac
+    pack
 done
 say "done: $([ "$failed" = 0 ] && echo 'every stage passed' || echo 'a stage FAILED')"
+pack
 exit "$failed"

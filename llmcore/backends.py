@@ -118,9 +118,16 @@ def _auto(family: str, device_type: str) -> str:
 @torch.compiler.assume_constant_result
 def resolve(family: str, backend: str, device: torch.device | str) -> str:
     """The concrete backend to run `family` with on `device`, following the rule above."""
-    device_type = torch.device(device).type
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     if backend == "auto":
         backend = os.environ.get("LLMCORE_BACKEND", "auto") or "auto"
+    # the answer depends on nothing else that changes while the process runs (TRITON_INTERPRET
+    # aside, which is part of the key): cached, so a call costs about a dict lookup
+    return _resolve(family, backend, device_type, _interpret())
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve(family: str, backend: str, device_type: str, _interpret_flag: bool) -> str:
     if backend == "auto":
         return _auto(family, device_type)
     if backend not in BACKENDS:
@@ -135,6 +142,12 @@ def resolve(family: str, backend: str, device: torch.device | str) -> str:
             f"backend {backend!r} cannot run {family} on {device_type} tensors: {reason}"
         )
     return backend
+
+
+def clear_cache() -> None:
+    """Forgets the cached choices of `resolve` (for code that changes IMPLEMENTED or the
+    installed packages at run time, e.g. tests that patch them)."""
+    _resolve.cache_clear()
 
 
 def available_backends() -> dict:

@@ -30,3 +30,14 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def fresh_backends():
+    """For tests that patch llmcore.backends' tables: the cached backend choices are dropped
+    before the test and again after it, so no patched answer outlives the patch."""
+    from llmcore import backends
+
+    backends.clear_cache()
+    yield backends
+    backends.clear_cache()

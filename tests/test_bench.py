@@ -115,3 +115,62 @@ def test_cpu_peak_memory_in_a_child_process():
     assert "error" not in fwd and "error" not in both, (fwd, both)
     assert 3.5 <= fwd["peak_mb"] <= 12, fwd
     assert 7.5 <= both["peak_mb"] <= 24, both
+
+
+def test_overhead_op_times_every_public_op_per_call(tmp_path):
+    cfg = BenchConfig(size_set="tiny", ops=["overhead"], providers=["torch", "llmcore_native"],
+                      out=str(tmp_path), memory=False, plots=True)
+    if harness.plan(BenchConfig(ops=["overhead"]))[1]:  # native not built: torch alone
+        cfg.providers = ["torch"]
+    result = harness.run(cfg)
+    assert result["errors"] == []
+    recs = result["records"]
+    variants = {"layer_norm", "rms_norm", "cross_entropy", "linear_ce", "attention"}
+    for provider in cfg.providers:
+        for mode in ("fwd", "fwd+bwd"):
+            got = {r["variant"] for r in recs if (r["provider"], r["mode"]) == (provider, mode)}
+            assert got == variants, (provider, mode, got)
+    for r in recs:
+        assert r["throughput_unit"] == "calls/s"
+        assert r["input_sets"] == 1                 # one call on one input set, no rotation
+        assert r["cpu_ms"] > 0 and r["ms"] > 0
+        assert r["throughput"] == pytest.approx(1e3 / r["ms"])
+    assert "overhead" in (tmp_path / "results.md").read_text()
+    assert not list(tmp_path.glob("overhead*.png"))  # nothing swept, nothing plotted
+
+
+def test_skip_reason_lists_a_case_as_skipped_not_failed(tmp_path, monkeypatch):
+    from llmcore.benchmarks import overhead
+
+    bench = overhead.BENCHES["overhead"]
+    monkeypatch.setattr(bench, "skip_reason",
+                        lambda p, s, d, m: "no kernel here" if s["variant"] == "attention" else None)
+    result = harness.run(BenchConfig(size_set="tiny", ops=["overhead"], providers=["torch"],
+                                     modes=["fwd"], out=str(tmp_path), memory=False,
+                                     plots=False))
+    assert result["errors"] == []
+    assert "attention" not in {r["variant"] for r in result["records"]}
+    assert any("attention" in s["reason"] and "no kernel here" in s["reason"]
+               for s in result["skipped"])
+
+
+@pytest.mark.parametrize("feature", ["window", "softcap", "alibi", "documents", "bool_mask"])
+def test_attention_features_providers_compute_the_same_attention(feature):
+    """The feature benchmark compares like with like: every provider that runs here gives the
+    same output (FlexAttention: forward, where it compiles on the CPU)."""
+    from llmcore import backends
+    from llmcore.benchmarks import attention_features as af
+
+    bench = af.BENCHES["attention_features"]
+    shape = next(s for s in bench.shapes("tiny", "cpu") if s["feature"] == feature)
+    inp = {k: v.double() for k, v in bench.inputs(shape, torch.float32, "cpu", 0).items()}
+    want = bench.function("torch", shape)(**inp)
+    providers = ["llmcore_native"] if "native" in backends.IMPLEMENTED["attention"] and \
+        backends.native_module() is not None else []
+    if feature != "softcap":
+        providers.append("sdpa")
+    for p in providers:
+        got = bench.function(p, shape)(**inp)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=f"{p} vs eager")
+    assert bench.work(shape, torch.float32, "fwd") == \
+        4 * shape["B"] * shape["H"] * shape["D"] * int(af.allowed(shape, "cpu").sum())

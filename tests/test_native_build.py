@@ -105,7 +105,12 @@ def _cuda_native():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["layer", "rms"])
-@pytest.mark.parametrize("shape", [(7, 97), (33, 1024), (5, 4096)])
+# Shapes that reach each CUDA kernel path (csrc/cuda/norm.cu): element-wise register kernel
+# (97; 4097 with 5 values per thread -> P = 8), 16-byte packs (1024, 4096; fp32 8192 with two
+# packs per thread), the loop kernels past 8 values per thread (16384), and more rows than the
+# backward's 512 blocks, so each block sums several rows' weight gradients in registers (600).
+@pytest.mark.parametrize("shape", [(7, 97), (33, 1024), (5, 4096), (3, 4097), (4, 8192),
+                                   (2, 16384), (600, 256)])
 def test_cuda_norm_matches_oracle(dtype, kind, shape):
     _cuda_native()
     dev = "cuda"

@@ -2,11 +2,21 @@
 // llmcore/norm.h; gradient derivation in csrc/cpu/norm.cpp).
 //
 // One block per row (grid-stride over rows). Threads walk the row in 16-byte packs when every
-// pointer is 16-byte aligned and cols is a multiple of the pack, else element by element; the
-// row is re-read from L1/L2 for each pass. Statistics in fp32, block reductions by warp shuffles.
-// Weight/bias gradients: each block accumulates its rows into its own fp32 row of the workspace
-// (each column owned by one thread, so no atomics), then a second kernel sums the blocks' rows
-// in a fixed order: deterministic.
+// pointer is 16-byte aligned and cols is a multiple of the pack, else element by element.
+// Statistics in fp32, block reductions by warp shuffles. Weight/bias gradients: each block
+// accumulates its rows for the columns each thread owns, then writes them as its own fp32 row of
+// the workspace; a second kernel sums the blocks' rows in a fixed order: deterministic.
+//
+// Two kernel shapes. The register kernels (norm_{fwd,bwd}_reg_kernel), used whenever a thread
+// owns at most kMaxValues values of the row (hidden <= 8192 at 1024 threads), hold the thread's
+// part of the row in registers: the forward reads x (and residual) from memory once, the
+// backward reads h and dy once, and the weight/bias-gradient sums stay in registers across the
+// block's rows (one workspace write per block). That is the bandwidth-bound minimum: fwd
+// (2 + 2r) and bwd (3 + r) row-sized transfers. The loop kernels below them walk the row again
+// for each pass (re-reads from L1/L2) and accumulate the gradient sums in the workspace: the
+// general fallback for longer rows.
+#include <type_traits>
+
 #include "common.cuh"
 #include "llmcore/norm.h"
 
@@ -189,6 +199,144 @@ __global__ void norm_bwd_kernel(BwdArgs<T> a) {
   }
 }
 
+// ---------------------------------------------------------------------------- register kernels
+// Packs of a row: pack j of thread t covers columns (j * blockDim.x + t) * N .. + N - 1; with
+// N | cols (VEC) or N == 1 a pack lies wholly inside the row or wholly outside it.
+// At most 8 values per thread keeps a 1024-thread block within the 64 registers per thread an
+// SM can give it (sm_80/sm_90: 65536 registers); __launch_bounds__ makes ptxas hold to that.
+constexpr int kMaxValues = 8;
+constexpr int kMaxThreads = 1024;
+
+#define LLMCORE_REG_PACKS(j, base)                                                   \
+  _Pragma("unroll") for (int j = 0; j < P; ++j)                                      \
+    if (const int64_t base = (int64_t(j) * blockDim.x + threadIdx.x) * N; base < n)
+
+template <typename T, int N, int P>
+__global__ void __launch_bounds__(kMaxThreads) norm_fwd_reg_kernel(FwdArgs<T> a) {
+  __shared__ float smem[32];
+  const int64_t n = a.cols;
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    const int64_t off = row * n;
+    float v[P][N];
+    float sum = 0.f;
+    LLMCORE_REG_PACKS(j, base) {
+      load_n<T, N>(a.x + off, base, v[j]);
+      if (a.residual) {
+        float r[N];
+        load_n<T, N>(a.residual + off, base, r);
+#pragma unroll
+        for (int k = 0; k < N; ++k) v[j][k] = to_f(from_f<T>(v[j][k] + r[k]));  // h, rounded
+        store_n<T, N>(a.h + off, base, v[j]);
+      }
+#pragma unroll
+      for (int k = 0; k < N; ++k) sum += v[j][k];
+    }
+    const float mean = a.rms ? 0.f : block_sum(sum, smem) / float(n);
+    float ss = 0.f;  // the centred second pass runs over registers: exact, no cancellation
+    LLMCORE_REG_PACKS(j, base) {
+#pragma unroll
+      for (int k = 0; k < N; ++k) ss += (v[j][k] - mean) * (v[j][k] - mean);
+    }
+    const float rstd = rsqrtf(block_sum(ss, smem) / float(n) + a.eps);
+    if (threadIdx.x == 0) {
+      if (!a.rms) a.mean[row] = mean;
+      a.rstd[row] = rstd;
+    }
+    LLMCORE_REG_PACKS(j, base) {
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        float o = (v[j][k] - mean) * rstd;
+        if (a.weight) o *= a.weight[base + k];
+        if (a.bias) o += a.bias[base + k];
+        v[j][k] = o;
+      }
+      store_n<T, N>(a.y + off, base, v[j]);
+    }
+  }
+}
+
+// dh = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dh_out), g = dy * w (rms: no mean(g));
+// dweight += dy * xhat, dbias += dy summed in registers over this block's rows.
+template <typename T, int N, int P>
+__global__ void __launch_bounds__(kMaxThreads) norm_bwd_reg_kernel(BwdArgs<T> a) {
+  __shared__ float smem[32];
+  const int64_t n = a.cols;
+  float dw[P][N], db[P][N];
+#pragma unroll
+  for (int j = 0; j < P; ++j) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) dw[j][k] = db[j][k] = 0.f;
+  }
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    const int64_t off = row * n;
+    const float mu = a.rms ? 0.f : a.mean[row];
+    const float rstd = a.rstd[row];
+    float xh[P][N], g[P][N];
+    float sg = 0.f, sgx = 0.f;
+    LLMCORE_REG_PACKS(j, base) {
+      float d[N];
+      load_n<T, N>(a.h + off, base, xh[j]);
+      load_n<T, N>(a.dy + off, base, d);
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        xh[j][k] = (xh[j][k] - mu) * rstd;
+        g[j][k] = a.weight ? d[k] * a.weight[base + k] : d[k];
+        sg += g[j][k];
+        sgx += g[j][k] * xh[j][k];
+        dw[j][k] += d[k] * xh[j][k];
+        db[j][k] += d[k];
+      }
+    }
+    const float mg = a.rms ? 0.f : block_sum(sg, smem) / float(n);
+    const float mgx = block_sum(sgx, smem) / float(n);
+    LLMCORE_REG_PACKS(j, base) {
+      float o[N];
+      if (a.dh) {
+        load_n<T, N>(a.dh + off, base, o);
+      } else {
+#pragma unroll
+        for (int k = 0; k < N; ++k) o[k] = 0.f;
+      }
+#pragma unroll
+      for (int k = 0; k < N; ++k) o[k] += rstd * (g[j][k] - mg - xh[j][k] * mgx);
+      store_n<T, N>(a.dx + off, base, o);
+    }
+  }
+  float* pw = a.part_w ? a.part_w + int64_t(blockIdx.x) * n : nullptr;
+  float* pb = a.part_b ? a.part_b + int64_t(blockIdx.x) * n : nullptr;
+  LLMCORE_REG_PACKS(j, base) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      if (pw) pw[base + k] = dw[j][k];
+      if (pb) pb[base + k] = db[j][k];
+    }
+  }
+}
+
+// Packs per thread for the register kernels (1, 2, 4 or 8 with packs * pack <= kMaxValues),
+// or 0 when the row is too long for them.
+inline int reg_packs(int64_t cols, int threads, int pack) {
+  const int64_t per = (cols + int64_t(threads) * pack - 1) / (int64_t(threads) * pack);
+  for (int p = 1; p * pack <= kMaxValues; p *= 2)
+    if (per <= p) return p;
+  return 0;
+}
+
+// Calls f(std::integral_constant<int, P>{}) for P = packs; only the (N, P) pairs with
+// N * P <= kMaxValues are instantiated.
+template <int N, typename F>
+void with_packs(int packs, F&& f) {
+  const auto run = [&](auto P) {
+    if constexpr (N * decltype(P)::value <= kMaxValues) f(P);
+  };
+  switch (packs) {
+    case 1: return run(std::integral_constant<int, 1>{});
+    case 2: return run(std::integral_constant<int, 2>{});
+    case 4: return run(std::integral_constant<int, 4>{});
+    default: return run(std::integral_constant<int, 8>{});
+  }
+}
+
 // out[c] = sum over the workspace rows b = 0, 1, ... of part[b][c] (fixed order).
 __global__ void column_sum_kernel(const float* part, int blocks, int64_t cols, float* out) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -218,8 +366,22 @@ void norm_fwd_cuda(const NormFwdParams& p, CUstream_st* stream) {
                      aligned16(p.y) && aligned16(p.h);
     const int threads = threads_for(p.cols, vec ? Pack<T>::N : 1);
     const int blocks = int(p.rows < 65535 * 8 ? p.rows : 65535 * 8);
-    if (vec) norm_fwd_kernel<T, true><<<blocks, threads, 0, stream>>>(a);
-    else norm_fwd_kernel<T, false><<<blocks, threads, 0, stream>>>(a);
+    const int packs = reg_packs(p.cols, threads, vec ? Pack<T>::N : 1);
+    if (packs > 0) {
+      if (vec) {
+        with_packs<Pack<T>::N>(packs, [&](auto P) {
+          norm_fwd_reg_kernel<T, Pack<T>::N, P()><<<blocks, threads, 0, stream>>>(a);
+        });
+      } else {
+        with_packs<1>(packs, [&](auto P) {
+          norm_fwd_reg_kernel<T, 1, P()><<<blocks, threads, 0, stream>>>(a);
+        });
+      }
+    } else if (vec) {
+      norm_fwd_kernel<T, true><<<blocks, threads, 0, stream>>>(a);
+    } else {
+      norm_fwd_kernel<T, false><<<blocks, threads, 0, stream>>>(a);
+    }
     check_launch("norm_fwd_cuda");
   });
 }
@@ -244,8 +406,22 @@ void norm_bwd_cuda(const NormBwdParams& p, CUstream_st* stream) {
     const bool vec = p.cols % Pack<T>::N == 0 && aligned16(p.dy) && aligned16(p.dh) &&
                      aligned16(p.h) && aligned16(p.dx);
     const int threads = threads_for(p.cols, vec ? Pack<T>::N : 1);
-    if (vec) norm_bwd_kernel<T, true><<<blocks, threads, 0, stream>>>(a);
-    else norm_bwd_kernel<T, false><<<blocks, threads, 0, stream>>>(a);
+    const int packs = reg_packs(p.cols, threads, vec ? Pack<T>::N : 1);
+    if (packs > 0) {
+      if (vec) {
+        with_packs<Pack<T>::N>(packs, [&](auto P) {
+          norm_bwd_reg_kernel<T, Pack<T>::N, P()><<<blocks, threads, 0, stream>>>(a);
+        });
+      } else {
+        with_packs<1>(packs, [&](auto P) {
+          norm_bwd_reg_kernel<T, 1, P()><<<blocks, threads, 0, stream>>>(a);
+        });
+      }
+    } else if (vec) {
+      norm_bwd_kernel<T, true><<<blocks, threads, 0, stream>>>(a);
+    } else {
+      norm_bwd_kernel<T, false><<<blocks, threads, 0, stream>>>(a);
+    }
     check_launch("norm_bwd_cuda");
   });
   const int t = 256;

@@ -7,6 +7,8 @@
 #include <ATen/ops/full.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -227,6 +229,93 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
   return {dq.to(dt), dk.to(dt), dv.to(dt), dmask};
 }
 
+// ---------------------------------------------------------------------------- llmcore::attention
+// The differentiable op the eager path calls: a C++ autograd node over attention_fwd /
+// attention_bwd (called through the dispatcher, so torch.compile traces down to their fake
+// impls). Saved: q, k, v, out, lse and the optional tensors; lse has no gradient; the mask gets
+// one only when it is a float mask that requires it.
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using AttnFwdOut = std::tuple<Tensor, Tensor>;
+using AttnBwdOut = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using OptT = const optional<Tensor>&;
+
+const auto& attention_fwd_op() {
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("llmcore::attention_fwd", "")
+      .typed<AttnFwdOut(const Tensor&, const Tensor&, const Tensor&, OptT, OptT, OptT, OptT, OptT,
+                        at::ArrayRef<double>, at::IntArrayRef)>();
+  return op;
+}
+
+const auto& attention_bwd_op() {
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("llmcore::attention_bwd", "")
+      .typed<AttnBwdOut(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                        const Tensor&, OptT, OptT, OptT, OptT, OptT, at::ArrayRef<double>,
+                        at::IntArrayRef, bool)>();
+  return op;
+}
+
+optional<Tensor> opt(const Tensor& t) { return t.defined() ? optional<Tensor>(t) : std::nullopt; }
+
+class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k,
+                               const Tensor& v, OptT attn_mask, OptT alibi_slopes,
+                               OptT cu_seqlens_q, OptT cu_seqlens_k, OptT seed,
+                               at::ArrayRef<double> floats, at::IntArrayRef ints) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, lse] = attention_fwd_op().call(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q,
+                                              cu_seqlens_k, seed, floats, ints);
+    const auto or_none = [](OptT t) { return given(t) ? *t : Tensor(); };
+    ctx->save_for_backward({q, k, v, out, lse, or_none(attn_mask), or_none(alibi_slopes),
+                            or_none(cu_seqlens_q), or_none(cu_seqlens_k), or_none(seed)});
+    ctx->saved_data["floats"] = floats.vec();
+    ctx->saved_data["ints"] = ints.vec();
+    ctx->saved_data["float_mask"] = given(attn_mask) && attn_mask->is_floating_point();
+    ctx->mark_non_differentiable({lse});
+    ctx->set_materialize_grads(false);
+    return {out, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    // needs_input_grad counts the given tensors: q, k, v, then the mask when there is one
+    const bool mask_grad = ctx->saved_data["float_mask"].toBool() && ctx->needs_input_grad(3);
+    const Tensor& grad_out = grads[0];
+    if (!grad_out.defined()) return variable_list(10);
+    const auto floats = ctx->saved_data["floats"].toDoubleVector();
+    const auto ints = ctx->saved_data["ints"].toIntVector();
+    auto [dq, dk, dv, dmask] = attention_bwd_op().call(
+        grad_out, s[0], s[1], s[2], s[3], s[4], opt(s[5]), opt(s[6]), opt(s[7]), opt(s[8]),
+        opt(s[9]), floats, ints, mask_grad);
+    return {dq, dk, dv, mask_grad ? dmask : Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
+            Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor> attention_autograd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                              OptT attn_mask, OptT alibi_slopes,
+                                              OptT cu_seqlens_q, OptT cu_seqlens_k, OptT seed,
+                                              at::ArrayRef<double> floats,
+                                              at::IntArrayRef ints) {
+  auto out = AttentionFunction::apply(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q,
+                                      cu_seqlens_k, seed, floats, ints);
+  return {out[0], out[1]};
+}
+
+std::tuple<Tensor, Tensor> attention_no_autograd(const Tensor& q, const Tensor& k,
+                                                 const Tensor& v, OptT attn_mask,
+                                                 OptT alibi_slopes, OptT cu_seqlens_q,
+                                                 OptT cu_seqlens_k, OptT seed,
+                                                 at::ArrayRef<double> floats,
+                                                 at::IntArrayRef ints) {
+  return attention_fwd_op().call(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+                                 seed, floats, ints);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(llmcore, m) {
@@ -245,6 +334,17 @@ TORCH_LIBRARY_FRAGMENT(llmcore, m) {
         " Tensor? attn_mask, Tensor? alibi_slopes, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k,"
         " Tensor? seed, float[] floats, int[] ints, bool mask_grad)"
         " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
+  // The differentiable op over the two above (autograd in C++): attention_fwd's arguments and
+  // results; lse has no gradient.
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? alibi_slopes,"
+        " Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seed, float[] floats, int[] ints)"
+        " -> (Tensor out, Tensor lse)");
+}
+
+TORCH_LIBRARY_IMPL(llmcore, Autograd, m) { m.impl("attention", &attention_autograd); }
+
+TORCH_LIBRARY_IMPL(llmcore, CompositeExplicitAutograd, m) {
+  m.impl("attention", &attention_no_autograd);
 }
 
 TORCH_LIBRARY_IMPL(llmcore, CPU, m) {

@@ -1,9 +1,16 @@
 // CPU / CUDA implementations of llmcore::norm_fwd and llmcore::norm_bwd (schemas in ops.cpp):
 // checks, one params struct, the kernel call. The kernels are in csrc/cpu/norm.cpp and
 // csrc/cuda/norm.cu.
+//
+// And llmcore::norm, the differentiable op the eager path calls: its autograd lives here in C++
+// (a torch::autograd::Function over norm_fwd / norm_bwd, called through the dispatcher), so a
+// layer_norm fwd+bwd costs about what F.layer_norm's does on the host. Below autograd (and for
+// torch.compile's fake tensors) the same forward runs without recording a graph.
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -150,9 +157,188 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& dy_in, const optional<
   return {dx, dw, db};
 }
 
+// ---------------------------------------------------------------------------- llmcore::norm
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using NormFwdOut = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using NormBwdOut = std::tuple<Tensor, Tensor, Tensor>;
+
+const auto& norm_fwd_op() {
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("llmcore::norm_fwd", "")
+      .typed<NormFwdOut(const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
+                        const optional<Tensor>&, double, bool)>();
+  return op;
+}
+
+const auto& norm_bwd_op() {
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("llmcore::norm_bwd", "")
+      .typed<NormBwdOut(const Tensor&, const optional<Tensor>&, const Tensor&,
+                        const optional<Tensor>&, const Tensor&, const Tensor&, bool, bool,
+                        bool)>();
+  return op;
+}
+
+bool given(const optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
+// Views without a detour through symbolic sizes for ordinary tensors (view_symint on concrete
+// sizes costs microseconds per call); fake tensors with symbolic shapes take the SymInt path, so
+// torch.compile's dynamic shapes trace through.
+Tensor view_as_sizes(const Tensor& t, const Tensor& like) {
+  if (t.unsafeGetTensorImpl()->has_symbolic_sizes_strides() ||
+      like.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) {
+    return t.sym_sizes() == like.sym_sizes() ? t : t.view_symint(like.sym_sizes());
+  }
+  return t.sizes() == like.sizes() ? t : t.view(like.sizes());
+}
+
+// A (cols,) parameter gradient in the shape of the normalised dims (x's last norm_ndim dims).
+Tensor as_param_shape(const Tensor& t, const Tensor& x, int64_t norm_ndim) {
+  const int64_t lead = x.dim() - norm_ndim;
+  if (norm_ndim == 1) return t;  // already (cols,)
+  if (x.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) {
+    return t.view_symint(x.sym_sizes().slice(lead));
+  }
+  return t.view(x.sizes().slice(lead));
+}
+
+// x (..., d1..dk) as the kernels' (rows, cols) matrix: the last `norm_ndim` dims are normalised.
+struct RowsCols {
+  bool symbolic = false;
+  int64_t rows = 1, cols = 1;
+  c10::SymInt sym_rows = 1, sym_cols = 1;
+  RowsCols(const Tensor& x, int64_t norm_ndim) {
+    TORCH_CHECK_VALUE(norm_ndim >= 1 && norm_ndim <= x.dim(), "norm_ndim must be in [1, ",
+                      x.dim(), "], got ", norm_ndim);
+    const int64_t lead = x.dim() - norm_ndim;
+    symbolic = x.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
+    if (symbolic) {
+      const auto sizes = x.sym_sizes();
+      for (int64_t i = 0; i < x.dim(); ++i) (i < lead ? sym_rows : sym_cols) *= sizes[i];
+    } else {
+      const auto sizes = x.sizes();
+      for (int64_t i = 0; i < x.dim(); ++i) (i < lead ? rows : cols) *= sizes[i];
+    }
+  }
+  Tensor mat(const Tensor& t) const {
+    if (symbolic) return t.reshape_symint({sym_rows, sym_cols});
+    return t.dim() == 2 && t.size(0) == rows ? t : t.reshape({rows, cols});
+  }
+  optional<Tensor> mat(const optional<Tensor>& t) const {
+    return given(t) ? optional<Tensor>(mat(*t)) : std::nullopt;
+  }
+  Tensor vec(const Tensor& t) const {
+    if (symbolic) return t.reshape_symint({sym_cols});
+    return t.dim() == 1 ? t : t.reshape({cols});
+  }
+  optional<Tensor> vec(const optional<Tensor>& t) const {
+    return given(t) ? optional<Tensor>(vec(*t)) : std::nullopt;
+  }
+};
+
+// (y, h) in x's shape; h is an empty (0,) tensor without a residual.
+std::tuple<Tensor, Tensor> norm_forward(const Tensor& x, const optional<Tensor>& residual,
+                                        const optional<Tensor>& weight,
+                                        const optional<Tensor>& bias, int64_t norm_ndim,
+                                        double eps, bool rms, NormFwdOut* full = nullptr) {
+  const RowsCols rc(x, norm_ndim);
+  NormFwdOut out = norm_fwd_op().call(rc.mat(x), rc.mat(residual), rc.vec(weight),
+                                      rc.vec(bias), eps, rms);
+  Tensor y = view_as_sizes(std::get<0>(out), x);
+  Tensor h = given(residual) ? view_as_sizes(std::get<1>(out), x) : std::get<1>(out);
+  if (full != nullptr) *full = std::move(out);
+  return {y, h};
+}
+
+// Backward (math in csrc/cpu/norm.cpp): dx = dresidual from norm_bwd, plus the gradient of h;
+// dweight / dbias in fp32 from the kernels, cast once to the parameters' dtypes.
+class NormFunction : public torch::autograd::Function<NormFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& x,
+                               const optional<Tensor>& residual, const optional<Tensor>& weight,
+                               const optional<Tensor>& bias, int64_t norm_ndim, double eps,
+                               bool rms) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    NormFwdOut full;
+    auto [y, h] = norm_forward(x, residual, weight, bias, norm_ndim, eps, rms, &full);
+    const bool has_res = given(residual);
+    // the normalised input: h with a residual, else x itself (no copy)
+    ctx->save_for_backward({has_res ? h : x, given(weight) ? *weight : Tensor(),
+                            std::get<2>(full), std::get<3>(full)});
+    ctx->saved_data["norm_ndim"] = norm_ndim;
+    ctx->saved_data["rms"] = rms;
+    ctx->saved_data["has_res"] = has_res;
+    ctx->saved_data["has_w"] = given(weight);
+    ctx->saved_data["has_b"] = given(bias);
+    if (given(bias)) ctx->saved_data["bias_dtype"] = bias->scalar_type();
+    if (!has_res) ctx->mark_non_differentiable({h});
+    ctx->set_materialize_grads(false);
+    return {y, h};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &hx = saved[0], &w = saved[1], &mean = saved[2], &rstd = saved[3];
+    const bool rms = ctx->saved_data["rms"].toBool();
+    const bool has_res = ctx->saved_data["has_res"].toBool();
+    // needs_input_grad counts only the tensors given: x, then residual, weight, bias if present
+    int edge = 0;
+    const int ix = edge++;
+    const int ir = has_res ? edge++ : -1;
+    const int iw = ctx->saved_data["has_w"].toBool() ? edge++ : -1;
+    const int ib = ctx->saved_data["has_b"].toBool() ? edge++ : -1;
+    const auto needs = [&](int i) { return i >= 0 && ctx->needs_input_grad(i); };
+    const Tensor& dy = grads[0];
+    const Tensor dh = has_res ? grads[1] : Tensor();
+    const bool dw_needed = needs(iw) && dy.defined();
+    const bool db_needed = needs(ib) && dy.defined();
+    Tensor dx, dw, db;
+    if (dy.defined()) {
+      const int64_t norm_ndim = ctx->saved_data["norm_ndim"].toInt();
+      const RowsCols rc(hx, norm_ndim);
+      auto out = norm_bwd_op().call(rc.mat(dy), rc.mat(optional<Tensor>(dh)), rc.mat(hx),
+                                    w.defined() ? optional<Tensor>(rc.vec(w)) : std::nullopt,
+                                    mean, rstd, rms, dw_needed, db_needed);
+      dx = view_as_sizes(std::get<0>(out), hx);
+      if (dw_needed) dw = as_param_shape(std::get<1>(out).to(w.scalar_type()), hx, norm_ndim);
+      if (db_needed) {
+        db = as_param_shape(std::get<2>(out).to(ctx->saved_data["bias_dtype"].toScalarType()), hx,
+                            norm_ndim);
+      }
+    } else {
+      dx = dh;  // only h was used: its gradient passes straight to x and residual
+    }
+    return {needs(ix) ? dx : Tensor(), needs(ir) ? dx : Tensor(), dw, db, Tensor(), Tensor(),
+            Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor> norm_autograd(const Tensor& x, const optional<Tensor>& residual,
+                                         const optional<Tensor>& weight,
+                                         const optional<Tensor>& bias, int64_t norm_ndim,
+                                         double eps, bool rms) {
+  auto out = NormFunction::apply(x, residual, weight, bias, norm_ndim, eps, rms);
+  return {out[0], out[1]};
+}
+
+std::tuple<Tensor, Tensor> norm_no_autograd(const Tensor& x, const optional<Tensor>& residual,
+                                            const optional<Tensor>& weight,
+                                            const optional<Tensor>& bias, int64_t norm_ndim,
+                                            double eps, bool rms) {
+  return norm_forward(x, residual, weight, bias, norm_ndim, eps, rms);
+}
+
 }  // namespace
 }  // namespace ops
 }  // namespace llmcore
+
+TORCH_LIBRARY_IMPL(llmcore, Autograd, m) { m.impl("norm", &llmcore::ops::norm_autograd); }
+
+TORCH_LIBRARY_IMPL(llmcore, CompositeExplicitAutograd, m) {
+  m.impl("norm", &llmcore::ops::norm_no_autograd);
+}
 
 TORCH_LIBRARY_IMPL(llmcore, CPU, m) {
   m.impl("norm_fwd", &llmcore::ops::norm_fwd);

@@ -14,6 +14,11 @@ TORCH_LIBRARY(llmcore, m) {
   m.def("norm_bwd(Tensor dy, Tensor? dh, Tensor h, Tensor? weight, Tensor mean, Tensor rstd,"
         " bool rms, bool weight_grad, bool bias_grad)"
         " -> (Tensor dx, Tensor dweight, Tensor dbias)");
+  // The differentiable norm the eager path calls (autograd in C++, over the two ops above):
+  // x (..., d1..dk) normalised over its last norm_ndim dims; weight/bias of those dims.
+  // Returns y, and h = x + residual (an empty tensor without a residual), in x's shape.
+  m.def("norm(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, int norm_ndim,"
+        " float eps, bool rms) -> (Tensor y, Tensor h)");
   // Cross-entropy over the rows of (rows, classes) logits; target int64 (rows,). Per-row loss
   // (0 on ignored rows) and logsumexp, fp32 (fp64 for fp64 logits); the reduction is the
   // caller's. softcap 0 means no cap. z_ratio: a 0-dim scale of the (unweighted) z-loss term,

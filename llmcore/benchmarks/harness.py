@@ -104,6 +104,8 @@ class OpBench:
     unit: str = "GB/s"                  # "GB/s", "TFLOP/s" or "tokens/s"
     x_key: str = ""                     # the shape entry on the x axis of the plots
     baselines: tuple[str, ...] = ("torch",)   # speed-up columns are against these
+    host_timing: bool = False           # time each call alone: wall up to a device sync, and
+                                        # the host's CPU time (per-call overhead benchmarks)
 
     def shapes(self, size_set: str, device: str) -> list[dict]:
         """The swept shapes: JSON-able dicts of sizes and flags, each with a "variant" label."""
@@ -114,6 +116,11 @@ class OpBench:
 
     def probe(self, provider: str, device: str) -> str | None:
         return _providers.probe(provider, self.families, device)
+
+    def skip_reason(self, provider: str, shape: dict, device: str, mode: str) -> str | None:
+        """Why `provider` cannot run this one shape in this mode here (None: it can); such
+        cases are listed as skipped, not failed."""
+        return None
 
     def inputs(self, shape: dict, dtype: torch.dtype, device: str, seed: int) -> dict:
         """Keyword arguments of `function`; tensors that get gradients require grad."""
@@ -254,14 +261,27 @@ class _L2Flush:
         self.buf.zero_()
 
 
-def time_runner(runner: Runner, device: str, timing: Timing) -> tuple[list[float], list[float]]:
+def time_runner(runner: Runner, device: str, timing: Timing,
+                host_timing: bool = False) -> tuple[list[float], list[float]]:
     """Milliseconds of each timed call after warm-up: (wall times, CPU times). CPU times
     (time.process_time, all threads of this process) are measured on the CPU only; on a shared,
-    oversubscribed machine they show the work done where wall times also show the waiting."""
-    flush = _L2Flush() if device == "cuda" else None
+    oversubscribed machine they show the work done where wall times also show the waiting.
+    host_timing: every call alone, on any device: wall time up to a device sync after the call,
+    and the host CPU time of the call itself (no L2 flush: the per-call overhead benchmark)."""
+    cuda = device == "cuda"
+    flush = _L2Flush() if cuda and not host_timing else None
 
     def one() -> tuple[float, float]:
         runner.pre()
+        if host_timing:
+            if cuda:
+                torch.cuda.synchronize()
+            c0, t0 = time.process_time(), time.perf_counter()
+            runner.call()
+            c1 = time.process_time()
+            if cuda:
+                torch.cuda.synchronize()
+            return (time.perf_counter() - t0) * 1e3, (c1 - c0) * 1e3
         if flush:
             flush()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -283,7 +303,7 @@ def time_runner(runner: Runner, device: str, timing: Timing) -> tuple[list[float
             break
     est = sorted(warm[1:])[len(warm[1:]) // 2]
     reps = int(min(timing.max_reps, max(timing.min_reps, timing.budget_s * 1e3 / max(est, 1e-3))))
-    if device != "cuda":
+    if device != "cuda" or host_timing:
         wall, cpu = zip(*(one() for _ in range(reps)))
         return list(wall), list(cpu)
     # on CUDA, queue the calls and read the events once at the end (no per-call host sync)
@@ -496,6 +516,15 @@ def run(cfg: BenchConfig) -> dict:
             for dtype_name in dtypes:
                 dtype = DTYPES[dtype_name]
                 for mode in modes:
+                    reason = bench.skip_reason(provider, shape, cfg.device, mode)
+                    if reason is not None:
+                        if dtype_name == dtypes[0]:
+                            skipped.append({"op": bench.name, "provider": provider,
+                                            "reason": f"{shape['variant']} {_label(shape)} "
+                                                      f"{mode}: {reason}"})
+                            log.info("skip %s / %s %s %s: %s", bench.name, provider,
+                                     _label(shape), mode, reason)
+                        continue
                     case = {"op": bench.name, "provider": provider, "device": cfg.device,
                             "dtype": dtype_name, "mode": mode, "variant": shape["variant"],
                             "shape": {k: v for k, v in shape.items() if k != "variant"}}
@@ -550,15 +579,15 @@ def _fmt_throughput(rec: dict) -> str:
 def _run_case(bench: OpBench, provider: str, shape: dict, dtype: torch.dtype, mode: str,
               cfg: BenchConfig, timing: Timing) -> dict:
     n_sets = 1
-    if mode != "step" and timing.rotate:
+    if mode != "step" and timing.rotate and not bench.host_timing:
         n_sets = rotation_sets(bench.input_bytes(shape, dtype), cfg.device)
     runner = bench.runner(provider, shape, dtype, cfg.device, mode, n_sets)
-    ms_all, cpu_all = time_runner(runner, cfg.device, timing)
+    ms_all, cpu_all = time_runner(runner, cfg.device, timing, bench.host_timing)
     ms, p20, p80 = quantiles(ms_all)
     peak = cuda_peak_mb(runner) if cfg.device == "cuda" and cfg.memory else None
     del runner
     work = bench.work(shape, dtype, mode)
-    scale = {"GB/s": 1e9, "TFLOP/s": 1e12, "tokens/s": 1.0}[bench.unit]
+    scale = {"GB/s": 1e9, "TFLOP/s": 1e12, "tokens/s": 1.0, "calls/s": 1.0}[bench.unit]
     dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
     return {"ms": ms, "ms_p20": p20, "ms_p80": p80, "reps": len(ms_all), "input_sets": n_sets,
             "cpu_ms": quantiles(cpu_all)[0] if cpu_all else None,

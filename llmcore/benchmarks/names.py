@@ -6,10 +6,12 @@ OP_MODULES = {
     "layer_norm": "norm", "rms_norm": "norm",
     "cross_entropy": "cross_entropy", "linear_cross_entropy": "cross_entropy",
     "attention": "attention", "attention_varlen": "attention",
+    "attention_features": "attention_features",
     "train_step": "train_step",
+    "overhead": "overhead",
 }
 OPS = tuple(OP_MODULES)
 MODES = ("fwd", "bwd", "fwd+bwd", "step")
 SIZE_SETS = ("tiny", "quick", "full")
 PROVIDERS = ("torch", "torch_compile", "sdpa", "llmcore_triton", "llmcore_native", "llmcore_auto",
-             "flash_attn", "liger", "hf")
+             "flash_attn", "liger", "hf", "flex_attention")

@@ -12,6 +12,8 @@ A provider is a name for one implementation of an op:
   flash_attn      the flash-attn package (attention only)
   liger           Liger-Kernel (norms and cross-entropy)
   hf              the Hugging Face transformers model (train step only)
+  flex_attention  torch.nn.attention.flex_attention under torch.compile, with the score_mod /
+                  block mask of each case (attention features only; forward only on the CPU)
 
 `probe()` returns None when the provider can run an op family on a device, else the reason it
 cannot. The harness uses it twice: to say why a provider was skipped in an "all available" run,
@@ -93,4 +95,7 @@ def probe(provider: str, families: tuple[str, ...], device: str) -> str | None:
         return _import_error("liger_kernel", "liger-kernel")
     if provider == "hf":
         return _import_error("transformers", "transformers")
+    if provider == "flex_attention":
+        err = _import_error("torch.nn.attention.flex_attention", f"torch>=2.5 (has {torch.__version__})")
+        return err or _compile_reason(device)
     raise AssertionError(provider)

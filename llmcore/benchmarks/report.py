@@ -177,6 +177,8 @@ def plots(result: dict, out: Path) -> list[Path]:
         by_op[r["op"]].append(r)
     for op, recs in by_op.items():
         bench = load_op(op)
+        if not bench.x_key:  # nothing swept (the overhead op): the tables say it all
+            continue
         # panels in the order the records came (variants as swept), modes in MODES order
         panels = list(dict.fromkeys((r["variant"], r["dtype"], r["mode"]) for r in recs))
         variants = list(dict.fromkeys(r["variant"] for r in recs))

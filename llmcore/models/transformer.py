@@ -185,8 +185,10 @@ class Transformer(nn.Module):
     (B, N) for configs with type_vocab_size > 0; labels: (B, N) token ids for "clm" (the loss
     shifts them: position t predicts labels[t+1]) and "mlm" (-100 = not masked), (B,) classes
     for "seq_cls" (float when num_labels == 1: regression), (B, N) classes for "token_cls".
-    With labels, LM logits are not computed unless `return_logits=True`: the loss is the fused
-    linear cross-entropy, which never holds the (tokens, V) logits.
+    With labels, while training, LM logits are not computed unless `return_logits=True`: the
+    loss is the fused linear cross-entropy, which never holds the (tokens, V) logits. In eval
+    mode the logits come with the loss, as Hugging Face and Liger models return them;
+    `return_logits=False` skips them there too.
     """
 
     def __init__(self, config: TransformerConfig):
@@ -261,7 +263,7 @@ class Transformer(nn.Module):
                 raise ValueError("labels were given but the model has no head (config.head=None)")
             return TransformerOutput(last_hidden_state=h)
         if return_logits is None:
-            return_logits = labels is None
+            return_logits = labels is None or not self.training
         if cfg.head in ("clm", "mlm"):
             loss, logits = self.head(h, self.decoder_weight(), labels, return_logits)
         elif cfg.head == "seq_cls":

@@ -42,7 +42,7 @@ def same_dtype(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str = "i
 
 
 def shape(name: str, t: torch.Tensor, expected: Sequence[int]) -> None:
-    if tuple(t.shape) != tuple(expected):
+    if t.shape != expected and tuple(t.shape) != tuple(expected):
         raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
 
 
@@ -60,6 +60,12 @@ def choice(name: str, value, allowed: Sequence) -> None:
 
 def normalized_shape(shape_arg, input: torch.Tensor) -> tuple[int, ...]:
     """Checks `normalized_shape` against the trailing dims of `input`; returns it as a tuple."""
+    if type(shape_arg) is int or (type(shape_arg) in (tuple, torch.Size) and len(shape_arg) == 1
+                                  and type(shape_arg[0]) is int):
+        # the common case, without the general path's conversions: one normalised dim
+        d = shape_arg if type(shape_arg) is int else shape_arg[0]
+        if input.dim() >= 1 and input.shape[-1] == d:
+            return (d,)
     if isinstance(shape_arg, int):
         shape_arg = (shape_arg,)
     if isinstance(shape_arg, (str, bytes)):  # iterable, but "8" is not a shape

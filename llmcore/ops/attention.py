@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 
 import torch
 
@@ -77,9 +78,20 @@ def _check_options(dropout_p, window_size, softcap, scale, scale_name):
         raise TypeError(f"{scale_name} must be None or a float, got {scale!r}")
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not softcap >= 0:
         raise ValueError(f"softcap must be a float >= 0 (0 disables it), got {softcap!r}")
-    ok = isinstance(window_size, (tuple, list)) and len(window_size) == 2 and all(
-        isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= -1
-        for w in window_size)
+    if isinstance(window_size, torch.Tensor):
+        # a 2-element integer tensor, as some callers build it: read on the host (it sizes
+        # the kernels' loops), so keep it on the CPU where a loop calls this every step
+        if window_size.dtype.is_floating_point or window_size.dtype == torch.bool \
+                or window_size.numel() != 2:
+            raise ValueError(f"window_size must be a pair (left, right) of ints >= -1 "
+                             f"(-1: unbounded), got a tensor of dtype {window_size.dtype} and "
+                             f"shape {tuple(window_size.shape)}")
+        window_size = tuple(int(w) for w in window_size.reshape(2).tolist())
+    # any 2-element sequence (tuple, list, torch.Size, ...), as flash-attn accepts
+    ok = (isinstance(window_size, Sequence) and not isinstance(window_size, (str, bytes))
+          and len(window_size) == 2 and all(
+              isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= -1
+              for w in window_size))
     if not ok:
         raise ValueError(
             f"window_size must be a pair (left, right) of ints >= -1 (-1: unbounded), "
@@ -245,7 +257,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                            softcap=0.0, alibi_slopes=None, deterministic=False,
-                           return_attn_probs=False, *, backend="auto"):
+                           return_attn_probs=False, block_table=None, *, backend="auto"):
     """flash-attn's flash_attn_varlen_func: sequences packed along dim 0.
 
     q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv); sequence b holds rows
@@ -254,7 +266,12 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     size kernel grids). Each sequence attends only to itself, causal / window_size aligned
     bottom-right per sequence; alibi_slopes (Hq,) or (batch, Hq). Returns out (total_q, Hq, Dv),
     or with return_attn_probs (out, softmax_lse (Hq, total_q) float32, None), as flash_attn_func.
+    block_table: only None (flash-attn's paged KV cache is not supported: a table is refused).
     """
+    if block_table is not None:
+        raise NotImplementedError(
+            "block_table: llmcore's flash_attn_varlen_func has no paged KV cache; pass "
+            "block_table=None with k and v packed like q (total_k, Hkv, D)")
     names = ("q", "k", "v")
     _check_qkv(names, q, k, v, ndim=3)
     (_, hq, d), (tk, hk, dk), (tv, hv, _) = q.shape, k.shape, v.shape
@@ -346,15 +363,17 @@ def _flash_attn_core(q, k, v, *, scale, window, bottom_right, softcap, attn_mask
 
 
 # ---------------------------------------------------------------------------- triton backend
-# Two torch.library ops in namespace llmcore_triton (the C++ extension owns `llmcore`): forward
+# Eager calls go through _TritonAttention, a plain autograd.Function that launches the kernels
+# (llmcore.kernels.triton.attention) directly. torch.compile sees the same kernels as two
+# torch.library ops in namespace llmcore_triton (the C++ extension owns `llmcore`): forward
 # (q, k, v, ...) -> (out, lse) and backward -> (dq, dk, dv, d attn_mask), with fake impls for
-# tracing and the backward registered as the forward's autograd (lse has no gradient). The
-# kernels (llmcore.kernels.triton.attention) are imported on first use, so importing llmcore
-# never imports triton. The dropout seed is drawn
-# before the op, from torch's generator for q's device, and passed in: the ops stay pure
-# functions of their inputs (opcheck, torch.compile) and torch.manual_seed reproduces a run.
-# Scalars travel packed: floats (scale, softcap, dropout_p), ints (window left, window right,
-# bottom_right, max_seqlen_q, max_seqlen_k; 0 for the max lengths when not varlen).
+# tracing and the same backward (_attention_grads) registered as the forward's autograd (lse has
+# no gradient). The kernels are imported on first use, so importing llmcore never imports
+# triton. The dropout seed is drawn before the op, from torch's generator for q's device, and
+# passed in: the ops stay pure functions of their inputs (opcheck, torch.compile) and
+# torch.manual_seed reproduces a run. Scalars travel packed: floats (scale, softcap, dropout_p),
+# ints (window left, window right, bottom_right, max_seqlen_q, max_seqlen_k; 0 for the max
+# lengths when not varlen).
 
 def _triton_kernels():
     from llmcore.kernels.triton import attention as kernels
@@ -368,6 +387,52 @@ def _triton_kwargs(attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, fl
                 softcap=softcap, attn_mask=attn_mask, alibi_slopes=alibi_slopes,
                 dropout_p=dropout_p, seed=seed, cu_seqlens_q=cu_seqlens_q,
                 cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+
+
+def _triton_bwd_kernels(grad_out, q, k, v, out, lse, attn_mask, alibi_slopes, cu_seqlens_q,
+                        cu_seqlens_k, seed, floats, ints, mask_grad):
+    # -> (dq, dk, dv, d attn_mask or None)
+    return _triton_kernels().attention_bwd(
+        grad_out, q, k, v, out, lse, mask_grad=mask_grad,
+        **_triton_kwargs(attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, floats, ints))
+
+
+def _attention_save(ctx, inputs, out, lse) -> None:
+    """The state the backward needs: q, k, v, out, lse, the optional tensors and the packed
+    scalars. Shared by the eager Function and the registered op's autograd."""
+    q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, floats, ints = inputs
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, alibi_slopes, cu_seqlens_q,
+                          cu_seqlens_k, seed)
+    ctx.floats, ctx.ints = floats, ints
+
+
+def _attention_grads(ctx, grad_out, attention_bwd):
+    """(dq, dk, dv, d attn_mask) + Nones for the slopes, offsets, seed and packed scalars;
+    `attention_bwd` is a backend's backward with the op's argument order."""
+    if grad_out is None:  # out unused (only lse was read): nothing to propagate
+        return (None,) * 10
+    mask_grad = bool(ctx.needs_input_grad[3])
+    dq, dk, dv, dmask = attention_bwd(grad_out, *ctx.saved_tensors, ctx.floats, ctx.ints,
+                                      mask_grad)
+    return (dq, dk, dv, dmask if mask_grad else None) + (None,) * 6
+
+
+class _TritonAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, floats,
+                ints):
+        out, lse = _triton_kernels().attention_fwd(
+            q, k, v, **_triton_kwargs(attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed,
+                                      floats, ints))
+        _attention_save(ctx, (q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+                              seed, floats, ints), out, lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):
+        return _attention_grads(ctx, grad_out, _triton_bwd_kernels)
 
 
 @torch.library.custom_op("llmcore_triton::attention_fwd", mutates_args=())
@@ -399,9 +464,9 @@ def _triton_attention_bwd(
     ints: list[int], mask_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # -> (dq, dk, dv, d attn_mask); the last is an empty (0,) tensor unless mask_grad
-    dq, dk, dv, dmask = _triton_kernels().attention_bwd(
-        grad_out, q, k, v, out, lse, mask_grad=mask_grad,
-        **_triton_kwargs(attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, floats, ints))
+    dq, dk, dv, dmask = _triton_bwd_kernels(grad_out, q, k, v, out, lse, attn_mask,
+                                            alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed,
+                                            floats, ints, mask_grad)
     return dq, dk, dv, (q.new_empty(0) if dmask is None else dmask)
 
 
@@ -414,24 +479,22 @@ def _(grad_out, q, k, v, out, lse, attn_mask, alibi_slopes, cu_seqlens_q, cu_seq
                         if mask_grad else q.new_empty(0))
 
 
-def _triton_setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, floats, ints = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask, alibi_slopes, cu_seqlens_q,
-                          cu_seqlens_k, seed)
-    ctx.floats, ctx.ints = floats, ints
+def _triton_op_setup_context(ctx, inputs, output):
+    _attention_save(ctx, inputs, *output)
 
 
-def _triton_backward(ctx, grad_out, _grad_lse):
-    mask_grad = bool(ctx.needs_input_grad[3])
-    dq, dk, dv, dmask = _triton_attention_bwd(grad_out, *ctx.saved_tensors, ctx.floats,
-                                              ctx.ints, mask_grad)
-    # no gradient for the slopes, offsets, seed or the packed scalars
-    return (dq, dk, dv, dmask if mask_grad else None) + (None,) * 6
+def _triton_op_backward(ctx, grad_out, _grad_lse):
+    return _attention_grads(ctx, grad_out, _triton_attention_bwd)
 
 
-_triton_attention_fwd.register_autograd(_triton_backward, setup_context=_triton_setup_context)
+_triton_attention_fwd.register_autograd(_triton_op_backward,
+                                        setup_context=_triton_op_setup_context)
+
+
+def _packed_ints(window, bottom_right, max_seqlen_q, max_seqlen_k) -> list[int]:
+    return [int(window[0]), int(window[1]), int(bool(bottom_right)),
+            0 if max_seqlen_q is None else int(max_seqlen_q),
+            0 if max_seqlen_k is None else int(max_seqlen_k)]
 
 
 def _triton_core(q, k, v, *, scale, window, bottom_right, softcap, attn_mask, alibi_slopes,
@@ -443,12 +506,13 @@ def _triton_core(q, k, v, *, scale, window, bottom_right, softcap, attn_mask, al
             f"backend 'triton' runs attention in float16, bfloat16 and float32, not {q.dtype}; "
             f"use backend='torch'")
     seed = _triton_kernels().draw_seed(q.device) if dropout_p > 0 else None
-    ints = [int(window[0]), int(window[1]), int(bool(bottom_right)),
-            0 if max_seqlen_q is None else int(max_seqlen_q),
-            0 if max_seqlen_k is None else int(max_seqlen_k)]
-    out, lse = _triton_attention_fwd(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q,
-                                     cu_seqlens_k, seed,
-                                     [float(scale), float(softcap), float(dropout_p)], ints)
+    args = (q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed,
+            [float(scale), float(softcap), float(dropout_p)],
+            _packed_ints(window, bottom_right, max_seqlen_q, max_seqlen_k))
+    if torch.compiler.is_compiling():
+        out, lse = _triton_attention_fwd(*args)
+    else:
+        out, lse = _TritonAttention.apply(*args)
     return out, (lse if return_lse else None)
 
 
@@ -458,10 +522,12 @@ _CORE = {"torch": reference.attention, "flash_attn": _flash_attn_core,
 
 
 # ---------------------------------------------------------------------------- native backend
-# llmcore::attention_fwd / llmcore::attention_bwd are defined in C++ (schemas and checks:
-# csrc/torch/attention_ops.cpp; flash-style CPU kernels: csrc/cpu/attention.cpp), with the same
+# llmcore::attention (csrc/torch/attention_ops.cpp) is differentiable in C++: it runs
+# llmcore::attention_fwd and records a C++ autograd node whose backward runs
+# llmcore::attention_bwd (flash-style CPU kernels: csrc/cpu/attention.cpp), with the same
 # arguments as the Triton ops above: packed floats/ints, a dropout seed drawn here from torch's
-# generator. Here: their fake impls and autograd (the same saved state as the Triton op).
+# generator. One op call from Python, for eager and torch.compile alike. Here: the fake impls
+# of the two kernel ops, which torch.compile traces llmcore::attention down to.
 
 def _native_attention_fwd_fake(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
                                seed, floats, ints):
@@ -477,21 +543,12 @@ def _native_attention_bwd_fake(grad_out, q, k, v, out, lse, attn_mask, alibi_slo
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
 
-def _native_attention_backward(ctx, grad_out, _grad_lse):
-    mask_grad = bool(ctx.needs_input_grad[3])
-    dq, dk, dv, dmask = torch.ops.llmcore.attention_bwd(grad_out, *ctx.saved_tensors, ctx.floats,
-                                                        ctx.ints, mask_grad)
-    return (dq, dk, dv, dmask if mask_grad else None) + (None,) * 6
-
-
 def _register_native_attention() -> bool:
     # loading the extension registers the C++ ops; an older build may predate attention
-    if backends.native_module() is None or not hasattr(torch.ops.llmcore, "attention_fwd"):
+    if backends.native_module() is None or not hasattr(torch.ops.llmcore, "attention"):
         return False
     torch.library.register_fake("llmcore::attention_fwd")(_native_attention_fwd_fake)
     torch.library.register_fake("llmcore::attention_bwd")(_native_attention_bwd_fake)
-    torch.library.register_autograd("llmcore::attention_fwd", _native_attention_backward,
-                                    setup_context=_triton_setup_context)
     return True
 
 
@@ -505,13 +562,10 @@ def _native_core(q, k, v, *, scale, window, bottom_right, softcap, attn_mask, al
             f"yet), got {q.device}; use backend='triton' or 'torch'")
     seed = (torch.randint(0, 2**62, (1,), device=q.device, dtype=torch.int64)
             if dropout_p > 0 else None)
-    ints = [int(window[0]), int(window[1]), int(bool(bottom_right)),
-            0 if max_seqlen_q is None else int(max_seqlen_q),
-            0 if max_seqlen_k is None else int(max_seqlen_k)]
-    out, lse = torch.ops.llmcore.attention_fwd(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q,
-                                               cu_seqlens_k, seed,
-                                               [float(scale), float(softcap), float(dropout_p)],
-                                               ints)
+    out, lse = torch.ops.llmcore.attention(
+        q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed,
+        [float(scale), float(softcap), float(dropout_p)],
+        _packed_ints(window, bottom_right, max_seqlen_q, max_seqlen_k))
     return out, (lse.float() if return_lse else None)  # lse is fp64 for fp64 inputs
 
 

@@ -31,7 +31,7 @@ def _check(input, normalized_shape, weight, bias, residual, eps,
                 raise TypeError(f"{name} must have input's dtype {input.dtype} or be float32, "
                                 f"got {t.dtype}")
     if eps is not None or not eps_may_be_none:
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        if type(eps) is not float and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)):
             raise TypeError(f"eps must be a float{' or None' if eps_may_be_none else ''}, "
                             f"got {eps!r}")
         if not eps >= 0:  # also refuses nan
@@ -74,15 +74,55 @@ _LAYER_NORM = {"torch": reference.layer_norm}
 _RMS_NORM = {"torch": reference.rms_norm}
 
 
-# ---------------------------------------------------------------------------- native backend
-# llmcore::norm_fwd / llmcore::norm_bwd are defined in C++ (schemas: csrc/torch/ops.cpp; CPU
-# kernels: csrc/cpu/norm.cpp, CUDA: csrc/cuda/norm.cu). Here: their fake impls (for
-# torch.compile / meta tensors) and autograd. The kernels see a (rows, cols) matrix; mean and
-# rstd are per-row statistics in fp32 (fp64 for fp64 inputs), the only state kept for backward.
+# ---------------------------------------------------------------------------- the backward
+# One backward for the norm family's Python autograd (the Triton eager Function and the Triton
+# custom op that torch.compile sees); the native ops run the same math with their autograd in
+# C++ (csrc/torch/norm_ops.cpp). Saved: h (x + residual, or x itself), weight, and the per-row
+# fp32 statistics mean (layer norm) and rstd -- nothing else, and no zero-filled gradients for
+# outputs nobody differentiates (materialize_grads is off: an unused output's gradient is None).
 
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
+
+def _norm_save(ctx, x, residual, weight, bias, rms, h, mean, rstd) -> None:
+    ctx.set_materialize_grads(False)
+    ctx.rms = rms
+    ctx.has_residual = residual is not None
+    ctx.weight_dtype = None if weight is None else weight.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
+
+
+def _norm_grads(ctx, dy, dh, norm_bwd):
+    """(dx, dresidual, dweight, dbias) from the gradients of y and h; `norm_bwd` is a backend's
+    norm_bwd(dy, dh, h, weight, mean, rstd, rms, weight_grad, bias_grad)."""
+    h, weight, mean, rstd = ctx.saved_tensors
+    x_needed, res_needed, dw_needed, db_needed = ctx.needs_input_grad[:4]
+    dh = dh if ctx.has_residual else None
+    if dy is None:  # only h was used: its gradient flows straight to x and residual
+        return (dh if x_needed else None), (dh if res_needed else None), None, None
+    dx, dw, db = norm_bwd(dy, dh, h, weight, mean, rstd, ctx.rms, bool(dw_needed),
+                          bool(db_needed))
+    return ((dx if x_needed else None), (dx if res_needed else None),
+            dw.to(ctx.weight_dtype) if dw_needed else None,
+            db.to(ctx.bias_dtype) if db_needed else None)
+
+
+def _rows_cols(x, dims) -> tuple[int, int]:
+    cols = 1
+    for d in dims:
+        cols *= d
+    return x.shape[:x.dim() - len(dims)].numel(), cols
+
+
+# ---------------------------------------------------------------------------- native backend
+# llmcore::norm (csrc/torch/norm_ops.cpp) is differentiable in C++: it flattens x to the
+# kernels' (rows, cols) matrix, runs llmcore::norm_fwd, and records a C++ autograd node whose
+# backward runs llmcore::norm_bwd. One op call from Python, for eager and torch.compile alike.
+# Here: the fake impls of the two kernel ops (torch.compile and meta tensors trace llmcore::norm
+# down to them). The kernels see a (rows, cols) matrix; mean and rstd are per-row statistics
+# in fp32 (fp64 for fp64 inputs), the only state kept for backward.
 
 def _norm_fwd_fake(x, residual, weight, bias, eps, rms):
     rows = x.shape[0]
@@ -99,57 +139,22 @@ def _norm_bwd_fake(dy, dh, h, weight, mean, rstd, rms, weight_grad, bias_grad):
     return torch.empty_like(h), dw, db
 
 
-def _norm_fwd_setup_context(ctx, inputs, output):
-    x, residual, weight, bias, _eps, rms = inputs
-    _y, h, mean, rstd = output
-    ctx.rms = rms
-    ctx.has_residual = residual is not None
-    ctx.weight_dtype = None if weight is None else weight.dtype
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
-
-
-def _norm_fwd_backward(ctx, dy, dh, _dmean, _drstd):
-    h, weight, mean, rstd = ctx.saved_tensors
-    _, dres_needed, dw_needed, db_needed, _, _ = ctx.needs_input_grad
-    dx, dw, db = torch.ops.llmcore.norm_bwd(
-        dy, dh if ctx.has_residual else None, h, weight, mean, rstd, ctx.rms,
-        bool(dw_needed), bool(db_needed))
-    return (dx, dx if dres_needed else None,
-            dw.to(ctx.weight_dtype) if dw_needed else None,
-            db.to(ctx.bias_dtype) if db_needed else None, None, None)
-
-
 def _register_native() -> bool:
     if backends.native_module() is None:  # loading it registers the C++ ops
         return False
     torch.library.register_fake("llmcore::norm_fwd")(_norm_fwd_fake)
     torch.library.register_fake("llmcore::norm_bwd")(_norm_bwd_fake)
-    torch.library.register_autograd("llmcore::norm_fwd", _norm_fwd_backward,
-                                    setup_context=_norm_fwd_setup_context)
     return True
 
 
-def _native_norm(x, dims, weight, bias, eps, residual, rms):
-    rows = cols = 1
-    for d in dims:
-        cols *= d
-    for d in x.shape[:x.dim() - len(dims)]:
-        rows *= d
-    flat = lambda t: None if t is None else t.reshape(rows, cols)  # noqa: E731
-    y, h, _mean, _rstd = torch.ops.llmcore.norm_fwd(
-        flat(x), flat(residual), None if weight is None else weight.reshape(cols),
-        None if bias is None else bias.reshape(cols), eps, rms)
-    y = y.view(x.shape)
-    return y if residual is None else (y, h.view(x.shape))
-
-
 def _native_layer_norm(x, dims, weight, bias, eps, residual):
-    return _native_norm(x, dims, weight, bias, eps, residual, False)
+    y, h = torch.ops.llmcore.norm(x, residual, weight, bias, len(dims), eps, False)
+    return y if residual is None else (y, h)
 
 
 def _native_rms_norm(x, dims, weight, eps, residual):
-    return _native_norm(x, dims, weight, None, eps, residual, True)
+    y, h = torch.ops.llmcore.norm(x, residual, weight, None, len(dims), eps, True)
+    return y if residual is None else (y, h)
 
 
 if _register_native():
@@ -158,11 +163,37 @@ if _register_native():
 
 
 # ---------------------------------------------------------------------------- triton backend
-# llmcore_triton::norm_fwd / norm_bwd: the kernels of llmcore/kernels/triton/norm.py, with the
-# schemas and saved state of the native ops above; their outputs are always contiguous. They are
-# custom_ops (opaque to torch.compile) rather than triton_ops: triton_op traces its body with
-# FakeTensors, which the Triton interpreter that runs these kernels on CPU tensors cannot take.
-# The kernel module is imported on first call, so importing llmcore never imports triton.
+# Eager calls go through _TritonNorm, a plain autograd.Function that launches the kernels of
+# llmcore/kernels/triton/norm.py directly: the host cost of a call is the launches and little
+# else. torch.compile sees the same kernels as two torch.library custom ops,
+# llmcore_triton::norm_fwd / norm_bwd (opaque to dynamo; fake impls for tracing), whose
+# autograd is the same _norm_save / _norm_grads. custom_ops rather than triton_ops: triton_op
+# traces its body with FakeTensors, which the Triton interpreter that runs these kernels on CPU
+# tensors cannot take. The kernel module is imported on first call, so importing llmcore never
+# imports triton. Outputs are always contiguous.
+
+def _triton_kernels():
+    from llmcore.kernels.triton import norm as kernels
+    return kernels
+
+
+class _TritonNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps, rms):
+        # x, residual (M, N); weight, bias (N,) -> y (M, N), h (M, N) or None
+        y, h, mean, rstd = _triton_kernels().norm_fwd(x, residual, weight, bias, eps, rms)
+        _norm_save(ctx, x, residual, weight, bias, rms, h, mean, rstd)
+        return y, h
+
+    @staticmethod
+    def backward(ctx, dy, dh):
+        kernels = _triton_kernels()
+
+        def norm_bwd(*args):  # the partial sums are rounded straight to the parameters' dtypes
+            return kernels.norm_bwd(*args, weight_dtype=ctx.weight_dtype,
+                                    bias_dtype=ctx.bias_dtype)
+        return _norm_grads(ctx, dy, dh, norm_bwd) + (None, None)
+
 
 @torch.library.custom_op("llmcore_triton::norm_fwd", mutates_args=())
 def _triton_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor],
@@ -170,14 +201,9 @@ def _triton_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor],
                      rms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # x, residual (M, N); weight, bias (N,) -> y (M, N), h (M, N) or (0,) without residual,
     # mean (M,) or (0,) for rms, rstd (M,)
-    from llmcore.kernels.triton import norm as kernels
-
-    y, h, mean, rstd = kernels.norm_fwd(x, residual, weight, bias, eps, rms)
-    if h is None:
-        h = x.new_empty((0,))
-    if mean is None:
-        mean = rstd.new_empty((0,))
-    return y, h, mean, rstd
+    y, h, mean, rstd = _triton_kernels().norm_fwd(x, residual, weight, bias, eps, rms)
+    return (y, x.new_empty((0,)) if h is None else h,
+            rstd.new_empty((0,)) if mean is None else mean, rstd)
 
 
 @torch.library.custom_op("llmcore_triton::norm_bwd", mutates_args=())
@@ -186,22 +212,10 @@ def _triton_norm_bwd(dy: torch.Tensor, dh: Optional[torch.Tensor], h: torch.Tens
                      rms: bool, weight_grad: bool, bias_grad: bool
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # -> dx (M, N), dweight (N,) or (0,), dbias (N,) or (0,); dweight/dbias in rstd's dtype
-    from llmcore.kernels.triton import norm as kernels
-
-    dx, dw, db = kernels.norm_bwd(dy, dh, h, weight, None if rms else mean, rstd, rms,
-                                  weight_grad, bias_grad)
+    dx, dw, db = _triton_kernels().norm_bwd(dy, dh, h, weight, None if rms else mean, rstd,
+                                            rms, weight_grad, bias_grad)
     return (dx, dw if dw is not None else rstd.new_empty((0,)),
             db if db is not None else rstd.new_empty((0,)))
-
-
-def _triton_norm_fwd_backward(ctx, dy, dh, _dmean, _drstd):
-    h, weight, mean, rstd = ctx.saved_tensors
-    _, dres_needed, dw_needed, db_needed, _, _ = ctx.needs_input_grad
-    dx, dw, db = _triton_norm_bwd(dy, dh if ctx.has_residual else None, h, weight, mean, rstd,
-                                  ctx.rms, bool(dw_needed), bool(db_needed))
-    return (dx, dx if dres_needed else None,
-            dw.to(ctx.weight_dtype) if dw_needed else None,
-            db.to(ctx.bias_dtype) if db_needed else None, None, None)
 
 
 @_triton_norm_fwd.register_fake
@@ -222,25 +236,35 @@ def _(dy, dh, h, weight, mean, rstd, rms, weight_grad, bias_grad):
             h.new_empty((cols if bias_grad else 0,), dtype=stat))
 
 
-_triton_norm_fwd.register_autograd(_triton_norm_fwd_backward, setup_context=_norm_fwd_setup_context)
+def _triton_norm_op_setup(ctx, inputs, output):
+    x, residual, weight, bias, _eps, rms = inputs
+    _y, h, mean, rstd = output
+    _norm_save(ctx, x, residual, weight, bias, rms, h, mean, rstd)
+
+
+def _triton_norm_op_backward(ctx, dy, dh, _dmean, _drstd):
+    return _norm_grads(ctx, dy, dh, _triton_norm_bwd) + (None, None)
+
+
+_triton_norm_fwd.register_autograd(_triton_norm_op_backward, setup_context=_triton_norm_op_setup)
 
 
 def _triton_norm(x, dims, weight, bias, eps, residual, rms):
-    cols = 1
-    for d in dims:
-        cols *= d
-    from llmcore.kernels.triton.norm import check_row_size
-
+    rows, cols = _rows_cols(x, dims)
     # before any tracing or launch: rows longer than the kernels hold raise a clear error
-    check_row_size(cols, x.dtype, "rms_norm" if rms else "layer_norm")
-    rows = x.shape[:x.dim() - len(dims)].numel()
+    _triton_kernels().check_row_size(cols, x.dtype, "rms_norm" if rms else "layer_norm")
     # views when possible; (rows, cols) spelled out, as reshape(-1, 0) cannot infer rows
-    flat = lambda t: None if t is None else t.reshape(rows, cols)  # noqa: E731
-    y, h, _mean, _rstd = _triton_norm_fwd(
-        flat(x), flat(residual), None if weight is None else weight.reshape(cols),
-        None if bias is None else bias.reshape(cols), eps, rms)
-    y = y.view(x.shape)
-    return y if residual is None else (y, h.view(x.shape))
+    x2 = x.reshape(rows, cols)
+    r2 = None if residual is None else residual.reshape(rows, cols)
+    w1 = None if weight is None else weight.reshape(cols)
+    b1 = None if bias is None else bias.reshape(cols)
+    if torch.compiler.is_compiling():
+        y, h, _mean, _rstd = _triton_norm_fwd(x2, r2, w1, b1, eps, rms)
+    else:
+        y, h = _TritonNorm.apply(x2, r2, w1, b1, eps, rms)
+    # view_as: a view to a torch.Size costs several times more host time than this
+    y = y.view_as(x)
+    return y if residual is None else (y, h.view_as(x))
 
 
 def _triton_layer_norm(x, dims, weight, bias, eps, residual):

@@ -393,3 +393,17 @@ def test_torch_compile_fullgraph():
     g2 = torch.autograd.grad(compiled.sum(), (q, k, v))
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------- GPU sizes
+# Real lengths on a GPU: every head-dim class through the autotuned configs (the tiles that do
+# not fit a small sequence are pruned there, so only long sequences reach the big ones), bf16.
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,dv", [(64, 64), (80, 80), (96, 96), (128, 128), (192, 192),
+                                  (256, 256), (128, 64)], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_head_dims_at_real_lengths(d, dv, causal):
+    b, hq, hkv, n = 2, 4, 2, 1000
+    kernel, ref = _kw(d, window=(-1, 0) if causal else (-1, -1))
+    _check([(b, hq, n, d), (b, hkv, n, d), (b, hkv, n, dv)], torch.bfloat16, kernel, ref)

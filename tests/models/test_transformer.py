@@ -255,3 +255,22 @@ def test_torch_compile_whole_model_fullgraph():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     for g, w in zip(grads, torch.autograd.grad(want, list(model.parameters()))):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
+def test_logits_with_labels_in_eval_mode_as_hugging_face(flavour):
+    """Training skips the (tokens, V) logits (the fused loss never holds them); in eval mode
+    they come with the loss, as Hugging Face and Liger return them; return_logits overrides."""
+    model = _model(flavour)
+    ids = torch.randint(1, V, (2, 9))
+    labels = ids.clone()
+    if flavour == "bert":
+        labels[:, 1::2] = -100
+    model.train()
+    assert model(ids, labels=labels).logits is None
+    assert model(ids, labels=labels, return_logits=True).logits.shape == (2, 9, V)
+    model.eval()
+    out = model(ids, labels=labels)
+    assert out.logits.shape == (2, 9, V) and out.loss is not None
+    torch.testing.assert_close(out.logits, model(ids).logits)
+    assert model(ids, labels=labels, return_logits=False).logits is None

@@ -483,3 +483,40 @@ def test_flash_attn_backend_by_name_reports_why_it_cannot_run():
         llmcore.flash_attn_func(*F4, backend="flash_attn")
     with pytest.raises(llmcore.BackendUnavailableError, match="flash_attn"):
         llmcore.attention(*Q4, backend="flash_attn")
+
+
+# ---------------------------------------------------------------------------- drop-in parity
+# Interface differences found by running flash-attn's own tests against llmcore.
+
+@pytest.mark.parametrize("window", [(2, 0), [2, 0], torch.Size([2, 0]), torch.tensor([2, 0]),
+                                    torch.tensor([[2], [0]], dtype=torch.int32)], ids=repr)
+def test_window_size_accepts_any_two_element_sequence(window):
+    q, k, v = (torch.randn(2, 9, 3, 8) for _ in range(3))
+    want = llmcore.flash_attn_func(q, k, v, window_size=(2, 0), backend="torch")
+    got = llmcore.flash_attn_func(q, k, v, window_size=window, backend="torch")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got = llmcore.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                            window_size=window, backend="torch")
+    want = llmcore.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                             window_size=(2, 0), backend="torch")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("window", [torch.tensor([2.0, 0.0]), torch.tensor([1, 2, 3]),
+                                    torch.tensor([True, False]), "20", (2,)], ids=repr)
+def test_window_size_refuses_what_is_not_a_pair_of_ints(window):
+    q = torch.randn(1, 5, 2, 8)
+    with pytest.raises(ValueError, match="window_size must be a pair"):
+        llmcore.flash_attn_func(q, q, q, window_size=window, backend="torch")
+
+
+def test_varlen_takes_block_table_none_and_refuses_a_paged_table():
+    q = torch.randn(7, 2, 8)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    want = llmcore.flash_attn_varlen_func(q, q, q, cu, cu, 4, 4, backend="torch")
+    got = llmcore.flash_attn_varlen_func(q, q, q, cu, cu, 4, 4, block_table=None,
+                                         backend="torch")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(NotImplementedError, match="block_table.*paged"):
+        llmcore.flash_attn_varlen_func(q, q, q, cu, cu, 4, 4,
+                                       block_table=torch.zeros(2, 1, dtype=torch.int32))

@@ -312,9 +312,8 @@ def test_ignore_index_target_is_accepted_and_masked():
     torch.testing.assert_close(got, F.cross_entropy(x, t, ignore_index=9, reduction="none"))
 
 
-def test_named_backend_that_cannot_run_raises(monkeypatch):
-    from llmcore import backends
-
+def test_named_backend_that_cannot_run_raises(fresh_backends, monkeypatch):
+    backends = fresh_backends
     monkeypatch.setattr(backends, "IMPLEMENTED", {**backends.IMPLEMENTED, "cross_entropy": ("torch",)})
     with pytest.raises(llmcore.BackendUnavailableError, match="native.*cross_entropy"):
         llmcore.cross_entropy(torch.randn(2, 4), torch.tensor([0, 1]), backend="native")

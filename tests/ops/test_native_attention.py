@@ -136,11 +136,15 @@ def test_lse_matches_logsumexp_for_flash_layout():
 
 
 def test_opcheck():
+    # llmcore::attention, the differentiable op the wrappers call (autograd in C++), and the two
+    # kernel ops below it (no autograd of their own: inputs that do not require grad)
     q, k, v = (torch.randn(1, 2, 9, 8, requires_grad=True) for _ in range(3))
     mask = torch.randn(1, 1, 9, 9, requires_grad=True)
     args = (q, k, v, mask, None, None, None, None, [0.3, 0.0, 0.0], [4, 0, 0, 0, 0])
-    torch.library.opcheck(torch.ops.llmcore.attention_fwd.default, args)
-    out, lse = torch.ops.llmcore.attention_fwd(*args)
+    torch.library.opcheck(torch.ops.llmcore.attention.default, args)
+    plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(torch.ops.llmcore.attention_fwd.default, plain)
+    out, lse = torch.ops.llmcore.attention_fwd(*plain)
     bwd = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse,
            mask.detach(), None, None, None, None, [0.3, 0.0, 0.0], [4, 0, 0, 0, 0], True)
     torch.library.opcheck(torch.ops.llmcore.attention_bwd.default, bwd)

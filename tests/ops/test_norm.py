@@ -151,9 +151,8 @@ def test_bad_input_is_named(kwargs, exc, words):
         llmcore.layer_norm(**kwargs)
 
 
-def test_named_backend_that_cannot_run_raises(monkeypatch):
-    from llmcore import backends
-
+def test_named_backend_that_cannot_run_raises(fresh_backends, monkeypatch):
+    backends = fresh_backends
     monkeypatch.setattr(backends, "IMPLEMENTED", {**backends.IMPLEMENTED, "norm": ("torch",)})
     with pytest.raises(llmcore.BackendUnavailableError, match="native.*norm"):
         llmcore.layer_norm(torch.randn(2, 4), 4, backend="native")

@@ -22,9 +22,13 @@ def _args(rows, cols, dtype, residual, affine, bias, rms):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rms,residual,affine", [(False, False, True), (False, True, True),
                                                  (True, True, True), (True, False, False)])
-def test_norm_fwd_opcheck(dtype, rms, residual, affine):
-    args = _args(5, 37, dtype, residual, affine, affine and not rms, rms)
-    torch.library.opcheck(torch.ops.llmcore.norm_fwd.default, args)
+def test_norm_opcheck(dtype, rms, residual, affine):
+    # llmcore::norm, the differentiable op the public functions call (autograd in C++), and
+    # the kernel op below it (no autograd of its own: inputs that do not require grad)
+    x, r, w, b, eps, rms = _args(5, 37, dtype, residual, affine, affine and not rms, rms)
+    torch.library.opcheck(torch.ops.llmcore.norm.default, (x, r, w, b, 1, eps, rms))
+    plain = tuple(None if t is None else t.detach() for t in (x, r, w, b))
+    torch.library.opcheck(torch.ops.llmcore.norm_fwd.default, (*plain, eps, rms))
 
 
 @pytest.mark.parametrize("rms", [False, True])

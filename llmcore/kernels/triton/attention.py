@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llmcore.kernels.triton._host import cdiv, next_power_of_2
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 LOG2E = 1.4426950408889634  # log2(e)
@@ -223,8 +225,11 @@ def _attn_fwd_kernel(
     MASK_KIND: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    # grid: (cdiv(N_Q, BLOCK_M), H, B); one program = BLOCK_M query rows of one (batch, head)
-    pid_m = tl.program_id(0)
+    # grid: (cdiv(N_Q, BLOCK_M), H, B); one program = BLOCK_M query rows of one (batch, head).
+    # Query tiles run last-first: under a causal mask the last tiles see the most keys, and
+    # starting them first keeps every SM busy to the end of the grid instead of leaving a tail
+    # of long tiles (the order the hardware launches programs in is program_id(0) fastest).
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     q_start, k_start, Lq, Lk = _seq_bounds(CU_Q, CU_K, b, N_Q, N_K, IS_VARLEN)
@@ -384,7 +389,8 @@ def _attn_bwd_dq_kernel(
     # dq_i = scale * sum_j ds'_ij k_j; grid (cdiv(N_Q, BLOCK_M), H, B), loop over key tiles.
     # MASK_GRAD: an additive mask enters as s += mask, so d mask_ij = ds_ij: written to DMASK,
     # fp32 (B, H, N_Q, N_K) contiguous (each (i, j) is visited once: deterministic).
-    pid_m = tl.program_id(0)
+    # Query tiles last-first, as in the forward: the longest causal tiles start first.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     q_start, k_start, Lq, Lk = _seq_bounds(CU_Q, CU_K, b, N_Q, N_K, IS_VARLEN)
@@ -621,11 +627,17 @@ _INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16}
 _AUTOTUNE_KEY = ["BLOCK_D", "HAS_WR", "SEQ_BUCKET"]  # + every tensor's dtype (added by triton)
 
 # head-dim class (padded D up to 64, 128, 256) -> [(BLOCK_M, BLOCK_N, num_warps, num_stages)]
-_FWD_TABLE = {64: [(128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
-              128: [(128, 64, 8, 3), (128, 64, 4, 2), (64, 64, 4, 3)],
+# The 128x128 forward tiles and the lopsided backward tiles (a long outer tile, a short inner
+# loop: 32 x 128 for dK/dV, 128 x 32 for dQ; the two kernels are tuned separately) are the
+# shapes the Triton fused-attention tutorial settles on for Hopper; added 2026-11-30 as
+# candidates, unmeasured (no H200 in that session).
+_FWD_TABLE = {64: [(128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 3)],
+              128: [(128, 64, 8, 3), (128, 64, 4, 2), (64, 64, 4, 3), (128, 128, 8, 3)],
               256: [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)]}
-_BWD_TABLE = {64: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2)],
-              128: [(64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2)],
+_BWD_TABLE = {64: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 3),
+                   (128, 32, 4, 3)],
+              128: [(64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (32, 128, 8, 2),
+                    (128, 32, 8, 2)],
               256: [(32, 32, 4, 1), (32, 32, 8, 1), (16, 32, 4, 1)]}
 
 
@@ -709,9 +721,9 @@ class _Features:
             raise ValueError(f"query heads ({self.H}) must be a multiple of key/value heads "
                              f"({self.Hkv})")
         self.group = self.H // self.Hkv
-        self.block_d = max(16, triton.next_power_of_2(self.D))
-        self.block_dv = max(16, triton.next_power_of_2(self.Dv))
-        self.seq_bucket = min(triton.next_power_of_2(max(self.Nq, 1)), 8192)
+        self.block_d = max(16, next_power_of_2(self.D))
+        self.block_dv = max(16, next_power_of_2(self.Dv))
+        self.seq_bucket = min(next_power_of_2(max(self.Nq, 1)), 8192)
         left, right = (int(w) for w in window)
         self.window_left, self.window_right = max(left, 0), max(right, 0)
         self.has_wl, self.has_wr = left >= 0, right >= 0
@@ -804,7 +816,7 @@ def attention_fwd(q, k, v, *, scale, window=(-1, -1), bottom_right=False, softca
             *_strides4(q, f.varlen), *_strides4(k, f.varlen), *_strides4(v, f.varlen),
             *_strides4(out, f.varlen), *f.lse_strides(lse), *f.mask_strides(),
             *f.slope_strides(), *f.sizes(), *f.score_args(), f.seq_bucket)
-    _launch(_fwd_kernel, lambda meta: triton.cdiv(f.Nq, meta["BLOCK_M"]), f.H, f.B, args,
+    _launch(_fwd_kernel, lambda meta: cdiv(f.Nq, meta["BLOCK_M"]), f.H, f.B, args,
             f.consts())
     return out, lse
 
@@ -837,7 +849,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, *, scale, window=(-1, -1), bottom
     delta = torch.empty_like(lse)  # rowsum(do * o), fp32, lse's layout
     lse_strides = f.lse_strides(lse)
     delta_block = 32 if _INTERPRET else 64
-    _attn_bwd_delta_kernel[(triton.cdiv(f.Nq, delta_block), f.H, f.B)](
+    _attn_bwd_delta_kernel[(cdiv(f.Nq, delta_block), f.H, f.B)](
         out, grad_out, delta, q if f.cu_q is None else f.cu_q,
         *_strides4(out, f.varlen), *_strides4(grad_out, f.varlen), *lse_strides,
         f.Nq, f.Dv, BLOCK_M=delta_block, BLOCK_DV=f.block_dv, IS_VARLEN=f.varlen)
@@ -846,11 +858,11 @@ def attention_bwd(grad_out, q, k, v, out, lse, *, scale, window=(-1, -1), bottom
               *_strides4(v, f.varlen), *_strides4(grad_out, f.varlen))
     tail = (*f.mask_strides(), *f.slope_strides(), *f.sizes(), f.scale, *f.score_args(),
             f.seq_bucket)
-    _launch(_dq_kernel, lambda meta: triton.cdiv(f.Nq, meta["BLOCK_M"]), f.H, f.B,
+    _launch(_dq_kernel, lambda meta: cdiv(f.Nq, meta["BLOCK_M"]), f.H, f.B,
             (q, k, v, grad_out, dq, q if dmask is None else dmask, lse, delta, *common,
              *_strides4(dq, f.varlen), *lse_strides, *tail),
             {**f.consts(), "MASK_GRAD": mask_grad})
-    _launch(_dkdv_kernel, lambda meta: triton.cdiv(f.Nk, meta["BLOCK_N"]), f.Hkv, f.B,
+    _launch(_dkdv_kernel, lambda meta: cdiv(f.Nk, meta["BLOCK_N"]), f.Hkv, f.B,
             (q, k, v, grad_out, dk, dv, lse, delta, *common, *_strides4(dk, f.varlen),
              *_strides4(dv, f.varlen), *lse_strides, *tail), f.consts())
     return dq, dk, dv, _reduce_dmask(dmask, attn_mask)
@@ -885,7 +897,7 @@ def dropout_mask(seed: torch.Tensor, dropout_p: float, batch: int, heads: int, s
     if keep.numel() == 0:
         return keep.bool()
     block = 32
-    grid = (triton.cdiv(seqlen_q, block), triton.cdiv(seqlen_k, block), batch * heads)
+    grid = (cdiv(seqlen_q, block), cdiv(seqlen_k, block), batch * heads)
     _dropout_mask_kernel[grid](keep, seed, float(dropout_p), seqlen_q, seqlen_k,
                                BLOCK_M=block, BLOCK_N=block)
     return keep.bool()

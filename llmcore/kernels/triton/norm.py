@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llmcore.kernels.triton._host import cdiv, next_power_of_2
+
 # One row is held in registers by one program: 64 KB of input per row at most (hidden 32768 in
 # bf16, 16384 in fp32). Longer rows need a two-pass kernel that llmcore does not have.
 MAX_ROW_BYTES = 64 * 1024
@@ -26,7 +28,7 @@ MAX_ROW_BYTES = 64 * 1024
 
 def check_row_size(n: int, dtype: torch.dtype, op: str) -> None:
     """Raises ValueError when a row of `n` elements of `dtype` is too long for these kernels."""
-    nbytes = n * (torch.finfo(dtype).bits // 8)
+    nbytes = n * dtype.itemsize
     if nbytes > MAX_ROW_BYTES:
         raise ValueError(
             f"{op} on the triton backend: the normalised size {n} in {dtype} is {nbytes} bytes "
@@ -45,11 +47,16 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _num_partials(m: int, device: torch.device) -> int:
-    """Programs of the backward kernel = rows of the weight-gradient partials. Depends only on
-    M and the device, so the reduction order (hence every bit of dweight) is reproducible."""
+def _num_partials(m: int, n: int, device: torch.device) -> int:
+    """Programs of the backward kernel = rows of the weight-gradient partials: a few hundred,
+    not one per input row. Each program walks a contiguous block of rows, one at a time, so the
+    SMs are kept busy by running several programs each: about 32 warps per SM (2 programs of
+    16 warps at hidden 4096-8192, 8 of 4 warps at hidden 1024; 264 to 1056 partial rows on an
+    H200). Depends only on M, N and the device, so the reduction order (hence every bit of
+    dweight) is reproducible. Untuned: no H200 measurement of this choice yet."""
     if device.type == "cuda":
-        return max(1, min(m, 4 * _sm_count(device.index if device.index is not None else 0)))
+        per_sm = max(2, 32 // _num_warps(next_power_of_2(n)))
+        return max(1, min(m, per_sm * _sm_count(device.index if device.index is not None else 0)))
     return max(1, min(m, 4))  # the interpreter: few programs, many rows each
 
 
@@ -156,6 +163,34 @@ def _norm_bwd_kernel(
         tl.store(DBp + pid * N + c64, db_acc, mask=mask)
 
 
+# dweight[c] = sum over the partial rows p = 0, 1, ... of partials[p, c] (fixed order, fp32),
+# rounded once to the parameter's dtype: the reduction and the cast in one pass.
+@triton.jit
+def _partials_sum_kernel(P, Out, n_partials, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    acc = tl.zeros((BLOCK_N,), dtype=P.dtype.element_ty)
+    for start in range(0, n_partials, BLOCK_P):
+        rows = start + tl.arange(0, BLOCK_P)
+        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        part = tl.load(P + offs, mask=(rows < n_partials)[:, None] & cmask[None, :], other=0.0)
+        acc += tl.sum(part, axis=0)
+    tl.store(Out + cols, acc.to(Out.dtype.element_ty), mask=cmask)
+
+
+def _sum_partials(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(p, N) fp32/fp64 partials -> (N,) sums in `dtype`, one kernel."""
+    p, n = part.shape
+    # The Triton interpreter (CPU tests) truncates fp32 -> bf16 casts where the GPU rounds to
+    # nearest: there, the sums come out in fp32 and torch rounds them.
+    interp_bf16 = dtype == torch.bfloat16 and part.device.type == "cpu"
+    out = torch.empty(n, dtype=part.dtype if interp_bf16 else dtype, device=part.device)
+    block_n = min(next_power_of_2(n), 256)
+    _partials_sum_kernel[(cdiv(n, block_n),)](part, out, p, n, BLOCK_P=32,
+                                                      BLOCK_N=block_n, num_warps=4)
+    return out.to(dtype) if interp_bf16 else out
+
+
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -168,17 +203,17 @@ def norm_fwd(x, residual, weight, bias, eps: float, is_rms: bool):
     m, n = x.shape
     check_row_size(n, x.dtype, "rms_norm" if is_rms else "layer_norm")
     stat = _stat_dtype(x)
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    h = torch.empty((m, n), dtype=x.dtype, device=x.device) if residual is not None else None
-    mean = None if is_rms else torch.empty(m, dtype=stat, device=x.device)
-    rstd = torch.empty(m, dtype=stat, device=x.device)
+    y = x.new_empty(m, n)
+    h = x.new_empty(m, n) if residual is not None else None
+    mean = None if is_rms else x.new_empty(m, dtype=stat)
+    rstd = x.new_empty(m, dtype=stat)
     if m == 0 or n == 0:
         # nothing to normalise; zero-width rows have no statistics (0/0): left at 0
         for t in (mean, rstd):
             if t is not None:
                 t.zero_()
         return y, h, mean, rstd
-    block = triton.next_power_of_2(n)
+    block = next_power_of_2(n)
     r = residual
     _norm_fwd_kernel[(m,)](
         x, r, weight, bias, y, h, mean, rstd,
@@ -194,34 +229,38 @@ def norm_fwd(x, residual, weight, bias, eps: float, is_rms: bool):
 
 
 def norm_bwd(dy, dh_out, h, weight, mean, rstd, is_rms: bool, weight_grad: bool,
-             bias_grad: bool):
+             bias_grad: bool, weight_dtype=None, bias_dtype=None):
     """dy, dh_out (or None), h: (M, N), any strides; h is the normalised input (x, or x +
     residual); mean (None for rms) and rstd as norm_fwd returned them.
 
     Returns dh (M, N) contiguous in h's dtype (the gradient of x, and of the residual), and
-    dweight, dbias (N,) as sums in the statistics' dtype, or None where not asked for
-    (weight_grad / bias_grad): the caller casts them to the parameters' dtypes."""
+    dweight, dbias (N,) summed in the statistics' dtype and rounded once to weight_dtype /
+    bias_dtype (default: the statistics' dtype), or None where not asked for."""
     m, n = h.shape
     check_row_size(n, h.dtype, "rms_norm" if is_rms else "layer_norm")
     stat = rstd.dtype
-    dx = torch.empty((m, n), dtype=h.dtype, device=h.device)
-    p = _num_partials(m, h.device)
-    dw_part = torch.zeros((p, n), dtype=stat, device=h.device) if weight_grad else None
-    db_part = torch.zeros((p, n), dtype=stat, device=h.device) if bias_grad else None
-    if m > 0 and n > 0:
-        block = triton.next_power_of_2(n)
-        _norm_bwd_kernel[(p,)](
-            dy, dh_out, h, weight, mean, rstd, dx, dw_part, db_part,
-            m, n, triton.cdiv(m, p),
-            dy.stride(0), dy.stride(1),
-            dh_out.stride(0) if dh_out is not None else 0,
-            dh_out.stride(1) if dh_out is not None else 0,
-            h.stride(0), h.stride(1), weight.stride(0) if weight is not None else 0,
-            dx.stride(0),
-            IS_RMS=is_rms, HAS_DHO=dh_out is not None, HAS_W=weight is not None,
-            DW=weight_grad, DB=bias_grad, BLOCK_N=block, num_warps=_num_warps(block),
-        )
-    # the one reduction over the per-program partials: fixed shape, fixed order
-    dw = dw_part.sum(0) if weight_grad else None
-    db = db_part.sum(0) if bias_grad else None
+    dx = h.new_empty(m, n)
+    if m == 0 or n == 0:  # no rows: zero gradients (and nothing to launch)
+        return (dx, torch.zeros(n, dtype=weight_dtype or stat, device=h.device)
+                if weight_grad else None,
+                torch.zeros(n, dtype=bias_dtype or stat, device=h.device) if bias_grad else None)
+    p = _num_partials(m, n, h.device)
+    # every program writes its whole partial row (zeros when it has no rows): no zero-fill
+    dw_part = torch.empty((p, n), dtype=stat, device=h.device) if weight_grad else None
+    db_part = torch.empty((p, n), dtype=stat, device=h.device) if bias_grad else None
+    block = next_power_of_2(n)
+    _norm_bwd_kernel[(p,)](
+        dy, dh_out, h, weight, mean, rstd, dx, dw_part, db_part,
+        m, n, cdiv(m, p),
+        dy.stride(0), dy.stride(1),
+        dh_out.stride(0) if dh_out is not None else 0,
+        dh_out.stride(1) if dh_out is not None else 0,
+        h.stride(0), h.stride(1), weight.stride(0) if weight is not None else 0,
+        dx.stride(0),
+        IS_RMS=is_rms, HAS_DHO=dh_out is not None, HAS_W=weight is not None,
+        DW=weight_grad, DB=bias_grad, BLOCK_N=block, num_warps=_num_warps(block),
+    )
+    # the one reduction over the per-program partials: fixed shape, fixed order, one cast
+    dw = _sum_partials(dw_part, weight_dtype or stat) if weight_grad else None
+    db = _sum_partials(db_part, bias_dtype or stat) if bias_grad else None
     return dx, dw, db
