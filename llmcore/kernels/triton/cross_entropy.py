@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llmcore.kernels.triton._host import next_power_of_2
+
 _LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(a) = exp2(a * log2(e))
 
 # Vocabulary tile: up to 8192 logits per program step (V = 50257 takes 7 steps), 16 warps: 16
@@ -41,7 +43,7 @@ _MAX_BLOCK_V = 8192
 
 
 def _block_v(n_classes: int) -> tuple[int, int]:
-    block = min(triton.next_power_of_2(n_classes), _MAX_BLOCK_V)
+    block = min(next_power_of_2(n_classes), _MAX_BLOCK_V)  # the host helper: ns, not us
     return block, min(max(block // 512, 1), 16)  # (BLOCK_V, num_warps), untuned (see above)
 
 
