@@ -48,11 +48,12 @@ struct Setup {
   const C* w;                // class weights or null
   double e, W;               // label smoothing, sum of the class weights (if smoothing)
   C cap, inv_cap;            // softcap and 1/softcap (0, 0 without a cap)
-  double z_loss;
+  double z;                  // z_loss * z_ratio: the (unweighted) z-term's coefficient
   explicit Setup(const CrossEntropyParams& p)
       : V(p.classes), w(static_cast<const C*>(p.weight)), e(p.label_smoothing),
         W(p.label_smoothing > 0.0 ? weight_sum(w, p.classes) : 0.0), cap(C(p.softcap)),
-        inv_cap(p.softcap > 0.0 ? C(1.0 / p.softcap) : C(0)), z_loss(p.z_loss) {}
+        inv_cap(p.softcap > 0.0 ? C(1.0 / p.softcap) : C(0)),
+        z(p.z_loss * (p.z_ratio ? double(*static_cast<const C*>(p.z_ratio)) : 1.0)) {}
 };
 
 // Forward of one valid row: returns lse, writes the row's loss. buf: kBlock scratch.
@@ -91,7 +92,7 @@ LLMCORE_ALWAYS_INLINE inline double row_fwd(const Setup<C>& k, const T* x, int64
   }
   const double lse = double(m) + std::log(s);
   const double wt = k.w ? double(k.w[t]) : 1.0;
-  double l = (1.0 - k.e) * wt * (lse - double(y_t)) + k.z_loss * wt * lse * lse;
+  double l = (1.0 - k.e) * wt * (lse - double(y_t)) + k.z * lse * lse;
   if (smoothing) l += k.e / double(V) * (k.W * lse - sum_wy);
   *loss = l;
   return lse;
@@ -134,7 +135,7 @@ LLMCORE_ALWAYS_INLINE inline void row_bwd(const Setup<C>& k, const T* x, T* dx, 
                                           C g, C* buf) {
   const int64_t V = k.V;
   const double wt = k.w ? double(k.w[t]) : 1.0;
-  const C a = C((1.0 - k.e) * wt + k.e / double(V) * k.W + 2.0 * k.z_loss * wt * double(lse));
+  const C a = C((1.0 - k.e) * wt + k.e / double(V) * k.W + 2.0 * k.z * double(lse));
   const C ga = g * a;
   const C ge = g * C(k.e / double(V));
   const C x_t = widen(x[t]);
@@ -194,7 +195,7 @@ LLMCORE_ALWAYS_INLINE inline void rows(const CrossEntropyParams& p, Mode mode, i
       loss_out[r] = C(l);
       lse_io[r] = lse;
     }
-    if (mode != Mode::kFwd) row_bwd(k, x, dlogits + r * V, t, lse, dloss[r], buf.data());
+    if (mode != Mode::kFwd) row_bwd(k, x, dlogits + r * V, t, lse, dloss[r * p.dloss_stride], buf.data());
   }
 }
 

@@ -5,8 +5,18 @@
 // merges them: M = max m, S = sum s exp(m - M), lse = M + log S. Only lse is kept. Backward
 // recomputes p = exp(y - lse) and writes dlogits in the same packs. The fused mode runs both on
 // one read of the row's statistics and may write the gradient over the logits in place.
+#include <cassert>
+
 #include "common.cuh"
 #include "llmcore/cross_entropy.h"
+
+#ifdef NDEBUG
+// <cassert> declares the device-side assertion handler only without NDEBUG; check_target below
+// calls it in every build.
+extern "C" __host__ __device__ void __assert_fail(const char* assertion, const char* file,
+                                                  unsigned int line, const char* function) noexcept
+    __attribute__((__noreturn__));
+#endif
 
 namespace llmcore {
 namespace cuda {
@@ -22,10 +32,22 @@ struct CeArgs {
   float* loss;
   float* lse;
   const float* dloss;
+  int64_t dloss_stride;  // 0: one value for every row
   T* dlogits;
+  const float* z_ratio;  // scale of the z-term (device scalar), or null for 1
+  const float* weight_sum;  // sum of the class weights (device scalar), or null
   int64_t rows, V, ignore_index;
   float e, z_loss, cap;  // cap <= 0: no softcap
 };
+
+// A target outside [0, V) that is not ignore_index stops the kernel, as PyTorch's own nll_loss
+// does ("Assertion `t >= 0 && t < n_classes` failed"): no extra kernel and no host sync on the
+// caller's side, and compiled in whatever NDEBUG says (plain assert() would vanish in release).
+__device__ __forceinline__ void check_target(int64_t t, int64_t V) {
+  if (t < 0 || t >= V)
+    __assert_fail("llmcore cross_entropy: target >= 0 && target < n_classes (or == ignore_index)",
+                  __FILE__, __LINE__, __func__);
+}
 
 template <typename T, bool VEC, int MODE>
 __global__ void ce_kernel(CeArgs<T> a) {
@@ -34,12 +56,18 @@ __global__ void ce_kernel(CeArgs<T> a) {
   constexpr int P = VEC ? Pack<T>::N : 1;
   const bool smoothing = a.e > 0.f;
   const float inv_cap = a.cap > 0.f ? 1.f / a.cap : 0.f;
-  // W = sum of class weights (needed with label smoothing only), once per block
+  const float z = a.z_loss * (a.z_ratio ? *a.z_ratio : 1.f);  // the z-term is not class-weighted
+  // W = sum of class weights (needed with label smoothing only): the caller's, else summed
+  // once per block
   float W = float(V);
   if (smoothing && a.weight) {
-    float s = 0.f;
-    for (int64_t c = threadIdx.x; c < V; c += blockDim.x) s += a.weight[c];
-    W = block_sum(s, smem);
+    if (a.weight_sum) {
+      W = *a.weight_sum;
+    } else {
+      float s = 0.f;
+      for (int64_t c = threadIdx.x; c < V; c += blockDim.x) s += a.weight[c];
+      W = block_sum(s, smem);
+    }
   }
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     const int64_t t = a.target[row];
@@ -51,6 +79,7 @@ __global__ void ce_kernel(CeArgs<T> a) {
         for (int64_t c = threadIdx.x; c < V; c += blockDim.x) dx[c] = from_f<T>(0.f);
       continue;
     }
+    check_target(t, V);
     // the target's capped logit, read by every thread before anything is written to the row
     float y_t = to_f(x[t]);
     if (a.cap > 0.f) y_t = a.cap * tanhf(y_t * inv_cap);
@@ -90,7 +119,7 @@ __global__ void ce_kernel(CeArgs<T> a) {
       lse = M + logf(S);
       if (threadIdx.x == 0) {
         const float wt = a.weight ? a.weight[t] : 1.f;
-        float l = (1.f - a.e) * wt * (lse - y_t) + a.z_loss * wt * lse * lse;
+        float l = (1.f - a.e) * wt * (lse - y_t) + z * lse * lse;
         if (smoothing) l += a.e / float(V) * (W * lse - swy);
         a.loss[row] = l;
         a.lse[row] = lse;
@@ -98,9 +127,9 @@ __global__ void ce_kernel(CeArgs<T> a) {
     }
     if constexpr (MODE != kFwd) {
       if (MODE == kFwdBwd) __syncthreads();  // every y_t read happens before any in-place write
-      const float g = a.dloss[row];
+      const float g = a.dloss[row * a.dloss_stride];
       const float wt = a.weight ? a.weight[t] : 1.f;
-      const float coef = g * ((1.f - a.e) * wt + a.e / float(V) * W + 2.f * a.z_loss * wt * lse);
+      const float coef = g * ((1.f - a.e) * wt + a.e / float(V) * W + 2.f * z * lse);
       const float ge = g * a.e / float(V);
       const float hot = g * (1.f - a.e) * wt;
       for (int64_t base = int64_t(threadIdx.x) * P; base < V; base += int64_t(blockDim.x) * P) {
@@ -144,7 +173,9 @@ void launch(const CrossEntropyParams& p, CUstream_st* stream, const char* what) 
     using T = decltype(tag);
     CeArgs<T> a{static_cast<const T*>(p.logits), p.target, static_cast<const float*>(p.weight),
                 static_cast<float*>(p.loss), static_cast<float*>(p.lse),
-                static_cast<const float*>(p.dloss), static_cast<T*>(p.dlogits), p.rows,
+                static_cast<const float*>(p.dloss), p.dloss_stride, static_cast<T*>(p.dlogits),
+                static_cast<const float*>(p.z_ratio), static_cast<const float*>(p.weight_sum),
+                p.rows,
                 p.classes, p.ignore_index, float(p.label_smoothing), float(p.z_loss),
                 float(p.softcap)};
     const bool vec = p.classes % Pack<T>::N == 0 && aligned16(p.logits) && aligned16(p.dlogits);

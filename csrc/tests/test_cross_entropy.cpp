@@ -12,6 +12,7 @@ namespace {
 struct Options {
   bool weight;
   double smoothing, z_loss, softcap;
+  double z_ratio = 1.0;  // passed to the kernels when != 1
 };
 
 // Naive fp64 reference of the formulas in llmcore/cross_entropy.h, by explicit softmax.
@@ -39,18 +40,19 @@ void reference(const std::vector<double>& x, const std::vector<int64_t>& target,
     for (double v : y) s += std::exp(v - m);
     const double lse = m + std::log(s);
     auto wc = [&](int64_t c) { return w ? (*w)[c] : 1.0; };
-    double l = (1 - o.smoothing) * wc(t) * (lse - y[t]) + o.z_loss * wc(t) * lse * lse;
+    const double z = o.z_loss * o.z_ratio;  // the z-term is not class-weighted
+    double l = (1 - o.smoothing) * wc(t) * (lse - y[t]) + z * lse * lse;
     if (o.smoothing > 0)
       for (int64_t c = 0; c < V; ++c) l += o.smoothing / V * wc(c) * (lse - y[c]);
     (*loss)[i] = l;
-    // dl/dy_c = (1-e) w_t (p_c - [c==t]) + e/V (W p_c - w_c) + 2 z w_t lse p_c
+    // dl/dy_c = (1-e) w_t (p_c - [c==t]) + e/V (W p_c - w_c) + 2 z lse p_c
     double W = 0;
     for (int64_t c = 0; c < V; ++c) W += wc(c);
     for (int64_t c = 0; c < V; ++c) {
       const double pc = std::exp(y[c] - lse);
       double g = (1 - o.smoothing) * wc(t) * (pc - (c == t ? 1.0 : 0.0));
       if (o.smoothing > 0) g += o.smoothing / V * (W * pc - wc(c));
-      g += 2 * o.z_loss * wc(t) * lse * pc;
+      g += 2 * z * lse * pc;
       (*dx)[i * V + c] = dloss[i] * g * dcap[c];
     }
   }
@@ -95,6 +97,8 @@ void run_case(DType dtype, int64_t rows, int64_t V, const Options& o, int thread
   p.label_smoothing = o.smoothing;
   p.z_loss = o.z_loss;
   p.softcap = o.softcap;
+  const C z_ratio = C(o.z_ratio);
+  p.z_ratio = o.z_ratio != 1.0 ? &z_ratio : nullptr;
   p.num_threads = threads;
   std::vector<C> loss(rows), lse(rows);
   std::vector<T> dx(rows * V);
@@ -117,12 +121,26 @@ void run_case(DType dtype, int64_t rows, int64_t V, const Options& o, int thread
   cross_entropy_fwd_bwd_cpu(p);
   for (int64_t i = 0; i < rows; ++i) CHECK(loss2[i] == loss[i] && lse2[i] == lse[i]);
   for (int64_t i = 0; i < rows * V; ++i) CHECK(widen(inplace[i]) == widen(dx[i]));
+
+  // one dloss for every row (stride 0, the gradient of a sum): as if it were repeated per row
+  std::vector<C> same(rows, dloss[0]);
+  std::vector<T> dx_rows(rows * V), dx_one(rows * V);
+  p.logits = x.data();
+  p.lse = lse.data();
+  p.dloss = same.data();
+  p.dlogits = dx_rows.data();
+  cross_entropy_bwd_cpu(p);
+  p.dloss = dloss.data();
+  p.dloss_stride = 0;
+  p.dlogits = dx_one.data();
+  cross_entropy_bwd_cpu(p);
+  for (int64_t i = 0; i < rows * V; ++i) CHECK(widen(dx_one[i]) == widen(dx_rows[i]));
 }
 
 template <typename T>
 void run_all(DType dtype, double tol) {
   const Options opts[] = {{false, 0.0, 0.0, 0.0}, {true, 0.1, 1e-3, 0.0}, {true, 0.2, 1e-2, 7.0},
-                          {false, 0.0, 0.0, 30.0}};
+                          {false, 0.0, 0.0, 30.0}, {true, 0.0, 1e-2, 0.0, 1.7}};
   const int64_t shapes[][2] = {{5, 97}, {3, 4099}, {1, 1}, {37, 1000}};
   for (auto& s : shapes)
     for (const auto& o : opts)

@@ -1,9 +1,14 @@
-// CPU / CUDA implementations of llmcore::cross_entropy_fwd / cross_entropy_bwd (schemas in
-// ops.cpp): checks, one params struct, the kernel call. Kernels: csrc/cpu/cross_entropy.cpp and
+// CPU / CUDA implementations of llmcore::cross_entropy_fwd / _bwd / _rows_ (schemas in ops.cpp):
+// checks, one params struct, the kernel call; and llmcore::cross_entropy, the reduced loss with a
+// C++ autograd kernel over fwd / bwd. Kernels: csrc/cpu/cross_entropy.cpp and
 // csrc/cuda/cross_entropy.cu.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/where.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -24,13 +29,33 @@ namespace {
 using at::Tensor;
 using std::optional;
 
-// Checks shared by forward and backward; fills everything but the outputs. Returns the
-// contiguous tensors the params point into (they must outlive the kernel call).
-std::tuple<Tensor, Tensor, Tensor> prepare(CrossEntropyParams* p, const Tensor& logits_in,
-                                           const Tensor& target_in,
-                                           const optional<Tensor>& weight_in,
-                                           int64_t ignore_index, double label_smoothing,
-                                           double z_loss, double softcap) {
+// The tensors a params struct points into: they must outlive the kernel call.
+struct Keep {
+  Tensor logits, target, weight, z_ratio, weight_sum;
+};
+
+// Every target is in [0, classes) or ignore_index. On the CPU a ValueError in the words of the
+// Python-side check (llmcore.ops.cross_entropy); on CUDA the kernels assert it on the device.
+void check_targets_cpu(const Tensor& target, int64_t classes, int64_t ignore_index) {
+  const int64_t* t = target.const_data_ptr<int64_t>();
+  for (int64_t i = 0, n = target.numel(); i < n; ++i)
+    TORCH_CHECK_VALUE(t[i] == ignore_index || (t[i] >= 0 && t[i] < classes),
+                      "target values must be in [0, ", classes, ") or equal ignore_index=",
+                      ignore_index, ", got ", t[i]);
+}
+
+// llmcore::cross_entropy_check_targets: any integer dtype, any strides.
+void cross_entropy_check_targets(const Tensor& target, int64_t classes, int64_t ignore_index) {
+  TORCH_CHECK_TYPE(at::isIntegralType(target.scalar_type(), /*includeBool=*/false),
+                   "target must be an integer tensor, got ", target.scalar_type());
+  const Tensor t = target.scalar_type() == at::kLong ? target : target.to(at::kLong);
+  check_targets_cpu(t.contiguous(), classes, ignore_index);
+}
+
+// Checks shared by forward and backward; fills everything but the outputs.
+Keep prepare(CrossEntropyParams* p, const Tensor& logits_in, const Tensor& target_in,
+             const optional<Tensor>& weight_in, int64_t ignore_index, double label_smoothing,
+             double z_loss, double softcap, const optional<Tensor>& z_ratio_in) {
   check_dim("logits", logits_in, 2);
   p->dtype = kernel_dtype("logits", logits_in);
   const int64_t rows = logits_in.size(0), classes = logits_in.size(1);
@@ -40,38 +65,54 @@ std::tuple<Tensor, Tensor, Tensor> prepare(CrossEntropyParams* p, const Tensor& 
   check_shape("target", target_in, {rows});
   TORCH_CHECK_TYPE(target_in.scalar_type() == at::kLong, "target must be int64, got ",
                    target_in.scalar_type());
-  Tensor weight;
+  const auto cdtype = compute_dtype(logits_in);
+  Keep keep;
   if (weight_in.has_value() && weight_in->defined()) {
     check_floating("weight", *weight_in);
     check_device("weight", *weight_in, logits_in, "logits");
     check_shape("weight", *weight_in, {classes});
-    weight = weight_in->to(compute_dtype(logits_in)).contiguous();
+    keep.weight = weight_in->to(cdtype).contiguous();  // a float32 weight on half logits is fine
+  }
+  if (z_ratio_in.has_value() && z_ratio_in->defined()) {
+    check_floating("z_ratio", *z_ratio_in);
+    check_device("z_ratio", *z_ratio_in, logits_in, "logits");
+    TORCH_CHECK_VALUE(z_ratio_in->numel() == 1, "z_ratio must hold one value, got shape ",
+                      z_ratio_in->sizes());
+    keep.z_ratio = z_ratio_in->to(cdtype).contiguous();
   }
   TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
                     "label_smoothing must be in [0, 1], got ", label_smoothing);
   TORCH_CHECK_VALUE(z_loss >= 0.0, "z_loss must be >= 0, got ", z_loss);
   TORCH_CHECK_VALUE(softcap >= 0.0, "softcap must be >= 0 (0: no cap), got ", softcap);
-  const Tensor logits = logits_in.contiguous(), target = target_in.contiguous();
+  keep.logits = logits_in.contiguous();
+  keep.target = target_in.contiguous();
+  if (!logits_in.is_cuda()) check_targets_cpu(keep.target, classes, ignore_index);
   p->rows = rows;
   p->classes = classes;
-  p->logits = logits.const_data_ptr();
-  p->target = target.const_data_ptr<int64_t>();
-  p->weight = weight.defined() ? weight.const_data_ptr() : nullptr;
+  p->logits = keep.logits.const_data_ptr();
+  p->target = keep.target.const_data_ptr<int64_t>();
+  p->weight = keep.weight.defined() ? keep.weight.const_data_ptr() : nullptr;
+  p->z_ratio = keep.z_ratio.defined() ? keep.z_ratio.const_data_ptr() : nullptr;
+  if (keep.weight.defined() && label_smoothing > 0.0 && logits_in.is_cuda()) {
+    keep.weight_sum = keep.weight.sum();  // one small kernel instead of a sum per CUDA block
+    p->weight_sum = keep.weight_sum.const_data_ptr();
+  }
   p->ignore_index = ignore_index;
   p->label_smoothing = label_smoothing;
   p->z_loss = z_loss;
   p->softcap = softcap;
   p->num_threads = at::get_num_threads();
-  return {logits, target, weight};
+  return keep;
 }
 
 std::tuple<Tensor, Tensor> cross_entropy_fwd(const Tensor& logits_in, const Tensor& target_in,
                                              const optional<Tensor>& weight_in,
                                              int64_t ignore_index, double label_smoothing,
-                                             double z_loss, double softcap) {
+                                             double z_loss, double softcap,
+                                             const optional<Tensor>& z_ratio) {
   CrossEntropyParams p;
-  auto keep = prepare(&p, logits_in, target_in, weight_in, ignore_index, label_smoothing, z_loss,
-                      softcap);
+  const Keep keep = prepare(&p, logits_in, target_in, weight_in, ignore_index, label_smoothing,
+                            z_loss, softcap, z_ratio);
   const auto stat_opts = logits_in.options().dtype(compute_dtype(logits_in));
   Tensor loss = at::empty({p.rows}, stat_opts);
   Tensor lse = at::empty({p.rows}, stat_opts);
@@ -92,19 +133,26 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd(const Tensor& logits_in, const Tens
 Tensor cross_entropy_bwd(const Tensor& dloss_in, const Tensor& logits_in, const Tensor& target_in,
                          const optional<Tensor>& weight_in, const Tensor& lse_in,
                          int64_t ignore_index, double label_smoothing, double z_loss,
-                         double softcap) {
+                         double softcap, const optional<Tensor>& z_ratio) {
   CrossEntropyParams p;
-  auto keep = prepare(&p, logits_in, target_in, weight_in, ignore_index, label_smoothing, z_loss,
-                      softcap);
+  const Keep keep = prepare(&p, logits_in, target_in, weight_in, ignore_index, label_smoothing,
+                            z_loss, softcap, z_ratio);
   const auto cdtype = compute_dtype(logits_in);
   for (auto [name, t] : {std::make_pair("dloss", &dloss_in), std::make_pair("lse", &lse_in)}) {
     check_device(name, *t, logits_in, "logits");
-    check_shape(name, *t, {p.rows});
     check_floating(name, *t);
   }
-  const Tensor dloss = dloss_in.to(cdtype).contiguous(), lse = lse_in.to(cdtype).contiguous();
-  Tensor dlogits = at::empty_like(std::get<0>(keep));
+  check_shape("lse", lse_in, {p.rows});
+  // dloss: (rows,), or 0-dim / a stride-0 expand (the gradient of a sum or mean), read in place
+  const bool one = dloss_in.dim() == 0 || (dloss_in.dim() == 1 && dloss_in.stride(0) == 0);
+  TORCH_CHECK_VALUE(dloss_in.dim() == 0 || dloss_in.sizes() == at::IntArrayRef{p.rows},
+                    "dloss must be 0-dimensional or have shape [", p.rows, "], got ",
+                    dloss_in.sizes());
+  const Tensor dloss = one ? dloss_in.to(cdtype) : dloss_in.to(cdtype).contiguous();
+  const Tensor lse = lse_in.to(cdtype).contiguous();
+  Tensor dlogits = at::empty_like(keep.logits);
   p.dloss = dloss.const_data_ptr();
+  p.dloss_stride = one ? 0 : 1;
   p.lse = const_cast<void*>(lse.const_data_ptr());  // read-only in the backward
   p.dlogits = dlogits.mutable_data_ptr();
   if (logits_in.is_cuda()) {
@@ -128,21 +176,22 @@ Tensor cross_entropy_rows_(Tensor& logits, const Tensor& target_in,
   TORCH_CHECK_VALUE(logits.is_contiguous(), "logits must be contiguous: its gradient is written "
                     "over it in place");
   CrossEntropyParams p;
-  auto keep = prepare(&p, logits, target_in, weight_in, ignore_index, label_smoothing, z_loss,
-                      softcap);
+  const Keep keep = prepare(&p, logits, target_in, weight_in, ignore_index, label_smoothing,
+                            z_loss, softcap, std::nullopt);
   const auto cdtype = compute_dtype(logits);
   check_device("grad_scale", grad_scale, logits, "logits");
   check_floating("grad_scale", grad_scale);
   TORCH_CHECK_VALUE(grad_scale.dim() == 0 || grad_scale.sizes() == at::IntArrayRef{p.rows},
                     "grad_scale must be 0-dimensional or have shape [", p.rows, "], got ",
                     grad_scale.sizes());
-  const Tensor dloss = grad_scale.to(cdtype).expand({p.rows}).contiguous();
+  const Tensor dloss = grad_scale.to(cdtype).contiguous();
   const auto stat_opts = logits.options().dtype(cdtype);
   Tensor loss = at::empty({p.rows}, stat_opts);
   Tensor lse = at::empty({p.rows}, stat_opts);
   p.loss = loss.mutable_data_ptr();
   p.lse = lse.mutable_data_ptr();
   p.dloss = dloss.const_data_ptr();
+  p.dloss_stride = grad_scale.dim() == 0 ? 0 : 1;
   p.dlogits = logits.mutable_data_ptr();
   if (logits.is_cuda()) {
 #ifdef LLMCORE_WITH_CUDA
@@ -156,6 +205,140 @@ Tensor cross_entropy_rows_(Tensor& logits, const Tensor& target_in,
   return loss;
 }
 
+// ---------------------------------------------------------------- llmcore::cross_entropy
+// The reduced loss with its autograd in C++: llmcore.cross_entropy's single call on the native
+// backend. The autograd kernel runs the cross_entropy_fwd / _bwd ops through the dispatcher, so
+// torch.compile (AOTAutograd) traces through it onto those ops and their fake impls.
+
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };  // at::Reduction's values
+
+struct Denominator {
+  Tensor den;    // sum over valid rows of w[t] (their count without a weight), 0-dim, compute type
+  Tensor count;  // the count of valid rows, when asked for
+};
+
+// ATen ops only (they must trace under fake tensors and functionalization): 2 small ones
+// without a class weight. A target out of range is clamped here; the fwd op rejects it.
+Denominator mean_denominator(const Tensor& target, const Tensor& weight, int64_t ignore_index,
+                             at::ScalarType cdtype, bool want_count) {
+  Denominator d;
+  const Tensor valid = target.ne(ignore_index);
+  if (!weight.defined() || want_count) d.count = valid.sum(cdtype);
+  if (!weight.defined()) {
+    d.den = d.count;
+  } else {
+    const Tensor w_t = weight.index_select(0, target.clamp(0, weight.size(0) - 1));
+    d.den = at::where(valid, w_t, 0).sum();
+  }
+  return d;
+}
+
+// t in dtype, without dispatching aten::to when it already is (a no-op `to` returns its input,
+// which torch.library's schema check refuses from an op below autograd).
+Tensor cast(const Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
+struct CeForward {
+  Tensor out;      // the op's result, in logits' dtype
+  Tensor lse;      // (rows,) for the backward
+  Tensor weight;   // the class weight in the compute type, or undefined
+  Tensor den;      // "mean": the denominator, else undefined
+  Tensor z_ratio;  // class-weighted "mean" with z_loss: den / n_valid, else undefined
+};
+
+CeForward ce_forward(const Tensor& logits, const Tensor& target, const optional<Tensor>& weight,
+                     int64_t ignore_index, int64_t reduction, double label_smoothing,
+                     double z_loss, double softcap) {
+  TORCH_CHECK_VALUE(reduction == kNone || reduction == kMean || reduction == kSum,
+                    "reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  check_dim("logits", logits, 2);
+  check_shape("target", target, {logits.size(0)});
+  check_device("target", target, logits, "logits");
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "target must be int64, got ",
+                   target.scalar_type());
+  const auto cdtype = compute_dtype(logits);
+  CeForward f;
+  if (weight.has_value() && weight->defined()) {
+    check_floating("weight", *weight);
+    check_device("weight", *weight, logits, "logits");
+    check_shape("weight", *weight, {logits.size(1)});
+    f.weight = cast(*weight, cdtype).contiguous();
+  }
+  if (reduction == kMean) {
+    // the z-term is averaged over the valid rows, the rest over sum w[t]: with a class weight
+    // the kernels scale the z-term by den / n_valid so that sum(loss) / den is that mean
+    const bool ratio = f.weight.defined() && z_loss > 0.0;
+    Denominator d = mean_denominator(target, f.weight, ignore_index, cdtype, ratio);
+    f.den = d.den;
+    if (ratio) f.z_ratio = d.den.div(d.count.clamp_min(1));
+  }
+  static auto fwd = c10::Dispatcher::singleton()
+                        .findSchemaOrThrow("llmcore::cross_entropy_fwd", "")
+                        .typed<decltype(cross_entropy_fwd)>();
+  auto [loss, lse] = fwd.call(logits, target, f.weight, ignore_index, label_smoothing, z_loss,
+                              softcap, f.z_ratio);
+  f.lse = lse;
+  if (reduction == kNone) f.out = cast(loss, logits.scalar_type());
+  else if (reduction == kSum) f.out = cast(loss.sum(), logits.scalar_type());
+  else f.out = cast(loss.sum().div_(f.den), logits.scalar_type());
+  return f;
+}
+
+class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunction> {
+ public:
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& logits,
+                        const Tensor& target, const optional<Tensor>& weight,
+                        int64_t ignore_index, int64_t reduction, double label_smoothing,
+                        double z_loss, double softcap) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    CeForward f = ce_forward(logits, target, weight, ignore_index, reduction, label_smoothing,
+                             z_loss, softcap);
+    ctx->save_for_backward({logits, target, f.weight, f.lse, f.den, f.z_ratio});
+    ctx->saved_data["options"] = c10::List<double>({double(ignore_index), double(reduction),
+                                                     label_smoothing, z_loss, softcap});
+    ctx->set_materialize_grads(false);  // no zero-filled gradient when the loss is unused
+    return f.out;
+  }
+
+  // dlogits = (dloss_i / dlogits) * g_i with g_i = grad (none), grad (sum), grad / den (mean)
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    torch::autograd::variable_list out(8);
+    const Tensor& grad = grads[0];
+    if (!grad.defined() || !ctx->needs_input_grad(0)) return out;
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &logits = saved[0], &target = saved[1], &weight = saved[2], &lse = saved[3],
+                 &den = saved[4], &z_ratio = saved[5];
+    const auto o = ctx->saved_data["options"].toDoubleList();
+    const auto reduction = int64_t(o[1]);
+    const Tensor dloss = reduction == kMean ? grad.div(den) : grad;  // (rows,) or 0-dim
+    static auto bwd = c10::Dispatcher::singleton()
+                          .findSchemaOrThrow("llmcore::cross_entropy_bwd", "")
+                          .typed<decltype(cross_entropy_bwd)>();
+    out[0] = bwd.call(dloss, logits, target, weight, lse, int64_t(o[0]), o[2], o[3], o[4],
+                      z_ratio);
+    return out;
+  }
+};
+
+Tensor cross_entropy_autograd(const Tensor& logits, const Tensor& target,
+                              const optional<Tensor>& weight, int64_t ignore_index,
+                              int64_t reduction, double label_smoothing, double z_loss,
+                              double softcap) {
+  return CrossEntropyFunction::apply(logits, target, weight, ignore_index, reduction,
+                                     label_smoothing, z_loss, softcap);
+}
+
+// Below autograd (inference mode, or a caller that has already differentiated): forward only.
+Tensor cross_entropy_forward_only(const Tensor& logits, const Tensor& target,
+                                  const optional<Tensor>& weight, int64_t ignore_index,
+                                  int64_t reduction, double label_smoothing, double z_loss,
+                                  double softcap) {
+  return ce_forward(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                    softcap).out;
+}
+
 }  // namespace
 }  // namespace ops
 }  // namespace llmcore
@@ -164,6 +347,7 @@ TORCH_LIBRARY_IMPL(llmcore, CPU, m) {
   m.impl("cross_entropy_fwd", &llmcore::ops::cross_entropy_fwd);
   m.impl("cross_entropy_bwd", &llmcore::ops::cross_entropy_bwd);
   m.impl("cross_entropy_rows_", &llmcore::ops::cross_entropy_rows_);
+  m.impl("cross_entropy_check_targets", &llmcore::ops::cross_entropy_check_targets);
 }
 
 #ifdef LLMCORE_WITH_CUDA
@@ -173,3 +357,11 @@ TORCH_LIBRARY_IMPL(llmcore, CUDA, m) {
   m.impl("cross_entropy_rows_", &llmcore::ops::cross_entropy_rows_);
 }
 #endif
+
+TORCH_LIBRARY_IMPL(llmcore, Autograd, m) {
+  m.impl("cross_entropy", &llmcore::ops::cross_entropy_autograd);
+}
+
+TORCH_LIBRARY_IMPL(llmcore, CompositeExplicitAutograd, m) {
+  m.impl("cross_entropy", &llmcore::ops::cross_entropy_forward_only);
+}

@@ -21,16 +21,26 @@ TORCH_LIBRARY(llmcore, m) {
         " float eps, bool rms) -> (Tensor y, Tensor h)");
   // Cross-entropy over the rows of (rows, classes) logits; target int64 (rows,). Per-row loss
   // (0 on ignored rows) and logsumexp, fp32 (fp64 for fp64 logits); the reduction is the
-  // caller's. softcap 0 means no cap.
+  // caller's. softcap 0 means no cap. z_ratio: a 0-dim scale of the (unweighted) z-loss term,
+  // None for 1 (see llmcore/cross_entropy.h).
   m.def("cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index,"
-        " float label_smoothing, float z_loss, float softcap) -> (Tensor loss, Tensor lse)");
+        " float label_smoothing, float z_loss, float softcap, Tensor? z_ratio=None)"
+        " -> (Tensor loss, Tensor lse)");
   m.def("cross_entropy_bwd(Tensor dloss, Tensor logits, Tensor target, Tensor? weight,"
-        " Tensor lse, int ignore_index, float label_smoothing, float z_loss, float softcap)"
-        " -> Tensor dlogits");
+        " Tensor lse, int ignore_index, float label_smoothing, float z_loss, float softcap,"
+        " Tensor? z_ratio=None) -> Tensor dlogits");
   // Both at once for linear_cross_entropy's chunks: returns the per-row loss and overwrites
   // logits with dloss/dlogits * grad_scale (0-dim or (rows,)).
   m.def("cross_entropy_rows_(Tensor(a!) logits, Tensor target, Tensor? weight, int ignore_index,"
         " float label_smoothing, float z_loss, float softcap, Tensor grad_scale) -> Tensor loss");
+  // The whole loss, reduced (reduction: 0 none -> (rows,), 1 mean, 2 sum -> 0-dim; in logits'
+  // dtype), differentiable wrt logits by a C++ autograd kernel over the two ops above:
+  // llmcore.cross_entropy's one call on the native backend.
+  m.def("cross_entropy(Tensor logits, Tensor target, Tensor? weight, int ignore_index,"
+        " int reduction, float label_smoothing, float z_loss, float softcap) -> Tensor");
+  // CPU only: ValueError unless every target is in [0, classes) or ignore_index (the public
+  // functions' range check, one call instead of several tensor ops)
+  m.def("cross_entropy_check_targets(Tensor target, int classes, int ignore_index) -> ()");
 }
 
 namespace {

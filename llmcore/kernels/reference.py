@@ -40,15 +40,16 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, residual=None):
 
 # ---------------------------------------------------------------------------- cross-entropy
 # Semantics (documented in full in llmcore/ops/cross_entropy.py): logits are first capped to
-# softcap*tanh(logits/softcap); the loss is F.cross_entropy's; z_loss adds w[t]*z_loss*lse^2 per
-# valid token (lse = logsumexp of the capped logits, w[t] the class weight of its target, 1
-# without weight), reduced with F's denominator (sum of w[t] over valid tokens for "mean").
+# softcap*tanh(logits/softcap); the loss is F.cross_entropy's; z_loss adds z_loss*lse^2 per valid
+# token (lse = logsumexp of the capped logits), not class-weighted, and "mean" averages it over
+# the valid tokens (F's class-weighted denominator applies to F's loss only).
 
 def cross_entropy(logits, target, weight=None, ignore_index=-100, reduction="mean",
                   label_smoothing=0.0, z_loss=0.0, softcap=None):
     # logits (C,), (N, C) or (N, C, d1, ...); target: logits' shape without the class dim.
     # float16/bfloat16 are computed in float32 and the loss rounded once at the end: F in half
-    # precision overflows, e.g. the label-smoothing sum over a 50k vocabulary in float16.
+    # precision overflows, e.g. the label-smoothing sum over a 50k vocabulary in float16. weight
+    # has logits' dtype or is float32: applied in the compute dtype.
     dtype = logits.dtype
     acc = torch.promote_types(dtype, torch.float32)
     logits = logits.to(acc)
@@ -62,20 +63,15 @@ def cross_entropy(logits, target, weight=None, ignore_index=-100, reduction="mea
         return loss.to(dtype)
     class_dim = 1 if logits.dim() > 1 else 0
     valid = target != ignore_index                                   # target's shape
-    safe_target = torch.where(valid, target, 0)
-    if weight is not None:
-        w_t = torch.where(valid, weight[safe_target], 0)             # w[t], 0 on ignored tokens
-    else:
-        w_t = valid.to(logits.dtype)
     lse = torch.logsumexp(logits, dim=class_dim)                     # target's shape
     # torch.where, not a product with the mask: ignored tokens get an exact 0 gradient even
     # when the "mean" denominator below is 0 (all tokens ignored), as F.cross_entropy gives.
-    z = torch.where(valid, z_loss * w_t * lse * lse, 0)
+    z = torch.where(valid, z_loss * lse * lse, 0)
     if reduction == "none":
         return (loss + z).to(dtype)
     if reduction == "sum":
         return (loss + z.sum()).to(dtype)
-    return (loss + z.sum() / w_t.sum()).to(dtype)
+    return (loss + z.sum() / valid.sum()).to(dtype)
 
 
 def cross_entropy_rows(logits, target, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,

@@ -19,8 +19,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 def _oracle(logits, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
             z_loss=0.0, softcap=None):
     """The documented semantics in float64, written independently of llmcore and F:
-    loss_i = (1-e) w[t] (-logp_t) + e/C sum_c w[c] (-logp_c) + z w[t] lse^2 on valid tokens;
-    mean divides the sum by sum of w[t] over valid tokens."""
+    ce_i = (1-e) w[t] (-logp_t) + e/C sum_c w[c] (-logp_c), z_i = z lse^2 on valid tokens;
+    mean is sum ce_i / sum of w[t] over valid tokens + sum z_i / n_valid."""
     y = logits.double()
     if y.dim() == 1:                                   # (C,) -> (1, C)
         y, target = y[None], target[None]
@@ -37,14 +37,14 @@ def _oracle(logits, target, weight=None, ignore_index=-100, reduction="mean", la
     w_t = torch.where(valid, w[t], 0.0)
     nll = -logp.gather(-1, t[..., None]).squeeze(-1)
     smooth = -(logp * w).sum(-1)
-    per = (1 - label_smoothing) * w_t * nll + label_smoothing / n_classes * smooth \
-        + z_loss * w_t * lse * lse
-    per = torch.where(valid, per, 0.0)
+    ce = torch.where(valid, (1 - label_smoothing) * w_t * nll
+                     + label_smoothing / n_classes * smooth, 0.0)
+    z = torch.where(valid, z_loss * lse * lse, 0.0)
     if reduction == "none":
-        return per.reshape(target.shape[1:] if logits.dim() == 1 else target.shape)
+        return (ce + z).reshape(target.shape[1:] if logits.dim() == 1 else target.shape)
     if reduction == "sum":
-        return per.sum()
-    return per.sum() / w_t.sum()
+        return ce.sum() + z.sum()
+    return ce.sum() / w_t.sum() + z.sum() / valid.sum()
 
 
 def _eager(logits, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
@@ -57,10 +57,12 @@ def _eager(logits, target, weight=None, ignore_index=-100, reduction="mean", lab
     w_t = weight[torch.where(valid, target, 0)] if weight is not None else torch.ones_like(loss)
     w_t = torch.where(valid, w_t, 0)
     lse = torch.logsumexp(y, dim=1 if y.dim() > 1 else 0)
-    loss = loss + torch.where(valid, z_loss * w_t * lse * lse, 0)
+    z = torch.where(valid, z_loss * lse * lse, 0)
     if reduction == "none":
-        return loss
-    return loss.sum() if reduction == "sum" else loss.sum() / w_t.sum()
+        return loss + z
+    if reduction == "sum":
+        return loss.sum() + z.sum()
+    return loss.sum() / w_t.sum() + z.sum() / valid.sum()
 
 
 def _targets(shape, n_classes, ignore_index, ignore_frac):
@@ -121,6 +123,49 @@ def test_cross_entropy_matches_oracle(backend, dtype, case):
     seed = torch.randn(oracle.shape, dtype=torch.float64)
     assert_close_to_oracle(_grad(got, x, seed)[0], _grad(eager, x, seed)[0],
                            _grad(oracle, x64, seed)[0], name="dinput")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float32_class_weight_on_half_logits(backend, dtype):
+    # the mixed-precision layout (float32 class weights, half-precision logits): applied in
+    # float32, so the result is the half-precision-weight call's on the float32 weight's values
+    x = (torch.randn(23, 301) * 3).to(dtype).requires_grad_()
+    t = _targets((23,), 301, -100, 0.2)
+    w = torch.rand(301) + 0.5                                         # float32
+    opts = dict(reduction="mean", label_smoothing=0.1, z_loss=1e-3, softcap=20.0)
+    got = llmcore.cross_entropy(x, t, w, **opts, backend=backend)
+    assert got.dtype == dtype
+    x64 = x.detach().double().requires_grad_()
+    oracle = _oracle(x64, t, w, **opts)
+    eager = _eager(x.float(), t, w, **opts).to(dtype)                 # F in float32, rounded
+    assert_close_to_oracle(got, eager, oracle, name="loss", atol=_loss_atol(oracle, dtype))
+    seed = torch.randn((), dtype=torch.float64)
+    (g,) = torch.autograd.grad(got.float() * seed.float(), x)
+    (g64,) = torch.autograd.grad(oracle * seed, x64)
+    torch.testing.assert_close(g.double(), g64, rtol=0, atol=4 * torch.finfo(dtype).eps
+                               * g64.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_z_loss_is_unweighted_and_averaged_over_valid_tokens(backend):
+    # the peers' convention, spelled with F: weighted F.cross_entropy + z_loss * mean_valid lse^2
+    x = torch.randn(31, 57, dtype=torch.float64, requires_grad=True)
+    t = _targets((31,), 57, -100, 0.3)
+    w = torch.rand(57, dtype=torch.float64) * 3 + 0.1
+    z = 0.05
+    valid = t != -100
+    for reduction in ("mean", "sum", "none"):
+        lse2 = torch.logsumexp(x, 1) ** 2
+        ref = {"mean": lambda: F.cross_entropy(x, t, w) + z * lse2[valid].mean(),
+               "sum": lambda: F.cross_entropy(x, t, w, reduction="sum") + z * lse2[valid].sum(),
+               "none": lambda: F.cross_entropy(x, t, w, reduction="none")
+               + z * torch.where(valid, lse2, 0)}[reduction]()
+        got = llmcore.cross_entropy(x, t, w, reduction=reduction, z_loss=z, backend=backend)
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+        seed = torch.randn(ref.shape, dtype=torch.float64)
+        torch.testing.assert_close(_grad(got, [x], seed)[0], _grad(ref, [x], seed)[0],
+                                   rtol=1e-11, atol=1e-12)
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])

@@ -1,9 +1,11 @@
-"""The native cross-entropy ops as torch.library ops: opcheck (schema, fake impl, autograd
-registration, AOT dispatch, the declared in-place mutation), torch.compile(fullgraph=True)
-through the public functions, and native-only behaviour (class weights that require grad)."""
+"""The native cross-entropy ops as torch.library ops: opcheck (schema, fake impl, the C++
+autograd kernel, AOT dispatch, the declared in-place mutation), torch.compile(fullgraph=True)
+through the public functions, what one call dispatches, and native-only behaviour (class
+weights that require grad, the target check in C++)."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import llmcore
 from llmcore_testing import kernel_backends
@@ -22,10 +24,71 @@ def _target(n, v, ignored=(1,)):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("weighted,ls,z,cap", [(False, 0.0, 0.0, 0.0), (True, 0.1, 1e-3, 7.0)])
 def test_cross_entropy_fwd_opcheck(dtype, weighted, ls, z, cap):
-    x = torch.randn(6, 131, dtype=dtype, requires_grad=True)
+    # not differentiable on its own (llmcore::cross_entropy is): no input requires grad
+    x = torch.randn(6, 131, dtype=dtype)
     w = torch.rand(131, dtype=dtype) + 0.5 if weighted else None
     args = (x, _target(6, 131), w, -100, ls, z, cap)
     torch.library.opcheck(torch.ops.llmcore.cross_entropy_fwd.default, args)
+    torch.library.opcheck(torch.ops.llmcore.cross_entropy_fwd.default,
+                          args + (torch.tensor(0.75),))                      # z_ratio
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("dtype,wdtype", [(torch.float32, torch.float32),
+                                          (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("weighted,ls,z,cap", [(False, 0.0, 0.0, 0.0), (True, 0.1, 1e-3, 7.0)])
+def test_cross_entropy_opcheck(reduction, dtype, wdtype, weighted, ls, z, cap):
+    # the op llmcore.cross_entropy calls: schema, fake impl, the C++ autograd kernel
+    x = torch.randn(6, 131, dtype=dtype, requires_grad=True)
+    w = torch.rand(131, dtype=wdtype) + 0.5 if weighted else None
+    args = (x, _target(6, 131), w, -100, reduction, ls, z, cap)
+    torch.library.opcheck(torch.ops.llmcore.cross_entropy.default, args)
+
+
+class _Dispatched(TorchDispatchMode):
+    """The ops that reach the dispatcher below autograd while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_one_call_dispatches_the_kernels_once(reduction):
+    # the host cost of a call, counted rather than timed: each kernel once, and beyond them only
+    # the reduction's few tiny ops (mean: the valid count, the sum, the division and, in
+    # backward, grad / count)
+    x = torch.randn(8, 97, requires_grad=True)
+    t = _target(8, 97)
+    seed = torch.randn(8) if reduction == "none" else torch.tensor(1.5)
+    mode = _Dispatched()
+    with mode:
+        out = llmcore.cross_entropy(x, t, reduction=reduction, backend="native")
+        torch.autograd.grad(out, x, seed)
+    kernels = [op for op in mode.ops if op.startswith("llmcore.")]
+    # the CPU target check (one pass in C++), then each kernel once
+    assert kernels == ["llmcore.cross_entropy_check_targets", "llmcore.cross_entropy_fwd",
+                       "llmcore.cross_entropy_bwd"], mode.ops
+    others = len(mode.ops) - len(kernels)
+    assert others <= {"mean": 5, "sum": 1, "none": 0}[reduction], mode.ops
+
+
+def test_the_ops_check_the_target_range_on_the_cpu():
+    # the public function checks first (tests/reliability); the ops themselves refuse too, in
+    # the same words (on CUDA the kernel's device-side assert does)
+    x = torch.randn(3, 7)
+    for bad in (7, -1):
+        t = torch.tensor([1, bad, 0])
+        words = rf"target values must be in \[0, 7\) or equal ignore_index=-100, got {bad}"
+        with pytest.raises(ValueError, match=words):
+            torch.ops.llmcore.cross_entropy(x, t, None, -100, 1, 0.0, 0.0, 0.0)
+        with pytest.raises(ValueError, match=words):
+            torch.ops.llmcore.cross_entropy_bwd(torch.ones(3), x, t, None, torch.zeros(3), -100,
+                                                0.0, 0.0, 0.0)
 
 
 def test_cross_entropy_bwd_and_rows_opcheck():
@@ -111,3 +174,12 @@ def test_op_level_errors_name_the_argument():
     with pytest.raises(ValueError, match="logits must be contiguous"):
         torch.ops.llmcore.cross_entropy_rows_(torch.randn(8, 3).t(), t, None, -100, 0.0, 0.0,
                                               0.0, torch.tensor(1.0))
+
+
+def test_check_targets_op_takes_any_integer_layout():
+    # the public functions' CPU range check: narrow dtypes and strided targets, first bad value
+    t32 = torch.tensor([[1, 9], [7, 0], [8, 2]], dtype=torch.int32)[:, 0]      # [1, 7, 8]
+    with pytest.raises(ValueError, match=r"in \[0, 7\) or equal ignore_index=-100, got 7"):
+        torch.ops.llmcore.cross_entropy_check_targets(t32, 7, -100)
+    torch.ops.llmcore.cross_entropy_check_targets(t32, 9, -100)
+    torch.ops.llmcore.cross_entropy_check_targets(torch.tensor(-100), 9, -100)

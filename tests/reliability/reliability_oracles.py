@@ -55,8 +55,8 @@ def call_norm(kind, x, w, b, eps, res, backend):
 def ce_oracle(logits, target, weight=None, ignore_index=-100, reduction="mean",
               label_smoothing=0.0, z_loss=0.0, softcap=None):
     """cross_entropy's documented semantics for (N, C) logits, in logits' dtype:
-    loss_i = (1-e) w[t] (lse - y_t) + e/C sum_c w[c] (lse - y_c) + z w[t] lse^2 (valid i),
-    "mean" divides by sum over valid i of w[t]."""
+    loss_i = (1-e) w[t] (lse - y_t) + e/C sum_c w[c] (lse - y_c) + z lse^2 (valid i),
+    "mean" divides the first two terms by sum over valid i of w[t], the z-term by n_valid."""
     y = logits if softcap is None else softcap * torch.tanh(logits / softcap)
     n_classes = y.shape[-1]
     m = y.max(-1, keepdim=True).values.detach()
@@ -68,15 +68,16 @@ def ce_oracle(logits, target, weight=None, ignore_index=-100, reduction="mean",
     t = torch.where(valid, target, 0)
     w_t = torch.where(valid, w[t], 0.0)
     nll = -logp.gather(-1, t[:, None]).squeeze(-1)
-    per = (1 - label_smoothing) * w_t * nll + z_loss * w_t * lse * lse
+    per = (1 - label_smoothing) * w_t * nll
     if label_smoothing:
         per = per + label_smoothing / n_classes * (-(logp * w).sum(-1))
     per = torch.where(valid, per, 0.0)
+    z = torch.where(valid, z_loss * lse * lse, 0.0)
     if reduction == "none":
-        return per
+        return per + z
     if reduction == "sum":
-        return per.sum()
-    return per.sum() / w_t.sum()
+        return per.sum() + z.sum()
+    return per.sum() / w_t.sum() + z.sum() / valid.sum()
 
 
 def ce_eager(logits, target, weight=None, ignore_index=-100, reduction="mean",
@@ -89,10 +90,12 @@ def ce_eager(logits, target, weight=None, ignore_index=-100, reduction="mean",
     w_t = weight[torch.where(valid, target, 0)] if weight is not None else torch.ones_like(loss)
     w_t = torch.where(valid, w_t, 0)
     lse = torch.logsumexp(y, dim=-1)
-    loss = loss + torch.where(valid, z_loss * w_t * lse * lse, 0)
+    z = torch.where(valid, z_loss * lse * lse, 0)
     if reduction == "none":
-        return loss
-    return loss.sum() if reduction == "sum" else loss.sum() / w_t.sum()
+        return loss + z
+    if reduction == "sum":
+        return loss.sum() + z.sum()
+    return loss.sum() / w_t.sum() + z.sum() / valid.sum()
 
 
 def loss_atol(oracle: torch.Tensor, dtype: torch.dtype) -> float:

@@ -3,15 +3,23 @@ tiles with an online logsumexp (base 2), so nothing of size (n, V) is materialis
 gradient itself, which may overwrite the logits (in-place gradient).
 
 Per row, with y = softcap * tanh(x / softcap) (y = x without softcap), t the target, w the class
-weight (w = 1 without one), W = sum_c w[c], e = label_smoothing, z = z_loss, lse = logsumexp(y),
-p = softmax(y), valid = t != ignore_index:
+weight (w = 1 without one), W = sum_c w[c], e = label_smoothing, z = z_loss * r, lse =
+logsumexp(y), p = softmax(y), valid = t != ignore_index:
 
-    loss = (1-e) w[t] (lse - y[t]) + (e/V) (W lse - sum_c w[c] y[c]) + z w[t] lse^2
-    dloss/dy[c] = p[c] ((1-e) w[t] + (e/V) W + 2 z w[t] lse) - (1-e) w[t] [c == t] - (e/V) w[c]
+    loss = (1-e) w[t] (lse - y[t]) + (e/V) (W lse - sum_c w[c] y[c]) + z lse^2
+    dloss/dy[c] = p[c] ((1-e) w[t] + (e/V) W + 2 z lse) - (1-e) w[t] [c == t] - (e/V) w[c]
     dloss/dx[c] = dloss/dy[c] * (1 - tanh^2)              (softcap: d/dx of softcap*tanh(x/sc))
 
+The z-term is not class-weighted; r (a device scalar, 1 when absent) is sum_valid w[t] / n_valid
+for a class-weighted "mean", so that sum(loss) / sum_valid w[t] averages it over valid tokens.
 Ignored rows have loss 0 and gradient 0. The gradient is multiplied by a per-row scale read
 from a device tensor (a 0-dim scale broadcasts), so the "mean" 1/n_valid needs no host sync.
+
+Memory traffic (s bytes per logit): the forward reads the logits once; the backward reads them
+once and writes the gradient once: 3 N V s for a fwd+bwd, the floor for a separate backward.
+The fused forward+gradient (COMPUTE_GRAD, used by linear_cross_entropy's chunks and the
+in-place option) reads each row twice in one program (the second read mostly from L2) and
+writes it once.
 Arithmetic is fp32 (fp64 for fp64 logits). label_smoothing, z_loss and softcap are compile-time
 constants (as in Liger-Kernel): one compiled kernel per distinct setting, which a training run
 keeps fixed.
@@ -24,16 +32,21 @@ import torch
 import triton
 import triton.language as tl
 
+from llmcore.kernels.triton._host import next_power_of_2
+
 _LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(a) = exp2(a * log2(e))
 
-# Vocabulary tile: 8192 fp32 values per program step (V = 50257 takes 7 steps). Untuned: no GPU
-# measured yet.
+# Vocabulary tile: up to 8192 logits per program step (V = 50257 takes 7 steps), 16 warps: 16
+# values per thread per step, 64 B of bf16 in flight per thread, enough loads in flight to
+# cover HBM latency with one or two programs per SM. One program per row (N = 8192 rows is 62
+# waves of 132 SMs). UNTUNED for the H200: chosen by reasoning, never measured on a GPU; the
+# candidates to time first are (4096, 8 warps) and (8192, 32 warps) at V = 32000 and 128256.
 _MAX_BLOCK_V = 8192
 
 
 def _block_v(n_classes: int) -> tuple[int, int]:
-    block = min(triton.next_power_of_2(n_classes), _MAX_BLOCK_V)
-    return block, min(max(block // 512, 1), 16)  # (BLOCK_V, num_warps), untuned
+    block = min(next_power_of_2(n_classes), _MAX_BLOCK_V)  # the host helper: ns, not us
+    return block, min(max(block // 512, 1), 16)  # (BLOCK_V, num_warps), untuned (see above)
 
 
 @triton.jit
@@ -55,6 +68,17 @@ def _tanh(u):
 
 
 @triton.jit
+def _weight_sum(Wsum, V, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr):
+    # W = sum_c w[c] (V without a weight), read only where label smoothing uses it: the
+    # launcher computes it only then
+    w_sum = V * 1.0
+    if HAS_WEIGHT:
+        if SMOOTH:
+            w_sum = tl.load(Wsum)
+    return w_sum
+
+
+@triton.jit
 def _ce_grad_row(
     x_row, stride_xv, d_row, stride_dv, Wc, stride_w, t, lse, w_t, w_sum, scale,
     V, smoothing, z_loss, softcap,
@@ -64,7 +88,7 @@ def _ce_grad_row(
     # the gradient of one row (formula in the module docstring), times `scale`, tile by tile
     acc_ty = lse.dtype
     lse2 = lse * _LOG2E
-    coef_p = ((1.0 - smoothing) * w_t + 2.0 * z_loss * w_t * lse) * scale
+    coef_p = ((1.0 - smoothing) * w_t + 2.0 * z_loss * lse) * scale
     if SMOOTH:
         coef_p += smoothing / V * w_sum * scale
     coef_t = (1.0 - smoothing) * w_t * scale
@@ -93,12 +117,13 @@ def _ce_grad_row(
 
 @triton.jit
 def _ce_fwd_kernel(
-    X, stride_xn, stride_xv, T, stride_t, Wc, stride_w, Wsum, Loss, Lse,
+    X, stride_xn, stride_xv, T, stride_t, Wc, stride_w, Wsum, ZRatio, Loss, Lse, Wt,
     DX, stride_dn, stride_dv, Scale, stride_s,
     V, ignore_index,
     HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     SMOOTHING: tl.constexpr, Z_LOSS: tl.constexpr, SOFTCAP: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_Z_RATIO: tl.constexpr, STORE_WT: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     acc_ty = Loss.dtype.element_ty  # fp32, fp64 for fp64 logits
 
@@ -106,12 +131,18 @@ def _ce_fwd_kernel(
     # float argument would arrive as fp32 and cost fp64 logits their precision.
     smoothing = tl.full([], SMOOTHING, acc_ty)
     z_loss = tl.full([], Z_LOSS, acc_ty)
+    if HAS_Z_RATIO:
+        z_loss = z_loss * tl.load(ZRatio).to(acc_ty)
     softcap = tl.full([], SOFTCAP, acc_ty)
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_xn
     t = tl.load(T + row * stride_t).to(tl.int64)
     valid = t != ignore_index
-    t = tl.where(valid, t, 0)
+    # a target outside [0, V) that is not ignore_index: its loads stay inside the row (class
+    # 0), and it is reported through Wt (below), not through an assert (tl.device_assert
+    # exists only in debug builds)
+    bad = valid & ((t < 0) | (t >= V))
+    t = tl.where(valid & (t >= 0) & (t < V), t, 0)
     # pass 1, online logsumexp (Milakov & Gimelshein 2018) in base 2 over the V tiles:
     # m = running max of y*log2(e), acc = sum exp2(y*log2(e) - m); also sum_c w[c] y[c]
     m = tl.full([], float("-inf"), acc_ty)
@@ -148,16 +179,20 @@ def _ce_fwd_kernel(
         y_t = x_t
     if HAS_WEIGHT:
         w_t = tl.load(Wc + t * stride_w).to(acc_ty)
-        w_sum = tl.load(Wsum)
     else:
         w_t = 1.0
-        w_sum = V * 1.0
+    w_sum = _weight_sum(Wsum, V, HAS_WEIGHT, SMOOTH)
     w_t = tl.where(valid, w_t, 0.0)
-    loss = (1.0 - smoothing) * w_t * (lse - y_t) + z_loss * w_t * lse * lse
+    loss = (1.0 - smoothing) * w_t * (lse - y_t) + z_loss * lse * lse
     if SMOOTH:
         loss += smoothing / V * (w_sum * lse - wy)
+    loss = tl.where(bad, float("nan"), loss)
     tl.store(Loss + row, tl.where(valid, loss, 0.0))
     tl.store(Lse + row, lse)
+    if STORE_WT:
+        # w[t] of a valid row, 0 for an ignored one, nan for a bad target: its sum is "mean"'s
+        # denominator, and nan there reports the bad target with one assert
+        tl.store(Wt + row, tl.where(bad, float("nan"), w_t))
 
     if COMPUTE_GRAD:
         # pass 2: the gradient, into DX (which may be X itself: each element is read, then
@@ -170,12 +205,12 @@ def _ce_fwd_kernel(
 
 @triton.jit
 def _ce_bwd_kernel(
-    X, stride_xn, stride_xv, T, stride_t, Wc, stride_w, Wsum, Lse,
+    X, stride_xn, stride_xv, T, stride_t, Wc, stride_w, Wsum, ZRatio, Lse,
     DX, stride_dn, stride_dv, Scale, stride_s,
     V, ignore_index,
     HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     SMOOTHING: tl.constexpr, Z_LOSS: tl.constexpr, SOFTCAP: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    HAS_Z_RATIO: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # the gradient pass alone, from the lse saved by the forward
     acc_ty = Lse.dtype.element_ty  # fp32, fp64 for fp64 logits
@@ -184,17 +219,18 @@ def _ce_bwd_kernel(
     # float argument would arrive as fp32 and cost fp64 logits their precision.
     smoothing = tl.full([], SMOOTHING, acc_ty)
     z_loss = tl.full([], Z_LOSS, acc_ty)
+    if HAS_Z_RATIO:
+        z_loss = z_loss * tl.load(ZRatio).to(acc_ty)
     softcap = tl.full([], SOFTCAP, acc_ty)
     row = tl.program_id(0).to(tl.int64)
     t = tl.load(T + row * stride_t).to(tl.int64)
     valid = t != ignore_index
-    t = tl.where(valid, t, 0)
+    t = tl.where(valid & (t >= 0) & (t < V), t, 0)  # a bad target reads inside the row
     if HAS_WEIGHT:
         w_t = tl.load(Wc + t * stride_w).to(acc_ty)
-        w_sum = tl.load(Wsum)
     else:
         w_t = 1.0
-        w_sum = V * 1.0
+    w_sum = _weight_sum(Wsum, V, HAS_WEIGHT, SMOOTH)
     w_t = tl.where(valid, w_t, 0.0)
     scale = tl.where(valid, tl.load(Scale + row * stride_s).to(acc_ty), 0.0)
     lse = tl.load(Lse + row)
@@ -208,8 +244,11 @@ def acc_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def _class_weight_sum(weight, acc):
-    return None if weight is None else weight.to(acc).sum().reshape(1)  # (1,), stays on device
+def _class_weight_sum(weight, acc, label_smoothing):
+    # W, only where label smoothing needs it: (1,), stays on device
+    if weight is None or label_smoothing <= 0:
+        return None
+    return weight.sum(dtype=acc).reshape(1)
 
 
 def _weight_stride(weight) -> int:
@@ -225,36 +264,41 @@ def _scale_stride(scale: torch.Tensor, n: int) -> int:
 
 
 def ce_fwd(logits, target, weight, ignore_index: int, label_smoothing: float, z_loss: float,
-           softcap: float | None, grad=None, grad_scale=None):
-    """logits (n, V), target (n,) integer and weight (V,) or None, each with any strides.
+           softcap: float | None, grad=None, grad_scale=None, z_ratio=None, valid_weight=False):
+    """logits (n, V), target (n,) integer and weight (V,) (logits' dtype or float32) or None,
+    each with any strides; z_ratio: None or a one-element tensor r (module docstring).
 
     Returns loss (n,) and lse (n,) in fp32 (fp64 for fp64 logits). With `grad` (an (n, V)
     tensor, possibly `logits` itself) and `grad_scale` (0-dim or (n,)), also writes
-    dloss/dlogits * grad_scale into it."""
+    dloss/dlogits * grad_scale into it. valid_weight=True returns a third (n,) tensor: w[t]
+    (1 without a weight) on valid rows, 0 on ignored ones, nan where the target is outside
+    [0, V) (whose loss is nan too)."""
     n, v = logits.shape
     acc = acc_dtype(logits)
     loss = torch.empty(n, dtype=acc, device=logits.device)
     lse = torch.empty(n, dtype=acc, device=logits.device)
+    wt = torch.empty(n, dtype=acc, device=logits.device) if valid_weight else None
     if n == 0:
-        return loss, lse
+        return (loss, lse, wt) if valid_weight else (loss, lse)
     compute_grad = grad is not None
     block, warps = _block_v(v)
     _ce_fwd_kernel[(n,)](
         logits, logits.stride(0), logits.stride(1), target, target.stride(0), weight,
-        _weight_stride(weight), _class_weight_sum(weight, acc), loss, lse,
+        _weight_stride(weight), _class_weight_sum(weight, acc, label_smoothing), z_ratio,
+        loss, lse, wt,
         grad, grad.stride(0) if compute_grad else 0, grad.stride(1) if compute_grad else 0,
         grad_scale, _scale_stride(grad_scale, n) if compute_grad else 0,
         v, ignore_index,
         HAS_WEIGHT=weight is not None, SMOOTH=label_smoothing > 0,
         HAS_SOFTCAP=softcap is not None, SMOOTHING=float(label_smoothing),
-        Z_LOSS=float(z_loss), SOFTCAP=float(softcap or 1.0), COMPUTE_GRAD=compute_grad,
-        BLOCK_V=block, num_warps=warps,
+        Z_LOSS=float(z_loss), SOFTCAP=float(softcap or 1.0), HAS_Z_RATIO=z_ratio is not None,
+        STORE_WT=valid_weight, COMPUTE_GRAD=compute_grad, BLOCK_V=block, num_warps=warps,
     )
-    return loss, lse
+    return (loss, lse, wt) if valid_weight else (loss, lse)
 
 
 def ce_bwd(logits, target, weight, lse, grad_scale, ignore_index: int, label_smoothing: float,
-           z_loss: float, softcap: float | None):
+           z_loss: float, softcap: float | None, z_ratio=None):
     """dloss/dlogits * grad_scale as a contiguous (n, V) tensor in logits' dtype, from the lse
     (n,) that ce_fwd returned. grad_scale: 0-dim or (n,), e.g. the gradient of the row losses."""
     n, v = logits.shape
@@ -264,13 +308,14 @@ def ce_bwd(logits, target, weight, lse, grad_scale, ignore_index: int, label_smo
     block, warps = _block_v(v)
     _ce_bwd_kernel[(n,)](
         logits, logits.stride(0), logits.stride(1), target, target.stride(0), weight,
-        _weight_stride(weight), _class_weight_sum(weight, lse.dtype), lse, dlogits,
-        dlogits.stride(0), dlogits.stride(1),
+        _weight_stride(weight), _class_weight_sum(weight, lse.dtype, label_smoothing), z_ratio,
+        lse, dlogits, dlogits.stride(0), dlogits.stride(1),
         grad_scale, _scale_stride(grad_scale, n),
         v, ignore_index,
         HAS_WEIGHT=weight is not None, SMOOTH=label_smoothing > 0,
         HAS_SOFTCAP=softcap is not None, SMOOTHING=float(label_smoothing),
-        Z_LOSS=float(z_loss), SOFTCAP=float(softcap or 1.0), BLOCK_V=block, num_warps=warps,
+        Z_LOSS=float(z_loss), SOFTCAP=float(softcap or 1.0), HAS_Z_RATIO=z_ratio is not None,
+        BLOCK_V=block, num_warps=warps,
     )
     return dlogits
 
