@@ -383,7 +383,8 @@ LLMCORE_ALWAYS_INLINE inline void fwd_task(const AttentionParams& p, int64_t tas
 //   dQ   = d(q.k) K,   dK = d(q.k)^T Q;  d mask = dS (the mask is added after the cap).
 // Pass A: task (s, kv head, k-tile) accumulates dK, dV over the group's query heads and the
 // visible q-tiles. Pass B: task (s, q head, q-tile) accumulates dQ over the visible k-tiles.
-// Both recompute S; each task owns the rows it writes, so no atomics and no races.
+// Both recompute S; each task owns the rows it writes, so no atomics and no races. With enough
+// (sequence, kv head) pairs to fill the threads, one fused pass does both (bwd_fused_task).
 
 // Scores and probabilities of one (q-tile, k-tile) pair and dS, as above: on return w.s holds
 // P*Z (the dropped probabilities, for dV) and w.dp holds d(q.k) / scale.
@@ -550,6 +551,63 @@ LLMCORE_ALWAYS_INLINE inline void bwd_q_task(const AttentionParams& p, int64_t t
   for (int64_t i = 0; i < mi * d; ++i) dqb[i] = dq[i] * scale;
 }
 
+// Fused pass: task (s, kv head) -> dK, dV of all the sequence's keys and dQ of the group's
+// query rows, from one recomputation of each (q-tile, k-tile) pair (5 tile products instead of
+// pass A + pass B's 7). dQ accumulates in place in the output over the k-tiles in ascending
+// order, the order pass B sums in, and dK, dV exactly as in pass A, so both schedules give the
+// same bits; which one runs may depend on the thread count (bwd_impl).
+template <typename C>
+LLMCORE_ALWAYS_INLINE inline void bwd_fused_task(const AttentionParams& p, int64_t task,
+                                                 const C* delta_all, Work<C>& w) {
+  const int64_t hq = p.heads_q, hkv = p.heads_kv, d = p.head_dim, dv = p.head_dim_v;
+  const int64_t group = hq / hkv;
+  const int64_t hk = task % hkv, s = task / hkv;
+  const Seq g = seq_of(p, s);
+  const C* kb = static_cast<const C*>(p.k) + g.b * p.k_stride[0] + hk * p.k_stride[1] +
+                g.k0 * p.k_stride[2];
+  const C* vb = static_cast<const C*>(p.v) + g.b * p.v_stride[0] + hk * p.v_stride[1] +
+                g.k0 * p.v_stride[2];
+  C* dq_all = static_cast<C*>(p.dq);
+  auto dq_rows = [&](int64_t h) { return dq_all + ((g.b * hq + h) * p.seqlen_q + g.q0) * d; };
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
+    std::fill(dq_rows(h), dq_rows(h) + g.lq * d, C(0));
+  const C scale = C(p.scale);
+  C* dk = w.acc.data();   // (nj, d)
+  C* dvv = w.acc2.data(); // (nj, dv)
+  for (int64_t j0 = 0; j0 < g.lk; j0 += kBN) {
+    const int64_t nj = std::min(kBN, g.lk - j0);
+    load_cols(kb, p.k_stride[2], j0, nj, d, w.kt.data());
+    load_cols(vb, p.v_stride[2], j0, nj, dv, w.vt.data());
+    std::fill(dk, dk + nj * d, C(0));
+    std::fill(dvv, dvv + nj * dv, C(0));
+    int64_t ib, ie;
+    query_range(p, g, j0, nj, &ib, &ie);
+    for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+      C* dqh = dq_rows(h);
+      for (int64_t i0 = ib; i0 < ie; i0 += kBM) {
+        const int64_t mi = std::min(kBM, ie - i0);
+        const BwdRows<C> r = bwd_rows(p, g, h, i0, delta_all);
+        load_rows(r.q, p.q_stride[2], 0, mi, d, w.qs.data());
+        load_rows(r.dout, p.dout_stride[2], 0, mi, dv, w.dos.data());
+        bwd_tile(p, g, h, i0, mi, j0, nj, r.lse, r.delta, w);
+        // dV += (P*Z)^T @ dO;  dK += dS^T @ Q;  dQ (mi, d) += dS (mi, nj) @ K (nj, d)
+        gemm_acc(nj, dv, mi, w.s.data(), 1, kBN, w.dos.data(), dv, dvv, dv);
+        gemm_acc(nj, d, mi, w.dp.data(), 1, kBN, w.qs.data(), d, dk, d);
+        gemm_acc(mi, d, nj, w.dp.data(), kBN, 1, kb + j0 * p.k_stride[2], p.k_stride[2],
+                 dqh + i0 * d, d);
+      }
+    }
+    C* dkb = static_cast<C*>(p.dk) + ((g.b * hkv + hk) * p.seqlen_k + g.k0 + j0) * d;
+    C* dvb = static_cast<C*>(p.dv) + ((g.b * hkv + hk) * p.seqlen_k + g.k0 + j0) * dv;
+    for (int64_t i = 0; i < nj * d; ++i) dkb[i] = dk[i] * scale;
+    for (int64_t i = 0; i < nj * dv; ++i) dvb[i] = dvv[i];
+  }
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+    C* dqh = dq_rows(h);
+    for (int64_t i = 0; i < g.lq * d; ++i) dqh[i] *= scale;
+  }
+}
+
 // One function per element type and task kind, compiled for several x86 ISA levels.
 #define LLMCORE_ATTN_TASKS(suffix, C)                                                          \
   LLMCORE_CPU_CLONES void fwd_task_##suffix(const AttentionParams& p, int64_t task,            \
@@ -567,6 +625,10 @@ LLMCORE_ALWAYS_INLINE inline void bwd_q_task(const AttentionParams& p, int64_t t
   LLMCORE_CPU_CLONES void bwd_q_task_##suffix(const AttentionParams& p, int64_t task,          \
                                               const C* delta, Work<C>& w) {                    \
     bwd_q_task<C>(p, task, delta, w);                                                          \
+  }                                                                                            \
+  LLMCORE_CPU_CLONES void bwd_fused_task_##suffix(const AttentionParams& p, int64_t task,      \
+                                                  const C* delta, Work<C>& w) {                \
+    bwd_fused_task<C>(p, task, delta, w);                                                      \
   }
 LLMCORE_ATTN_TASKS(f32, float)
 LLMCORE_ATTN_TASKS(f64, double)
@@ -597,6 +659,14 @@ inline void bwd_q_any(const AttentionParams& p, int64_t t, const double* d, Work
   bwd_q_task_f64(p, t, d, w);
 }
 
+inline void bwd_fused_any(const AttentionParams& p, int64_t t, const float* d, Work<float>& w) {
+  bwd_fused_task_f32(p, t, d, w);
+}
+inline void bwd_fused_any(const AttentionParams& p, int64_t t, const double* d,
+                          Work<double>& w) {
+  bwd_fused_task_f64(p, t, d, w);
+}
+
 int64_t num_seqs(const AttentionParams& p) { return p.cu_seqlens_q ? p.num_seqs : p.batch; }
 
 int team(const AttentionParams& p, int64_t tasks) {
@@ -623,7 +693,11 @@ void bwd_impl(const AttentionParams& p) {
   std::vector<C> delta(rows);
   const int64_t q_tasks = num_seqs(p) * p.heads_q * q_tiles(p);
   const int64_t kv_tasks = num_seqs(p) * p.heads_kv * k_tiles(p);
+  const int64_t fused_tasks = num_seqs(p) * p.heads_kv;
   const int nt = team(p, q_tasks + kv_tasks);
+  // The fused pass does 5/7 of the two passes' work but has only (sequence, kv head) tasks:
+  // run it when they keep every thread busy (varlen tasks differ in size: ask for more).
+  const bool fused = fused_tasks >= (p.cu_seqlens_q ? 4 : 2) * nt;
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     int64_t r0, r1;
@@ -631,10 +705,15 @@ void bwd_impl(const AttentionParams& p) {
     delta_any(p, r0, r1, delta.data());
 #pragma omp barrier
     Work<C> w(p.head_dim, p.head_dim_v);
-#pragma omp for schedule(dynamic, 1) nowait
-    for (int64_t t = 0; t < kv_tasks; ++t) bwd_kv_any(p, t, delta.data(), w);
+    if (fused) {
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < q_tasks; ++t) bwd_q_any(p, t, delta.data(), w);
+      for (int64_t t = 0; t < fused_tasks; ++t) bwd_fused_any(p, t, delta.data(), w);
+    } else {
+#pragma omp for schedule(dynamic, 1) nowait
+      for (int64_t t = 0; t < kv_tasks; ++t) bwd_kv_any(p, t, delta.data(), w);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < q_tasks; ++t) bwd_q_any(p, t, delta.data(), w);
+    }
   }
 }
 
