@@ -105,6 +105,17 @@ inline int64_t k_tiles(const AttentionParams& p) {
   return ((p.cu_seqlens_q ? p.max_len_k : p.seqlen_k) + kBN - 1) / kBN;
 }
 
+// The forward's keys transposed once per call into (d, kBN) tiles that every q-tile of the
+// group's heads then reads (instead of transposing each key tile once per q-tile): tile t of
+// (sequence s, kv head hk). Varlen bases cu_k[s] / kBN + s leave room for each sequence's
+// ceil(len / kBN) tiles.
+inline int64_t kt_tile_base(const AttentionParams& p, int64_t s) {
+  return p.cu_seqlens_k ? p.cu_seqlens_k[s] / kBN + s : s * k_tiles(p);
+}
+inline int64_t kt_tile_index(const AttentionParams& p, int64_t s, int64_t hk, int64_t t) {
+  return (kt_tile_base(p, s) + t) * p.heads_kv + hk;
+}
+
 // Per-thread scratch, sized once per kernel call.
 template <typename C>
 struct Work {
@@ -150,7 +161,7 @@ template <typename C> struct VecOf;
 template <> struct VecOf<float> { using type = VecF; };
 template <> struct VecOf<double> { using type = VecD; };
 
-constexpr int kR = 4;  // rows per register block
+constexpr int kR = 8;  // rows per register block
 
 // unaligned vector load / store (by reference: no vector-typed arguments crossing an ABI)
 template <typename Vec, typename C>
@@ -286,10 +297,47 @@ LLMCORE_ALWAYS_INLINE inline void apply_dropout(const AttentionParams& p, const 
 }
 
 // ------------------------------------------------------------------ forward
+// Row helpers of the online softmax. GCC vectorises the max as an `omp simd` max reduction,
+// but keeps an `omp simd` sum around the inlined exp scalar: there a fixed-width lane loop
+// (vectorised) feeds one small reduction. Every order is fixed (deterministic).
+template <typename C>
+LLMCORE_ALWAYS_INLINE inline C row_max(const C* row) {  // a nan entry may or may not show
+  C mx = -std::numeric_limits<C>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < kBN; ++j) mx = mx > row[j] ? mx : row[j];
+  return mx;
+}
+
+template <typename C>
+LLMCORE_ALWAYS_INLINE inline bool row_has_nan(const C* row) {
+  for (int64_t j = 0; j < kBN; ++j)
+    if (row[j] != row[j]) return true;
+  return false;
+}
+
+// row[j] = exp(row[j] - m) in place; returns their sum
+template <typename C>
+LLMCORE_ALWAYS_INLINE inline C row_exp_sum(C* row, C m) {
+  constexpr int kL = 16;
+  static_assert(kBN % kL == 0, "score rows are whole lane groups");
+  C acc[kL] = {};
+  for (int64_t j = 0; j < kBN; j += kL)
+    for (int l = 0; l < kL; ++l) {
+      const C e = cpu::exp_nonpos(C(row[j + l] - m));
+      row[j + l] = e;
+      acc[l] += e;
+    }
+  C sum = C(0);
+#pragma omp simd reduction(+ : sum)
+  for (int l = 0; l < kL; ++l) sum += acc[l];
+  return sum;
+}
+
 // Task (s, h, q-tile): online softmax over the visible key tiles, then out = acc / l and
 // lse = m + log l (+inf and out = 0 for a row that saw no finite score).
 template <typename C>
-LLMCORE_ALWAYS_INLINE inline void fwd_task(const AttentionParams& p, int64_t task, Work<C>& w) {
+LLMCORE_ALWAYS_INLINE inline void fwd_task(const AttentionParams& p, int64_t task,
+                                           const C* kt_all, Work<C>& w) {
   constexpr C kNegInf = -std::numeric_limits<C>::infinity();
   const int64_t hq = p.heads_q, d = p.head_dim, dv = p.head_dim_v;
   const int64_t tiles = q_tiles(p);
@@ -319,31 +367,27 @@ LLMCORE_ALWAYS_INLINE inline void fwd_task(const AttentionParams& p, int64_t tas
   key_range(p, g, i0, mi, &jb, &je);
   for (int64_t j0 = jb; j0 < je; j0 += kBN) {
     const int64_t nj = std::min(kBN, je - j0);
-    load_cols(kb, p.k_stride[2], j0, nj, d, kt);
-    tile_abt(qs, kt, mi, d, sc);
+    const C* ktile = kt;  // K^T tile: pre-transposed when the tiles are aligned (no window)
+    if (kt_all != nullptr && j0 % kBN == 0)
+      ktile = kt_all + kt_tile_index(p, s, hk, j0 / kBN) * d * kBN;
+    else
+      load_cols(kb, p.k_stride[2], j0, nj, d, kt);
+    tile_abt(qs, ktile, mi, d, sc);
     finish_scores(p, g, h, i0, mi, j0, nj, sc, w.t.data());
     for (int64_t i = 0; i < mi; ++i) {
       C* row = sc + i * kBN;
-      C mx = kNegInf;
-      int nans = 0;  // a nan score (nan in q or k) must give a nan row, as the oracle does
-#pragma omp simd reduction(max : mx) reduction(+ : nans)
-      for (int64_t j = 0; j < kBN; ++j) {
-        mx = std::max(mx, row[j]);
-        nans += row[j] != row[j];
-      }
-      const C mnew = nans ? std::numeric_limits<C>::quiet_NaN() : std::max(m[i], mx);
-      if (mnew == kNegInf) {  // nothing visible yet in this row
-        std::fill(row, row + kBN, C(0));
-        continue;
+      // A nan score (nan in q or k) must give a nan row, as the oracle does: with a finite max
+      // its exp makes the sum, and so l, out and lse nan; only the all -inf case looks.
+      C mnew = std::max(m[i], row_max(row));
+      if (mnew == kNegInf) {
+        if (!row_has_nan(row)) {  // nothing visible yet in this row
+          std::fill(row, row + kBN, C(0));
+          continue;
+        }
+        mnew = std::numeric_limits<C>::quiet_NaN();
       }
       const C alpha = cpu::exp_nonpos(m[i] - mnew);  // 0 when m was -inf
-      C sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < kBN; ++j) {
-        const C e = cpu::exp_nonpos(row[j] - mnew);
-        row[j] = e;
-        sum += e;
-      }
+      const C sum = row_exp_sum(row, mnew);
       l[i] = l[i] * alpha + sum;
       m[i] = mnew;
       if (alpha != C(1)) {
@@ -372,6 +416,20 @@ LLMCORE_ALWAYS_INLINE inline void fwd_task(const AttentionParams& p, int64_t tas
       lse[i] = std::numeric_limits<C>::infinity();
     }
   }
+}
+
+// Task (s, kv head, k-tile) of the transposition pre-pass.
+template <typename C>
+LLMCORE_ALWAYS_INLINE inline void kt_fill_task(const AttentionParams& p, int64_t task, C* kt_all) {
+  const int64_t tiles = k_tiles(p);
+  const int64_t t = task % tiles, hk = (task / tiles) % p.heads_kv, s = task / tiles / p.heads_kv;
+  const Seq g = seq_of(p, s);
+  const int64_t j0 = t * kBN;
+  if (j0 >= g.lk) return;
+  const C* kb = static_cast<const C*>(p.k) + g.b * p.k_stride[0] + hk * p.k_stride[1] +
+                g.k0 * p.k_stride[2];
+  load_cols(kb, p.k_stride[2], j0, std::min(kBN, g.lk - j0), p.head_dim,
+            kt_all + kt_tile_index(p, s, hk, t) * p.head_dim * kBN);
 }
 
 // ------------------------------------------------------------------ backward
@@ -611,8 +669,11 @@ LLMCORE_ALWAYS_INLINE inline void bwd_fused_task(const AttentionParams& p, int64
 // One function per element type and task kind, compiled for several x86 ISA levels.
 #define LLMCORE_ATTN_TASKS(suffix, C)                                                          \
   LLMCORE_CPU_CLONES void fwd_task_##suffix(const AttentionParams& p, int64_t task,            \
-                                            Work<C>& w) {                                      \
-    fwd_task<C>(p, task, w);                                                                   \
+                                            const C* kt_all, Work<C>& w) {                     \
+    fwd_task<C>(p, task, kt_all, w);                                                           \
+  }                                                                                            \
+  LLMCORE_CPU_CLONES void kt_fill_##suffix(const AttentionParams& p, int64_t task, C* kt_all) { \
+    kt_fill_task<C>(p, task, kt_all);                                                          \
   }                                                                                            \
   LLMCORE_CPU_CLONES void delta_##suffix(const AttentionParams& p, int64_t r0, int64_t r1,     \
                                          C* delta) {                                           \
@@ -634,11 +695,19 @@ LLMCORE_ATTN_TASKS(f32, float)
 LLMCORE_ATTN_TASKS(f64, double)
 #undef LLMCORE_ATTN_TASKS
 
-inline void fwd_task_any(const AttentionParams& p, int64_t task, Work<float>& w) {
-  fwd_task_f32(p, task, w);
+inline void fwd_task_any(const AttentionParams& p, int64_t task, const float* kt,
+                         Work<float>& w) {
+  fwd_task_f32(p, task, kt, w);
 }
-inline void fwd_task_any(const AttentionParams& p, int64_t task, Work<double>& w) {
-  fwd_task_f64(p, task, w);
+inline void fwd_task_any(const AttentionParams& p, int64_t task, const double* kt,
+                         Work<double>& w) {
+  fwd_task_f64(p, task, kt, w);
+}
+inline void kt_fill_any(const AttentionParams& p, int64_t task, float* kt) {
+  kt_fill_f32(p, task, kt);
+}
+inline void kt_fill_any(const AttentionParams& p, int64_t task, double* kt) {
+  kt_fill_f64(p, task, kt);
 }
 inline void delta_any(const AttentionParams& p, int64_t r0, int64_t r1, float* d) {
   delta_f32(p, r0, r1, d);
@@ -679,11 +748,21 @@ template <typename C>
 void fwd_impl(const AttentionParams& p) {
   const int64_t tasks = num_seqs(p) * p.heads_q * q_tiles(p);
   const int nt = team(p, tasks);
+  // transpose the keys once when more than one q-tile reads each key tile
+  const bool pre = q_tiles(p) * (p.heads_q / p.heads_kv) > 1 && (p.window_left < 0);
+  const int64_t kt_tasks = num_seqs(p) * p.heads_kv * k_tiles(p);
+  std::vector<C> kt_all;
+  if (pre)
+    kt_all.resize(size_t(kt_tile_base(p, num_seqs(p)) + 1) * p.heads_kv * p.head_dim * kBN);
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
+    if (pre) {
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < kt_tasks; ++t) kt_fill_any(p, t, kt_all.data());
+    }
     Work<C> w(p.head_dim, p.head_dim_v);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < tasks; ++t) fwd_task_any(p, t, w);
+    for (int64_t t = 0; t < tasks; ++t) fwd_task_any(p, t, pre ? kt_all.data() : nullptr, w);
   }
 }
 
