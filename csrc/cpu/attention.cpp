@@ -161,7 +161,7 @@ template <typename C> struct VecOf;
 template <> struct VecOf<float> { using type = VecF; };
 template <> struct VecOf<double> { using type = VecD; };
 
-constexpr int kR = 8;  // rows per register block
+constexpr int kR = 4;  // rows per register block
 
 // unaligned vector load / store (by reference: no vector-typed arguments crossing an ABI)
 template <typename Vec, typename C>
