@@ -112,14 +112,16 @@ LLMCORE_ALWAYS_INLINE inline void bwd_rows(const NormBwdParams& p, int64_t r0, i
   const C* w = static_cast<const C*>(p.weight);
   const C* mean = static_cast<const C*>(p.mean);
   const C* rstd_in = static_cast<const C*>(p.rstd);
-  // L1/L2 scratch: xhat and g of the row, this thread's C partials of dweight and dbias over
-  // the last < kFoldRows rows, and ones standing in for a missing weight
-  std::vector<C> bufs(5 * n, C(0));
-  C* xh = bufs.data();
-  C* g = xh + n;
-  C* sw = g + n;
+  // L1/L2 scratch: this thread's C partials of dweight and dbias over the last < kFoldRows
+  // rows, ones standing in for a missing weight, and (fp16/bf16 rows) xhat and g of the row;
+  // fp32/fp64 rows recompute them from h and dy, still in cache, in the second pass.
+  constexpr bool kInPlace = std::is_same<T, C>::value;
+  std::vector<C> bufs((kInPlace ? 3 : 5) * n, C(0));
+  C* sw = bufs.data();
   C* sb = sw + n;
   C* ones = sb + n;
+  C* xh = kInPlace ? nullptr : ones + n;
+  C* g = kInPlace ? nullptr : xh + n;
   std::fill(ones, ones + n, C(1));
   const C* wv = w ? w : ones;
   auto fold = [&] {
@@ -153,8 +155,10 @@ LLMCORE_ALWAYS_INLINE inline void bwd_rows(const NormBwdParams& p, int64_t r0, i
           const C dv = widen(dyr[k]);
           const C xv = (widen(hr[k]) - mu) * rstd;
           const C gv = dv * wv[k];
-          xh[k] = xv;
-          g[k] = gv;
+          if constexpr (!kInPlace) {
+            xh[k] = xv;
+            g[k] = gv;
+          }
           pa[l] += gv;
           pc[l] += gv * xv;
           sw[k] += dv * xv;
@@ -170,8 +174,10 @@ LLMCORE_ALWAYS_INLINE inline void bwd_rows(const NormBwdParams& p, int64_t r0, i
       const C dv = widen(dyr[k]);
       const C xv = (widen(hr[k]) - mu) * rstd;
       const C gv = dv * wv[k];
-      xh[k] = xv;
-      g[k] = gv;
+      if constexpr (!kInPlace) {
+        xh[k] = xv;
+        g[k] = gv;
+      }
       sum_g += double(gv);
       sum_gx += double(gv) * double(xv);
       sw[k] += dv * xv;
@@ -184,12 +190,22 @@ LLMCORE_ALWAYS_INLINE inline void bwd_rows(const NormBwdParams& p, int64_t r0, i
     const C a = p.rms ? C(0) : C(sum_g / double(n));
     const C c = C(sum_gx / double(n));
     T* dxr = dx + off;
-    if (dhout) {
-      const T* dhr = dhout + off;
-      for (int64_t j = 0; j < n; ++j)
-        dxr[j] = narrow<T>(rstd * (g[j] - a - xh[j] * c) + widen(dhr[j]));
+    const T* dhr = dhout ? dhout + off : nullptr;
+    if constexpr (kInPlace) {
+      if (dhr) {
+        for (int64_t j = 0; j < n; ++j)
+          dxr[j] = rstd * (dyr[j] * wv[j] - a - (hr[j] - mu) * rstd * c) + dhr[j];
+      } else {
+        for (int64_t j = 0; j < n; ++j)
+          dxr[j] = rstd * (dyr[j] * wv[j] - a - (hr[j] - mu) * rstd * c);
+      }
     } else {
-      for (int64_t j = 0; j < n; ++j) dxr[j] = narrow<T>(rstd * (g[j] - a - xh[j] * c));
+      if (dhr) {
+        for (int64_t j = 0; j < n; ++j)
+          dxr[j] = narrow<T>(rstd * (g[j] - a - xh[j] * c) + widen(dhr[j]));
+      } else {
+        for (int64_t j = 0; j < n; ++j) dxr[j] = narrow<T>(rstd * (g[j] - a - xh[j] * c));
+      }
     }
     if ((r - r0) % kFoldRows == kFoldRows - 1 || r == r1 - 1) fold();
   }
