@@ -105,21 +105,16 @@ inline int64_t k_tiles(const AttentionParams& p) {
   return ((p.cu_seqlens_q ? p.max_len_k : p.seqlen_k) + kBN - 1) / kBN;
 }
 
-// The forward's keys transposed once per call into (d, kBN) tiles that every q-tile of the
-// group's heads then reads (instead of transposing each key tile once per q-tile): tile t of
-// (sequence s, kv head hk). Varlen bases cu_k[s] / kBN + s leave room for each sequence's
-// ceil(len / kBN) tiles.
-inline int64_t kt_tile_base(const AttentionParams& p, int64_t s) {
-  return p.cu_seqlens_k ? p.cu_seqlens_k[s] / kBN + s : s * k_tiles(p);
-}
-inline int64_t kt_tile_index(const AttentionParams& p, int64_t s, int64_t hk, int64_t t) {
-  return (kt_tile_base(p, s) + t) * p.heads_kv + hk;
-}
-
 // Per-thread scratch, sized once per kernel call.
 template <typename C>
 struct Work {
   std::vector<C> qs, dos, kt, vt, s, t, dp, pd, acc, acc2, row_a, row_b;
+  // Forward: this thread's keys of one (sequence, kv head) transposed into (d, kBN) tiles as
+  // its q-tiles first need them, reused by its later q-tiles of the same kv head (tasks come in
+  // head order), instead of one transposition per q-tile. No barrier, no shared buffer.
+  std::vector<C> kt_cache;
+  std::vector<uint8_t> kt_have;  // per tile: filled for kt_owner
+  int64_t kt_owner = -1;         // s * heads_kv + kv head, or -1
   Work(int64_t d, int64_t dv)
       : qs(kBM * d), dos(kBM * dv), kt(d * kBN), vt(dv * kBN), s(kBM * kBN), t(kBM * kBN),
         dp(kBM * kBN), pd(kBM * kBN), acc(std::max(kBM, kBN) * std::max(d, dv)),
@@ -336,8 +331,8 @@ LLMCORE_ALWAYS_INLINE inline C row_exp_sum(C* row, C m) {
 // Task (s, h, q-tile): online softmax over the visible key tiles, then out = acc / l and
 // lse = m + log l (+inf and out = 0 for a row that saw no finite score).
 template <typename C>
-LLMCORE_ALWAYS_INLINE inline void fwd_task(const AttentionParams& p, int64_t task,
-                                           const C* kt_all, Work<C>& w) {
+LLMCORE_ALWAYS_INLINE inline void fwd_task(const AttentionParams& p, int64_t task, bool cache_kt,
+                                           Work<C>& w) {
   constexpr C kNegInf = -std::numeric_limits<C>::infinity();
   const int64_t hq = p.heads_q, d = p.head_dim, dv = p.head_dim_v;
   const int64_t tiles = q_tiles(p);
@@ -367,11 +362,22 @@ LLMCORE_ALWAYS_INLINE inline void fwd_task(const AttentionParams& p, int64_t tas
   key_range(p, g, i0, mi, &jb, &je);
   for (int64_t j0 = jb; j0 < je; j0 += kBN) {
     const int64_t nj = std::min(kBN, je - j0);
-    const C* ktile = kt;  // K^T tile: pre-transposed when the tiles are aligned (no window)
-    if (kt_all != nullptr && j0 % kBN == 0)
-      ktile = kt_all + kt_tile_index(p, s, hk, j0 / kBN) * d * kBN;
-    else
+    const C* ktile = kt;  // K^T tile, from the thread's cache when the tiles are aligned
+    if (cache_kt && j0 % kBN == 0) {
+      const int64_t owner = s * p.heads_kv + hk, t = j0 / kBN;
+      if (w.kt_owner != owner) {
+        std::fill(w.kt_have.begin(), w.kt_have.end(), uint8_t(0));
+        w.kt_owner = owner;
+      }
+      C* tile = w.kt_cache.data() + t * d * kBN;
+      if (!w.kt_have[t]) {  // the whole tile: a later q-tile may see more of it than nj
+        load_cols(kb, p.k_stride[2], j0, std::min(kBN, g.lk - j0), d, tile);
+        w.kt_have[t] = 1;
+      }
+      ktile = tile;
+    } else {
       load_cols(kb, p.k_stride[2], j0, nj, d, kt);
+    }
     tile_abt(qs, ktile, mi, d, sc);
     finish_scores(p, g, h, i0, mi, j0, nj, sc, w.t.data());
     for (int64_t i = 0; i < mi; ++i) {
@@ -416,20 +422,6 @@ LLMCORE_ALWAYS_INLINE inline void fwd_task(const AttentionParams& p, int64_t tas
       lse[i] = std::numeric_limits<C>::infinity();
     }
   }
-}
-
-// Task (s, kv head, k-tile) of the transposition pre-pass.
-template <typename C>
-LLMCORE_ALWAYS_INLINE inline void kt_fill_task(const AttentionParams& p, int64_t task, C* kt_all) {
-  const int64_t tiles = k_tiles(p);
-  const int64_t t = task % tiles, hk = (task / tiles) % p.heads_kv, s = task / tiles / p.heads_kv;
-  const Seq g = seq_of(p, s);
-  const int64_t j0 = t * kBN;
-  if (j0 >= g.lk) return;
-  const C* kb = static_cast<const C*>(p.k) + g.b * p.k_stride[0] + hk * p.k_stride[1] +
-                g.k0 * p.k_stride[2];
-  load_cols(kb, p.k_stride[2], j0, std::min(kBN, g.lk - j0), p.head_dim,
-            kt_all + kt_tile_index(p, s, hk, t) * p.head_dim * kBN);
 }
 
 // ------------------------------------------------------------------ backward
@@ -669,11 +661,8 @@ LLMCORE_ALWAYS_INLINE inline void bwd_fused_task(const AttentionParams& p, int64
 // One function per element type and task kind, compiled for several x86 ISA levels.
 #define LLMCORE_ATTN_TASKS(suffix, C)                                                          \
   LLMCORE_CPU_CLONES void fwd_task_##suffix(const AttentionParams& p, int64_t task,            \
-                                            const C* kt_all, Work<C>& w) {                     \
-    fwd_task<C>(p, task, kt_all, w);                                                           \
-  }                                                                                            \
-  LLMCORE_CPU_CLONES void kt_fill_##suffix(const AttentionParams& p, int64_t task, C* kt_all) { \
-    kt_fill_task<C>(p, task, kt_all);                                                          \
+                                            bool cache_kt, Work<C>& w) {                       \
+    fwd_task<C>(p, task, cache_kt, w);                                                         \
   }                                                                                            \
   LLMCORE_CPU_CLONES void delta_##suffix(const AttentionParams& p, int64_t r0, int64_t r1,     \
                                          C* delta) {                                           \
@@ -695,19 +684,13 @@ LLMCORE_ATTN_TASKS(f32, float)
 LLMCORE_ATTN_TASKS(f64, double)
 #undef LLMCORE_ATTN_TASKS
 
-inline void fwd_task_any(const AttentionParams& p, int64_t task, const float* kt,
+inline void fwd_task_any(const AttentionParams& p, int64_t task, bool cache_kt,
                          Work<float>& w) {
-  fwd_task_f32(p, task, kt, w);
+  fwd_task_f32(p, task, cache_kt, w);
 }
-inline void fwd_task_any(const AttentionParams& p, int64_t task, const double* kt,
+inline void fwd_task_any(const AttentionParams& p, int64_t task, bool cache_kt,
                          Work<double>& w) {
-  fwd_task_f64(p, task, kt, w);
-}
-inline void kt_fill_any(const AttentionParams& p, int64_t task, float* kt) {
-  kt_fill_f32(p, task, kt);
-}
-inline void kt_fill_any(const AttentionParams& p, int64_t task, double* kt) {
-  kt_fill_f64(p, task, kt);
+  fwd_task_f64(p, task, cache_kt, w);
 }
 inline void delta_any(const AttentionParams& p, int64_t r0, int64_t r1, float* d) {
   delta_f32(p, r0, r1, d);
@@ -748,21 +731,18 @@ template <typename C>
 void fwd_impl(const AttentionParams& p) {
   const int64_t tasks = num_seqs(p) * p.heads_q * q_tiles(p);
   const int nt = team(p, tasks);
-  // transpose the keys once when more than one q-tile reads each key tile
-  const bool pre = q_tiles(p) * (p.heads_q / p.heads_kv) > 1 && (p.window_left < 0);
-  const int64_t kt_tasks = num_seqs(p) * p.heads_kv * k_tiles(p);
-  std::vector<C> kt_all;
-  if (pre)
-    kt_all.resize(size_t(kt_tile_base(p, num_seqs(p)) + 1) * p.heads_kv * p.head_dim * kBN);
+  // cache transposed key tiles when more than one q-tile reads each (not under a left window:
+  // its key ranges start off the tile grid)
+  const bool cache_kt = q_tiles(p) * (p.heads_q / p.heads_kv) > 1 && p.window_left < 0;
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    if (pre) {
-#pragma omp for schedule(static)
-      for (int64_t t = 0; t < kt_tasks; ++t) kt_fill_any(p, t, kt_all.data());
-    }
     Work<C> w(p.head_dim, p.head_dim_v);
+    if (cache_kt) {
+      w.kt_cache.resize(size_t(k_tiles(p)) * p.head_dim * kBN);
+      w.kt_have.assign(size_t(k_tiles(p)), 0);
+    }
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < tasks; ++t) fwd_task_any(p, t, pre ? kt_all.data() : nullptr, w);
+    for (int64_t t = 0; t < tasks; ++t) fwd_task_any(p, t, cache_kt, w);
   }
 }
 
