@@ -608,7 +608,7 @@ LLMCORE_ALWAYS_INLINE inline void bwd_q_task(const AttentionParams& p, int64_t t
 // same bits; which one runs may depend on the thread count (bwd_impl).
 template <typename C>
 LLMCORE_ALWAYS_INLINE inline void bwd_fused_task(const AttentionParams& p, int64_t task,
-                                                 const C* delta_all, Work<C>& w) {
+                                                 C* delta_all, Work<C>& w) {
   const int64_t hq = p.heads_q, hkv = p.heads_kv, d = p.head_dim, dv = p.head_dim_v;
   const int64_t group = hq / hkv;
   const int64_t hk = task % hkv, s = task / hkv;
@@ -619,8 +619,12 @@ LLMCORE_ALWAYS_INLINE inline void bwd_fused_task(const AttentionParams& p, int64
                 g.k0 * p.v_stride[2];
   C* dq_all = static_cast<C*>(p.dq);
   auto dq_rows = [&](int64_t h) { return dq_all + ((g.b * hq + h) * p.seqlen_q + g.q0) * d; };
-  for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     std::fill(dq_rows(h), dq_rows(h) + g.lq * d, C(0));
+    // delta of the rows this task reads (the two-pass schedule computes it up front)
+    const int64_t row0 = (g.b * hq + h) * p.seqlen_q + g.q0;
+    delta_rows(p, row0, row0 + g.lq, delta_all);
+  }
   const C scale = C(p.scale);
   C* dk = w.acc.data();   // (nj, d)
   C* dvv = w.acc2.data(); // (nj, dv)
@@ -677,7 +681,7 @@ LLMCORE_ALWAYS_INLINE inline void bwd_fused_task(const AttentionParams& p, int64
     bwd_q_task<C>(p, task, delta, w);                                                          \
   }                                                                                            \
   LLMCORE_CPU_CLONES void bwd_fused_task_##suffix(const AttentionParams& p, int64_t task,      \
-                                                  const C* delta, Work<C>& w) {                \
+                                                  C* delta, Work<C>& w) {                      \
     bwd_fused_task<C>(p, task, delta, w);                                                      \
   }
 LLMCORE_ATTN_TASKS(f32, float)
@@ -711,11 +715,10 @@ inline void bwd_q_any(const AttentionParams& p, int64_t t, const double* d, Work
   bwd_q_task_f64(p, t, d, w);
 }
 
-inline void bwd_fused_any(const AttentionParams& p, int64_t t, const float* d, Work<float>& w) {
+inline void bwd_fused_any(const AttentionParams& p, int64_t t, float* d, Work<float>& w) {
   bwd_fused_task_f32(p, t, d, w);
 }
-inline void bwd_fused_any(const AttentionParams& p, int64_t t, const double* d,
-                          Work<double>& w) {
+inline void bwd_fused_any(const AttentionParams& p, int64_t t, double* d, Work<double>& w) {
   bwd_fused_task_f64(p, t, d, w);
 }
 
@@ -759,10 +762,12 @@ void bwd_impl(const AttentionParams& p) {
   const bool fused = fused_tasks >= (p.cu_seqlens_q ? 4 : 2) * nt;
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    int64_t r0, r1;
-    cpu::chunk(rows, cpu::team_threads(), cpu::thread_id(), &r0, &r1);
-    delta_any(p, r0, r1, delta.data());
+    if (!fused) {  // the fused tasks compute the delta rows they read themselves
+      int64_t r0, r1;
+      cpu::chunk(rows, cpu::team_threads(), cpu::thread_id(), &r0, &r1);
+      delta_any(p, r0, r1, delta.data());
 #pragma omp barrier
+    }
     Work<C> w(p.head_dim, p.head_dim_v);
     if (fused) {
 #pragma omp for schedule(dynamic, 1)
