@@ -3,11 +3,12 @@
 // softmax is computed online (running max m and sum l per row), so extra memory is O(N): the
 // logsumexp per row (compute type), saved for the backward, which recomputes the probabilities.
 //
-// Work is split over (batch-or-sequence, head, tile) tasks, one OpenMP dynamic schedule; every
-// task writes its own rows, so results do not depend on the thread count (no atomics). The tile
-// products are register-blocked rank-1 updates (gemm_acc); the per-task functions are compiled
-// per x86 ISA level (LLMCORE_CPU_CLONES). Only fp32 and fp64 tensors reach this file (the binding upcasts fp16 and
-// bf16), so the element type is the compute type C.
+// Work is split over (batch-or-sequence, head, tile) tasks, or for the fused backward
+// (batch-or-sequence, kv head) tasks, one OpenMP dynamic schedule; every task writes its own
+// rows, so results do not depend on the thread count (no atomics). The tile products are
+// register-blocked rank-1 updates (gemm_acc); the per-task functions are compiled per x86 ISA
+// level (LLMCORE_CPU_CLONES). Only fp32 and fp64 tensors reach this file (the binding upcasts
+// fp16 and bf16), so the element type is the compute type C.
 #include "llmcore/attention.h"
 
 #include <algorithm>
