@@ -3,11 +3,12 @@
 // softmax is computed online (running max m and sum l per row), so extra memory is O(N): the
 // logsumexp per row (compute type), saved for the backward, which recomputes the probabilities.
 //
-// Work is split over (batch-or-sequence, head, tile) tasks, one OpenMP dynamic schedule; every
-// task writes its own rows, so results do not depend on the thread count (no atomics). The tile
-// products are register-blocked rank-1 updates (gemm_acc); the per-task functions are compiled
-// per x86 ISA level (LLMCORE_CPU_CLONES). Only fp32 and fp64 tensors reach this file (the binding upcasts fp16 and
-// bf16), so the element type is the compute type C.
+// Work is split over (batch-or-sequence, head, tile) tasks, or for the fused backward
+// (batch-or-sequence, kv head) tasks, one OpenMP dynamic schedule; every task writes its own
+// rows, so results do not depend on the thread count (no atomics). The tile products are
+// register-blocked rank-1 updates (gemm_acc); the per-task functions are compiled per x86 ISA
+// level (LLMCORE_CPU_CLONES). Only fp32 and fp64 tensors reach this file (the binding upcasts
+// fp16 and bf16), so the element type is the compute type C.
 #include "llmcore/attention.h"
 
 #include <algorithm>
@@ -109,6 +110,12 @@ inline int64_t k_tiles(const AttentionParams& p) {
 template <typename C>
 struct Work {
   std::vector<C> qs, dos, kt, vt, s, t, dp, pd, acc, acc2, row_a, row_b;
+  // Forward: this thread's keys of one (sequence, kv head) transposed into (d, kBN) tiles as
+  // its q-tiles first need them, reused by its later q-tiles of the same kv head (tasks come in
+  // head order), instead of one transposition per q-tile. No barrier, no shared buffer.
+  std::vector<C> kt_cache;
+  std::vector<uint8_t> kt_have;  // per tile: filled for kt_owner
+  int64_t kt_owner = -1;         // s * heads_kv + kv head, or -1
   Work(int64_t d, int64_t dv)
       : qs(kBM * d), dos(kBM * dv), kt(d * kBN), vt(dv * kBN), s(kBM * kBN), t(kBM * kBN),
         dp(kBM * kBN), pd(kBM * kBN), acc(std::max(kBM, kBN) * std::max(d, dv)),
@@ -286,10 +293,47 @@ LLMCORE_ALWAYS_INLINE inline void apply_dropout(const AttentionParams& p, const 
 }
 
 // ------------------------------------------------------------------ forward
+// Row helpers of the online softmax. GCC vectorises the max as an `omp simd` max reduction,
+// but keeps an `omp simd` sum around the inlined exp scalar: there a fixed-width lane loop
+// (vectorised) feeds one small reduction. Every order is fixed (deterministic).
+template <typename C>
+LLMCORE_ALWAYS_INLINE inline C row_max(const C* row) {  // a nan entry may or may not show
+  C mx = -std::numeric_limits<C>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < kBN; ++j) mx = mx > row[j] ? mx : row[j];
+  return mx;
+}
+
+template <typename C>
+LLMCORE_ALWAYS_INLINE inline bool row_has_nan(const C* row) {
+  for (int64_t j = 0; j < kBN; ++j)
+    if (row[j] != row[j]) return true;
+  return false;
+}
+
+// row[j] = exp(row[j] - m) in place; returns their sum
+template <typename C>
+LLMCORE_ALWAYS_INLINE inline C row_exp_sum(C* row, C m) {
+  constexpr int kL = 16;
+  static_assert(kBN % kL == 0, "score rows are whole lane groups");
+  C acc[kL] = {};
+  for (int64_t j = 0; j < kBN; j += kL)
+    for (int l = 0; l < kL; ++l) {
+      const C e = cpu::exp_nonpos(C(row[j + l] - m));
+      row[j + l] = e;
+      acc[l] += e;
+    }
+  C sum = C(0);
+#pragma omp simd reduction(+ : sum)
+  for (int l = 0; l < kL; ++l) sum += acc[l];
+  return sum;
+}
+
 // Task (s, h, q-tile): online softmax over the visible key tiles, then out = acc / l and
 // lse = m + log l (+inf and out = 0 for a row that saw no finite score).
 template <typename C>
-LLMCORE_ALWAYS_INLINE inline void fwd_task(const AttentionParams& p, int64_t task, Work<C>& w) {
+LLMCORE_ALWAYS_INLINE inline void fwd_task(const AttentionParams& p, int64_t task, bool cache_kt,
+                                           Work<C>& w) {
   constexpr C kNegInf = -std::numeric_limits<C>::infinity();
   const int64_t hq = p.heads_q, d = p.head_dim, dv = p.head_dim_v;
   const int64_t tiles = q_tiles(p);
@@ -319,31 +363,38 @@ LLMCORE_ALWAYS_INLINE inline void fwd_task(const AttentionParams& p, int64_t tas
   key_range(p, g, i0, mi, &jb, &je);
   for (int64_t j0 = jb; j0 < je; j0 += kBN) {
     const int64_t nj = std::min(kBN, je - j0);
-    load_cols(kb, p.k_stride[2], j0, nj, d, kt);
-    tile_abt(qs, kt, mi, d, sc);
+    const C* ktile = kt;  // K^T tile, from the thread's cache when the tiles are aligned
+    if (cache_kt && j0 % kBN == 0) {
+      const int64_t owner = s * p.heads_kv + hk, t = j0 / kBN;
+      if (w.kt_owner != owner) {
+        std::fill(w.kt_have.begin(), w.kt_have.end(), uint8_t(0));
+        w.kt_owner = owner;
+      }
+      C* tile = w.kt_cache.data() + t * d * kBN;
+      if (!w.kt_have[t]) {  // the whole tile: a later q-tile may see more of it than nj
+        load_cols(kb, p.k_stride[2], j0, std::min(kBN, g.lk - j0), d, tile);
+        w.kt_have[t] = 1;
+      }
+      ktile = tile;
+    } else {
+      load_cols(kb, p.k_stride[2], j0, nj, d, kt);
+    }
+    tile_abt(qs, ktile, mi, d, sc);
     finish_scores(p, g, h, i0, mi, j0, nj, sc, w.t.data());
     for (int64_t i = 0; i < mi; ++i) {
       C* row = sc + i * kBN;
-      C mx = kNegInf;
-      int nans = 0;  // a nan score (nan in q or k) must give a nan row, as the oracle does
-#pragma omp simd reduction(max : mx) reduction(+ : nans)
-      for (int64_t j = 0; j < kBN; ++j) {
-        mx = std::max(mx, row[j]);
-        nans += row[j] != row[j];
-      }
-      const C mnew = nans ? std::numeric_limits<C>::quiet_NaN() : std::max(m[i], mx);
-      if (mnew == kNegInf) {  // nothing visible yet in this row
-        std::fill(row, row + kBN, C(0));
-        continue;
+      // A nan score (nan in q or k) must give a nan row, as the oracle does: with a finite max
+      // its exp makes the sum, and so l, out and lse nan; only the all -inf case looks.
+      C mnew = std::max(m[i], row_max(row));
+      if (mnew == kNegInf) {
+        if (!row_has_nan(row)) {  // nothing visible yet in this row
+          std::fill(row, row + kBN, C(0));
+          continue;
+        }
+        mnew = std::numeric_limits<C>::quiet_NaN();
       }
       const C alpha = cpu::exp_nonpos(m[i] - mnew);  // 0 when m was -inf
-      C sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < kBN; ++j) {
-        const C e = cpu::exp_nonpos(row[j] - mnew);
-        row[j] = e;
-        sum += e;
-      }
+      const C sum = row_exp_sum(row, mnew);
       l[i] = l[i] * alpha + sum;
       m[i] = mnew;
       if (alpha != C(1)) {
@@ -383,7 +434,8 @@ LLMCORE_ALWAYS_INLINE inline void fwd_task(const AttentionParams& p, int64_t tas
 //   dQ   = d(q.k) K,   dK = d(q.k)^T Q;  d mask = dS (the mask is added after the cap).
 // Pass A: task (s, kv head, k-tile) accumulates dK, dV over the group's query heads and the
 // visible q-tiles. Pass B: task (s, q head, q-tile) accumulates dQ over the visible k-tiles.
-// Both recompute S; each task owns the rows it writes, so no atomics and no races.
+// Both recompute S; each task owns the rows it writes, so no atomics and no races. With enough
+// (sequence, kv head) pairs to fill the threads, one fused pass does both (bwd_fused_task).
 
 // Scores and probabilities of one (q-tile, k-tile) pair and dS, as above: on return w.s holds
 // P*Z (the dropped probabilities, for dV) and w.dp holds d(q.k) / scale.
@@ -550,11 +602,72 @@ LLMCORE_ALWAYS_INLINE inline void bwd_q_task(const AttentionParams& p, int64_t t
   for (int64_t i = 0; i < mi * d; ++i) dqb[i] = dq[i] * scale;
 }
 
+// Fused pass: task (s, kv head) -> dK, dV of all the sequence's keys and dQ of the group's
+// query rows, from one recomputation of each (q-tile, k-tile) pair (5 tile products instead of
+// pass A + pass B's 7). dQ accumulates in place in the output over the k-tiles in ascending
+// order, the order pass B sums in, and dK, dV exactly as in pass A, so both schedules give the
+// same bits; which one runs may depend on the thread count (bwd_impl).
+template <typename C>
+LLMCORE_ALWAYS_INLINE inline void bwd_fused_task(const AttentionParams& p, int64_t task,
+                                                 C* delta_all, Work<C>& w) {
+  const int64_t hq = p.heads_q, hkv = p.heads_kv, d = p.head_dim, dv = p.head_dim_v;
+  const int64_t group = hq / hkv;
+  const int64_t hk = task % hkv, s = task / hkv;
+  const Seq g = seq_of(p, s);
+  const C* kb = static_cast<const C*>(p.k) + g.b * p.k_stride[0] + hk * p.k_stride[1] +
+                g.k0 * p.k_stride[2];
+  const C* vb = static_cast<const C*>(p.v) + g.b * p.v_stride[0] + hk * p.v_stride[1] +
+                g.k0 * p.v_stride[2];
+  C* dq_all = static_cast<C*>(p.dq);
+  auto dq_rows = [&](int64_t h) { return dq_all + ((g.b * hq + h) * p.seqlen_q + g.q0) * d; };
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+    std::fill(dq_rows(h), dq_rows(h) + g.lq * d, C(0));
+    // delta of the rows this task reads (the two-pass schedule computes it up front)
+    const int64_t row0 = (g.b * hq + h) * p.seqlen_q + g.q0;
+    delta_rows(p, row0, row0 + g.lq, delta_all);
+  }
+  const C scale = C(p.scale);
+  C* dk = w.acc.data();   // (nj, d)
+  C* dvv = w.acc2.data(); // (nj, dv)
+  for (int64_t j0 = 0; j0 < g.lk; j0 += kBN) {
+    const int64_t nj = std::min(kBN, g.lk - j0);
+    load_cols(kb, p.k_stride[2], j0, nj, d, w.kt.data());
+    load_cols(vb, p.v_stride[2], j0, nj, dv, w.vt.data());
+    std::fill(dk, dk + nj * d, C(0));
+    std::fill(dvv, dvv + nj * dv, C(0));
+    int64_t ib, ie;
+    query_range(p, g, j0, nj, &ib, &ie);
+    for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+      C* dqh = dq_rows(h);
+      for (int64_t i0 = ib; i0 < ie; i0 += kBM) {
+        const int64_t mi = std::min(kBM, ie - i0);
+        const BwdRows<C> r = bwd_rows(p, g, h, i0, delta_all);
+        load_rows(r.q, p.q_stride[2], 0, mi, d, w.qs.data());
+        load_rows(r.dout, p.dout_stride[2], 0, mi, dv, w.dos.data());
+        bwd_tile(p, g, h, i0, mi, j0, nj, r.lse, r.delta, w);
+        // dV += (P*Z)^T @ dO;  dK += dS^T @ Q;  dQ (mi, d) += dS (mi, nj) @ K (nj, d)
+        gemm_acc(nj, dv, mi, w.s.data(), 1, kBN, w.dos.data(), dv, dvv, dv);
+        gemm_acc(nj, d, mi, w.dp.data(), 1, kBN, w.qs.data(), d, dk, d);
+        gemm_acc(mi, d, nj, w.dp.data(), kBN, 1, kb + j0 * p.k_stride[2], p.k_stride[2],
+                 dqh + i0 * d, d);
+      }
+    }
+    C* dkb = static_cast<C*>(p.dk) + ((g.b * hkv + hk) * p.seqlen_k + g.k0 + j0) * d;
+    C* dvb = static_cast<C*>(p.dv) + ((g.b * hkv + hk) * p.seqlen_k + g.k0 + j0) * dv;
+    for (int64_t i = 0; i < nj * d; ++i) dkb[i] = dk[i] * scale;
+    for (int64_t i = 0; i < nj * dv; ++i) dvb[i] = dvv[i];
+  }
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+    C* dqh = dq_rows(h);
+    for (int64_t i = 0; i < g.lq * d; ++i) dqh[i] *= scale;
+  }
+}
+
 // One function per element type and task kind, compiled for several x86 ISA levels.
 #define LLMCORE_ATTN_TASKS(suffix, C)                                                          \
   LLMCORE_CPU_CLONES void fwd_task_##suffix(const AttentionParams& p, int64_t task,            \
-                                            Work<C>& w) {                                      \
-    fwd_task<C>(p, task, w);                                                                   \
+                                            bool cache_kt, Work<C>& w) {                       \
+    fwd_task<C>(p, task, cache_kt, w);                                                         \
   }                                                                                            \
   LLMCORE_CPU_CLONES void delta_##suffix(const AttentionParams& p, int64_t r0, int64_t r1,     \
                                          C* delta) {                                           \
@@ -567,16 +680,22 @@ LLMCORE_ALWAYS_INLINE inline void bwd_q_task(const AttentionParams& p, int64_t t
   LLMCORE_CPU_CLONES void bwd_q_task_##suffix(const AttentionParams& p, int64_t task,          \
                                               const C* delta, Work<C>& w) {                    \
     bwd_q_task<C>(p, task, delta, w);                                                          \
+  }                                                                                            \
+  LLMCORE_CPU_CLONES void bwd_fused_task_##suffix(const AttentionParams& p, int64_t task,      \
+                                                  C* delta, Work<C>& w) {                      \
+    bwd_fused_task<C>(p, task, delta, w);                                                      \
   }
 LLMCORE_ATTN_TASKS(f32, float)
 LLMCORE_ATTN_TASKS(f64, double)
 #undef LLMCORE_ATTN_TASKS
 
-inline void fwd_task_any(const AttentionParams& p, int64_t task, Work<float>& w) {
-  fwd_task_f32(p, task, w);
+inline void fwd_task_any(const AttentionParams& p, int64_t task, bool cache_kt,
+                         Work<float>& w) {
+  fwd_task_f32(p, task, cache_kt, w);
 }
-inline void fwd_task_any(const AttentionParams& p, int64_t task, Work<double>& w) {
-  fwd_task_f64(p, task, w);
+inline void fwd_task_any(const AttentionParams& p, int64_t task, bool cache_kt,
+                         Work<double>& w) {
+  fwd_task_f64(p, task, cache_kt, w);
 }
 inline void delta_any(const AttentionParams& p, int64_t r0, int64_t r1, float* d) {
   delta_f32(p, r0, r1, d);
@@ -597,6 +716,13 @@ inline void bwd_q_any(const AttentionParams& p, int64_t t, const double* d, Work
   bwd_q_task_f64(p, t, d, w);
 }
 
+inline void bwd_fused_any(const AttentionParams& p, int64_t t, float* d, Work<float>& w) {
+  bwd_fused_task_f32(p, t, d, w);
+}
+inline void bwd_fused_any(const AttentionParams& p, int64_t t, double* d, Work<double>& w) {
+  bwd_fused_task_f64(p, t, d, w);
+}
+
 int64_t num_seqs(const AttentionParams& p) { return p.cu_seqlens_q ? p.num_seqs : p.batch; }
 
 int team(const AttentionParams& p, int64_t tasks) {
@@ -609,11 +735,18 @@ template <typename C>
 void fwd_impl(const AttentionParams& p) {
   const int64_t tasks = num_seqs(p) * p.heads_q * q_tiles(p);
   const int nt = team(p, tasks);
+  // cache transposed key tiles when more than one q-tile reads each (not under a left window:
+  // its key ranges start off the tile grid)
+  const bool cache_kt = q_tiles(p) * (p.heads_q / p.heads_kv) > 1 && p.window_left < 0;
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     Work<C> w(p.head_dim, p.head_dim_v);
+    if (cache_kt) {
+      w.kt_cache.resize(size_t(k_tiles(p)) * p.head_dim * kBN);
+      w.kt_have.assign(size_t(k_tiles(p)), 0);
+    }
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < tasks; ++t) fwd_task_any(p, t, w);
+    for (int64_t t = 0; t < tasks; ++t) fwd_task_any(p, t, cache_kt, w);
   }
 }
 
@@ -623,18 +756,29 @@ void bwd_impl(const AttentionParams& p) {
   std::vector<C> delta(rows);
   const int64_t q_tasks = num_seqs(p) * p.heads_q * q_tiles(p);
   const int64_t kv_tasks = num_seqs(p) * p.heads_kv * k_tiles(p);
+  const int64_t fused_tasks = num_seqs(p) * p.heads_kv;
   const int nt = team(p, q_tasks + kv_tasks);
+  // The fused pass does 5/7 of the two passes' work but has only (sequence, kv head) tasks:
+  // run it when they keep every thread busy (varlen tasks differ in size: ask for more).
+  const bool fused = fused_tasks >= (p.cu_seqlens_q ? 4 : 2) * nt;
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    int64_t r0, r1;
-    cpu::chunk(rows, cpu::team_threads(), cpu::thread_id(), &r0, &r1);
-    delta_any(p, r0, r1, delta.data());
+    if (!fused) {  // the fused tasks compute the delta rows they read themselves
+      int64_t r0, r1;
+      cpu::chunk(rows, cpu::team_threads(), cpu::thread_id(), &r0, &r1);
+      delta_any(p, r0, r1, delta.data());
 #pragma omp barrier
+    }
     Work<C> w(p.head_dim, p.head_dim_v);
-#pragma omp for schedule(dynamic, 1) nowait
-    for (int64_t t = 0; t < kv_tasks; ++t) bwd_kv_any(p, t, delta.data(), w);
+    if (fused) {
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < q_tasks; ++t) bwd_q_any(p, t, delta.data(), w);
+      for (int64_t t = 0; t < fused_tasks; ++t) bwd_fused_any(p, t, delta.data(), w);
+    } else {
+#pragma omp for schedule(dynamic, 1) nowait
+      for (int64_t t = 0; t < kv_tasks; ++t) bwd_kv_any(p, t, delta.data(), w);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < q_tasks; ++t) bwd_q_any(p, t, delta.data(), w);
+    }
   }
 }
 

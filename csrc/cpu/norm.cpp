@@ -2,11 +2,14 @@
 //
 // One row at a time per thread (OpenMP over rows, static contiguous chunks): the row is widened
 // to the compute type C (fp32, fp64 for fp64 inputs) into thread-local buffers that stay in
-// L1/L2, statistics are summed in fp64 lanes (cheap next to the memory traffic, and it keeps the
-// kernel's error well below eager's), outputs are rounded to T once. Weight/bias gradients:
-// per-thread fp64 partial sums reduced in thread order, so the result is deterministic for a
-// given thread count. The row loops are compiled per x86 ISA level (LLMCORE_CPU_CLONES).
+// L1/L2 (fp32 rows are read in place), so each pass reads its inputs from memory once and
+// writes its output once. Statistics are summed in C lanes folded into fp64 every few terms
+// (cpu::dot_lanes: C's speed, an error close to an fp64 sum's), outputs are rounded to T once.
+// Weight/bias gradients: per-thread C partial sums over kFoldRows rows, folded into fp64
+// partials that are reduced in thread order, so the result is deterministic for a given thread
+// count. The row loops are compiled per x86 ISA level (LLMCORE_CPU_CLONES).
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "llmcore/norm.h"
@@ -15,6 +18,19 @@
 
 namespace llmcore {
 namespace {
+
+constexpr int64_t kFoldRows = 16;  // rows summed in C before the fp64 weight-gradient partials
+
+// Ask for row r + kAhead of a (rows, n) matrix while row r is worked on: the row loops are
+// bound by memory, and a row's passes do not keep enough loads in flight to hide DRAM latency.
+constexpr int64_t kAhead = 2;
+template <typename T>
+LLMCORE_ALWAYS_INLINE inline void prefetch_row(const T* base, int64_t r, int64_t rows, int64_t n) {
+  if (base == nullptr || r + kAhead >= rows) return;
+  const char* p = reinterpret_cast<const char*>(base + (r + kAhead) * n);
+  const int64_t bytes = n * int64_t(sizeof(T));
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 2);
+}
 
 // buf = widen(x + residual); with a residual, the sum is rounded to T (it is the h the caller
 // gets back) and stored in h, and the norm is taken of that rounded h.
@@ -42,14 +58,26 @@ LLMCORE_ALWAYS_INLINE inline void fwd_rows(const NormFwdParams& p, int64_t r0, i
   T* h = static_cast<T*>(p.h);
   const C* w = static_cast<const C*>(p.weight);
   const C* b = static_cast<const C*>(p.bias);
-  std::vector<C> buf(n);
-  C* hb = buf.data();
+  constexpr bool kInPlace = std::is_same<T, C>::value;  // read x's row where it is
+  std::vector<C> buf(kInPlace && res == nullptr ? 0 : n);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t off = r * n;
-    load_row(x + off, res ? res + off : nullptr, h ? h + off : nullptr, hb, n);
-    const double mean = p.rms ? 0.0 : cpu::dot_f64<C>(hb, nullptr, n) / double(n);
-    const double var = cpu::sum_sq_dev_f64(hb, n, mean) / double(n);
-    const C mu = C(mean);
+    prefetch_row(x, r, r1, n);
+    prefetch_row(res, r, r1, n);
+    const C* hb;
+    if constexpr (kInPlace) {
+      if (res == nullptr) {
+        hb = x + off;
+      } else {
+        load_row(x + off, res + off, h + off, buf.data(), n);
+        hb = buf.data();
+      }
+    } else {
+      load_row(x + off, res ? res + off : nullptr, h ? h + off : nullptr, buf.data(), n);
+      hb = buf.data();
+    }
+    const C mu = p.rms ? C(0) : C(cpu::dot_lanes<C>(hb, nullptr, n) / double(n));
+    const double var = cpu::sum_sq_dev_lanes(hb, n, mu) / double(n);
     const C rstd = C(1.0 / std::sqrt(var + p.eps));
     if (!p.rms) static_cast<C*>(p.mean)[r] = mu;
     static_cast<C*>(p.rstd)[r] = rstd;
@@ -84,37 +112,102 @@ LLMCORE_ALWAYS_INLINE inline void bwd_rows(const NormBwdParams& p, int64_t r0, i
   const C* w = static_cast<const C*>(p.weight);
   const C* mean = static_cast<const C*>(p.mean);
   const C* rstd_in = static_cast<const C*>(p.rstd);
-  std::vector<C> bufs(3 * n);
-  C* xh = bufs.data();
-  C* d = xh + n;
-  C* g = d + n;
+  // L1/L2 scratch: this thread's C partials of dweight and dbias over the last < kFoldRows
+  // rows, ones standing in for a missing weight, and (fp16/bf16 rows) xhat and g of the row;
+  // fp32/fp64 rows recompute them from h and dy, still in cache, in the second pass.
+  constexpr bool kInPlace = std::is_same<T, C>::value;
+  std::vector<C> bufs((kInPlace ? 3 : 5) * n, C(0));
+  C* sw = bufs.data();
+  C* sb = sw + n;
+  C* ones = sb + n;
+  C* xh = kInPlace ? nullptr : ones + n;
+  C* g = kInPlace ? nullptr : xh + n;
+  std::fill(ones, ones + n, C(1));
+  const C* wv = w ? w : ones;
+  auto fold = [&] {
+    if (pw)
+      for (int64_t j = 0; j < n; ++j) pw[j] += double(sw[j]);
+    if (pb)
+      for (int64_t j = 0; j < n; ++j) pb[j] += double(sb[j]);
+    std::fill(sw, sw + 2 * n, C(0));
+  };
+  constexpr int kL = cpu::kSumLanes;
+  const int64_t whole = n - n % kL;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t off = r * n;
+    prefetch_row(h, r, r1, n);
+    prefetch_row(dy, r, r1, n);
+    prefetch_row(dhout, r, r1, n);
     const C mu = p.rms ? C(0) : mean[r];
     const C rstd = rstd_in[r];
-    for (int64_t j = 0; j < n; ++j) {
-      xh[j] = (widen(h[off + j]) - mu) * rstd;
-      d[j] = widen(dy[off + j]);
+    const T* hr = h + off;
+    const T* dyr = dy + off;
+    // one pass over h and dy: xhat, g, the weight-gradient partials, and sum(g), sum(g * xhat)
+    // in C lanes folded into fp64 as cpu::dot_lanes does
+    double lane_a[kL] = {}, lane_c[kL] = {};
+    for (int64_t j = 0; j < whole; j += cpu::kFoldLen * kL) {
+      const int64_t end = std::min<int64_t>(j + cpu::kFoldLen * kL, whole);
+      C pa[kL] = {}, pc[kL] = {};
+      for (int64_t t = j; t < end; t += kL)
+#pragma omp simd  // the lanes are independent (GCC's own alias checks give up on 8 streams)
+        for (int l = 0; l < kL; ++l) {
+          const int64_t k = t + l;
+          const C dv = widen(dyr[k]);
+          const C xv = (widen(hr[k]) - mu) * rstd;
+          const C gv = dv * wv[k];
+          if constexpr (!kInPlace) {
+            xh[k] = xv;
+            g[k] = gv;
+          }
+          pa[l] += gv;
+          pc[l] += gv * xv;
+          sw[k] += dv * xv;
+          sb[k] += dv;
+        }
+      for (int l = 0; l < kL; ++l) {
+        lane_a[l] += double(pa[l]);
+        lane_c[l] += double(pc[l]);
+      }
     }
-    if (w) {
-      for (int64_t j = 0; j < n; ++j) g[j] = d[j] * w[j];
-    } else {
-      for (int64_t j = 0; j < n; ++j) g[j] = d[j];
+    double sum_g = 0.0, sum_gx = 0.0;
+    for (int64_t k = whole; k < n; ++k) {
+      const C dv = widen(dyr[k]);
+      const C xv = (widen(hr[k]) - mu) * rstd;
+      const C gv = dv * wv[k];
+      if constexpr (!kInPlace) {
+        xh[k] = xv;
+        g[k] = gv;
+      }
+      sum_g += double(gv);
+      sum_gx += double(gv) * double(xv);
+      sw[k] += dv * xv;
+      sb[k] += dv;
     }
-    const C a = p.rms ? C(0) : C(cpu::dot_f64<C>(g, nullptr, n) / double(n));
-    const C c = C(cpu::dot_f64(g, xh, n) / double(n));
+    for (int l = 0; l < kL; ++l) {
+      sum_g += lane_a[l];
+      sum_gx += lane_c[l];
+    }
+    const C a = p.rms ? C(0) : C(sum_g / double(n));
+    const C c = C(sum_gx / double(n));
     T* dxr = dx + off;
-    if (dhout) {
-      const T* dhr = dhout + off;
-      for (int64_t j = 0; j < n; ++j)
-        dxr[j] = narrow<T>(rstd * (g[j] - a - xh[j] * c) + widen(dhr[j]));
+    const T* dhr = dhout ? dhout + off : nullptr;
+    if constexpr (kInPlace) {
+      if (dhr) {
+        for (int64_t j = 0; j < n; ++j)
+          dxr[j] = rstd * (dyr[j] * wv[j] - a - (hr[j] - mu) * rstd * c) + dhr[j];
+      } else {
+        for (int64_t j = 0; j < n; ++j)
+          dxr[j] = rstd * (dyr[j] * wv[j] - a - (hr[j] - mu) * rstd * c);
+      }
     } else {
-      for (int64_t j = 0; j < n; ++j) dxr[j] = narrow<T>(rstd * (g[j] - a - xh[j] * c));
+      if (dhr) {
+        for (int64_t j = 0; j < n; ++j)
+          dxr[j] = narrow<T>(rstd * (g[j] - a - xh[j] * c) + widen(dhr[j]));
+      } else {
+        for (int64_t j = 0; j < n; ++j) dxr[j] = narrow<T>(rstd * (g[j] - a - xh[j] * c));
+      }
     }
-    if (pw)
-      for (int64_t j = 0; j < n; ++j) pw[j] += double(d[j]) * double(xh[j]);
-    if (pb)
-      for (int64_t j = 0; j < n; ++j) pb[j] += double(d[j]);
+    if ((r - r0) % kFoldRows == kFoldRows - 1 || r == r1 - 1) fold();
   }
 }
 
