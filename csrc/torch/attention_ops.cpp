@@ -286,6 +286,9 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     const bool mask_grad = ctx->saved_data["float_mask"].toBool() && ctx->needs_input_grad(3);
     const Tensor& grad_out = grads[0];
     if (!grad_out.defined()) return variable_list(10);
+    // attention_bwd has no autograd of its own: skip the Autograd key (its boxed
+    // not-implemented fallback costs microseconds per call)
+    at::AutoDispatchBelowADInplaceOrView below;
     const auto floats = ctx->saved_data["floats"].toDoubleVector();
     const auto ints = ctx->saved_data["ints"].toIntVector();
     auto [dq, dk, dv, dmask] = attention_bwd_op().call(

@@ -312,6 +312,9 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
                  &den = saved[4], &z_ratio = saved[5];
     const auto o = ctx->saved_data["options"].toDoubleList();
     const auto reduction = int64_t(o[1]);
+    // the kernel ops below have no autograd of their own: skip the Autograd key (its boxed
+    // not-implemented fallback costs microseconds per call)
+    at::AutoDispatchBelowADInplaceOrView below;
     const Tensor dloss = reduction == kMean ? grad.div(den) : grad;  // (rows,) or 0-dim
     static auto bwd = c10::Dispatcher::singleton()
                           .findSchemaOrThrow("llmcore::cross_entropy_bwd", "")

@@ -296,16 +296,23 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     const bool db_needed = needs(ib) && dy.defined();
     Tensor dx, dw, db;
     if (dy.defined()) {
+      // norm_bwd has no autograd of its own: skip the Autograd key (its boxed not-implemented
+      // fallback costs microseconds per call)
+      at::AutoDispatchBelowADInplaceOrView below;
       const int64_t norm_ndim = ctx->saved_data["norm_ndim"].toInt();
       const RowsCols rc(hx, norm_ndim);
       auto out = norm_bwd_op().call(rc.mat(dy), rc.mat(optional<Tensor>(dh)), rc.mat(hx),
                                     w.defined() ? optional<Tensor>(rc.vec(w)) : std::nullopt,
                                     mean, rstd, rms, dw_needed, db_needed);
       dx = view_as_sizes(std::get<0>(out), hx);
-      if (dw_needed) dw = as_param_shape(std::get<1>(out).to(w.scalar_type()), hx, norm_ndim);
+      // the kernels' fp32 sums, rounded once to the parameters' dtypes (no op when they match)
+      const auto cast = [](const Tensor& t, at::ScalarType dt) {
+        return t.scalar_type() == dt ? t : t.to(dt);
+      };
+      if (dw_needed) dw = as_param_shape(cast(std::get<1>(out), w.scalar_type()), hx, norm_ndim);
       if (db_needed) {
-        db = as_param_shape(std::get<2>(out).to(ctx->saved_data["bias_dtype"].toScalarType()), hx,
-                            norm_ndim);
+        db = as_param_shape(cast(std::get<2>(out), ctx->saved_data["bias_dtype"].toScalarType()),
+                            hx, norm_ndim);
       }
     } else {
       dx = dh;  // only h was used: its gradient passes straight to x and residual

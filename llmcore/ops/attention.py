@@ -571,7 +571,7 @@ def _native_core(q, k, v, *, scale, window, bottom_right, softcap, attn_mask, al
             f"yet), got {q.device}; use backend='triton' or 'torch'")
     seed = (torch.randint(0, 2**62, (1,), device=q.device, dtype=torch.int64)
             if dropout_p > 0 else None)
-    out, lse = torch.ops.llmcore.attention(
+    out, lse = torch.ops.llmcore.attention.default(
         q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed,
         [float(scale), float(softcap), float(dropout_p)],
         _packed_ints(window, bottom_right, max_seqlen_q, max_seqlen_k))

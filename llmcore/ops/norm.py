@@ -148,12 +148,12 @@ def _register_native() -> bool:
 
 
 def _native_layer_norm(x, dims, weight, bias, eps, residual):
-    y, h = torch.ops.llmcore.norm(x, residual, weight, bias, len(dims), eps, False)
+    y, h = torch.ops.llmcore.norm.default(x, residual, weight, bias, len(dims), eps, False)
     return y if residual is None else (y, h)
 
 
 def _native_rms_norm(x, dims, weight, eps, residual):
-    y, h = torch.ops.llmcore.norm(x, residual, weight, None, len(dims), eps, True)
+    y, h = torch.ops.llmcore.norm.default(x, residual, weight, None, len(dims), eps, True)
     return y if residual is None else (y, h)
 
 
