@@ -84,7 +84,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"stubbed {stub_kernels()} Triton kernels; torch {torch.__version__}, "
           f"{args.threads} thread(s), {args.rounds} rounds x {args.reps} calls")
-    print(f"| op | mode | torch us | llmcore triton (host) us | ratio |")
+    print("| op | mode | torch us | llmcore triton (host) us | ratio |")
     print("|---|---|---|---|---|")
     for name, (eager, ours) in cases().items():
         for mode in ("fwd", "fwd+bwd"):

@@ -9,6 +9,7 @@ import it by a unique name.
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -61,3 +62,34 @@ def kernel_backends(family: str, device: str = "cpu") -> list[str]:
 
     return [name for name in backends.IMPLEMENTED[family]
             if backends._why_not(family, name, device) is None]
+
+
+class OpLog(TorchDispatchMode):
+    """Records the name of every op that reaches the dispatcher below autograd while active
+    (`with OpLog() as log: ...; log.ops`): what an eager call really does, kernel by kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+class NoLaunch:
+    """Stands in for a @triton.jit kernel: kernel[grid](...) does nothing. Under the interpreter
+    kernels run on torch ops of their own, which would drown a host path's ops in an OpLog."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def stub_triton_kernels(monkeypatch, family: str) -> None:
+    """Replaces every @triton.jit kernel of llmcore.kernels.triton.<family> by NoLaunch."""
+    import importlib
+
+    mod = importlib.import_module(f"llmcore.kernels.triton.{family}")
+    for name, obj in list(vars(mod).items()):
+        if hasattr(obj, "run") and hasattr(obj, "__getitem__"):
+            monkeypatch.setattr(mod, name, NoLaunch())

@@ -20,8 +20,6 @@ fwd+bwd: the work a kernel that skips masked pairs must do (the same count for e
 """
 from __future__ import annotations
 
-import functools
-import math
 
 import torch
 import torch.nn.functional as F
@@ -237,16 +235,21 @@ class AttentionFeaturesBench(OpBench):
         block_mask = _Lazy(mask_for)
         compiled = torch.compile(flex_attention)
 
-        def fn(q, k, v):
-            score_mod = None
-            if f == "softcap":
-                def score_mod(score, b, hh, qi, kj):
-                    return SOFTCAP * torch.tanh(score / SOFTCAP)
-            elif f == "alibi":
-                sl = slopes(q.device)
+        def softcap_mod(score, b, hh, qi, kj):
+            return SOFTCAP * torch.tanh(score / SOFTCAP)
 
-                def score_mod(score, b, hh, qi, kj):
-                    return score - sl[hh] * (qi - kj).abs()
+        def alibi_mod_for(device):
+            sl = slopes(device)
+
+            def alibi_mod(score, b, hh, qi, kj):
+                return score - sl[hh] * (qi - kj).abs()
+            return alibi_mod
+
+        alibi_mod = _Lazy(alibi_mod_for)   # one function per device: compiled once
+
+        def fn(q, k, v):
+            score_mod = {"softcap": lambda dev: softcap_mod, "alibi": alibi_mod}.get(
+                f, lambda dev: None)(q.device)
             if q.device.type == "cpu":  # no backward there: an inference forward (no graph)
                 q, k, v = q.detach(), k.detach(), v.detach()
             return compiled(q, k, v, score_mod=score_mod, block_mask=block_mask(q.device))

@@ -16,7 +16,6 @@ path <= 2x.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from llmcore.benchmarks.harness import OpBench, Rand

@@ -908,7 +908,7 @@ def _triton_ce_rows_lse_(logits: torch.Tensor, target: torch.Tensor, ignore_inde
 
 @_triton_ce_rows_lse_.register_fake
 def _(logits, target, ignore_index, label_smoothing, z_loss, softcap, grad_scale):
-    n, acc = logits.shape[0], _triton_acc(logits)
+    n, acc = logits.shape[0], _acc_dtype(logits)
     return logits.new_empty((n,), dtype=acc), logits.new_empty((n,), dtype=acc)
 
 

@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import llmcore
-from llmcore_testing import assert_close_to_oracle, kernel_backends
+from llmcore_testing import NoLaunch, OpLog, assert_close_to_oracle, kernel_backends
 from llmcore.kernels import reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -277,32 +277,17 @@ def test_eager_route_equals_the_registered_ops(reduction):
     assert torch.equal(torch.autograd.grad(a, xa, seed)[0], torch.autograd.grad(b, xb, seed)[0])
 
 
-class _OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
-class _NoLaunch:
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_eager_fwd_bwd_does_no_placeholder_work(reduction, monkeypatch):
     # the host path alone (kernel launches stubbed: values are garbage): no custom-op dispatch,
     # no zero-fill or copy, and beyond the two launchers' outputs only the reduction's ops
     k = _kernels()
-    monkeypatch.setattr(k, "_ce_fwd_kernel", _NoLaunch())
-    monkeypatch.setattr(k, "_ce_bwd_kernel", _NoLaunch())
+    monkeypatch.setattr(k, "_ce_fwd_kernel", NoLaunch())
+    monkeypatch.setattr(k, "_ce_bwd_kernel", NoLaunch())
     x = torch.randn(8, 97, requires_grad=True)
     t = _targets(8, 97)
     seed = torch.randn(8) if reduction == "none" else torch.tensor(1.5)
-    log = _OpLog()
+    log = OpLog()
     with log:
         out = llmcore.cross_entropy(x, t, reduction=reduction, backend="triton")
         torch.autograd.grad(out, x, seed)

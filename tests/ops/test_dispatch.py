@@ -10,22 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import llmcore
-from llmcore_testing import kernel_backends
-
-
-class _OpLog(TorchDispatchMode):
-    """Records the aten ops dispatched below autograd."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
+from llmcore_testing import OpLog, kernel_backends, stub_triton_kernels
 
 
 _WASTE = {"aten.fill_", "aten.zero_", "aten.zeros", "aten.zeros_like", "aten.sum",
@@ -36,31 +23,14 @@ def _leaves(*shapes, dtype=torch.float32):
     return [torch.randn(*s, dtype=dtype, requires_grad=True) for s in shapes]
 
 
-class _NoLaunch:
-    """Stands in for a @triton.jit kernel: kernel[grid](...) does nothing. The interpreter runs
-    kernels with torch ops of its own, which would drown the host path's in the log."""
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
-def _stub_triton_kernels(monkeypatch, family):
-    import importlib
-
-    mod = importlib.import_module(f"llmcore.kernels.triton.{family}")
-    for name, obj in list(vars(mod).items()):
-        if hasattr(obj, "run") and hasattr(obj, "__getitem__"):
-            monkeypatch.setattr(mod, name, _NoLaunch())
-
-
 @pytest.mark.parametrize("backend", [b for b in kernel_backends("norm") if b != "torch"])
 @pytest.mark.parametrize("residual", [False, True])
 def test_norm_fwd_bwd_dispatches_no_placeholder_work(backend, residual, monkeypatch):
     if backend == "triton":
-        _stub_triton_kernels(monkeypatch, "norm")  # the host path alone (values are garbage)
+        stub_triton_kernels(monkeypatch, "norm")  # the host path alone (values are garbage)
     x, w, b, r = _leaves((6, 40), (40,), (40,), (6, 40))
     dy = torch.randn(6, 40)
-    with _OpLog() as log:
+    with OpLog() as log:
         out = llmcore.layer_norm(x, 40, w, b, residual=r if residual else None, backend=backend)
         y = out[0] if residual else out
         y.backward(dy)              # h unused: its gradient is never materialised

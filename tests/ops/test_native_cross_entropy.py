@@ -5,10 +5,9 @@ weights that require grad, the target check in C++)."""
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import llmcore
-from llmcore_testing import kernel_backends
+from llmcore_testing import OpLog, kernel_backends
 
 pytestmark = pytest.mark.skipif("native" not in kernel_backends("cross_entropy"),
                                 reason="llmcore._native is not built")
@@ -45,18 +44,6 @@ def test_cross_entropy_opcheck(reduction, dtype, wdtype, weighted, ls, z, cap):
     torch.library.opcheck(torch.ops.llmcore.cross_entropy.default, args)
 
 
-class _Dispatched(TorchDispatchMode):
-    """The ops that reach the dispatcher below autograd while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_one_call_dispatches_the_kernels_once(reduction):
     # the host cost of a call, counted rather than timed: each kernel once, and beyond them only
@@ -65,7 +52,7 @@ def test_one_call_dispatches_the_kernels_once(reduction):
     x = torch.randn(8, 97, requires_grad=True)
     t = _target(8, 97)
     seed = torch.randn(8) if reduction == "none" else torch.tensor(1.5)
-    mode = _Dispatched()
+    mode = OpLog()
     with mode:
         out = llmcore.cross_entropy(x, t, reduction=reduction, backend="native")
         torch.autograd.grad(out, x, seed)
