@@ -74,6 +74,21 @@ def cross_entropy(logits, target, weight=None, ignore_index=-100, reduction="mea
     return (loss + z.sum() / valid.sum()).to(dtype)
 
 
+def _rows_loss(y, target, ignore_index, label_smoothing, z_loss):
+    """Per-row loss of (capped) logits y (n, V) in the accumulation dtype, with the pieces a
+    gradient pass needs: (loss (n,), lse (n,), valid (n,), safe_target (n, 1) int64)."""
+    n_classes = y.shape[1]
+    valid = target != ignore_index                                   # (n,)
+    safe_target = torch.where(valid, target.long(), 0)[:, None]      # (n, 1) int64 for gather
+    lse = torch.logsumexp(y, dim=1)                                  # (n,)
+    loss = lse - (1.0 - label_smoothing) * y.gather(1, safe_target).squeeze(1)
+    if label_smoothing > 0:
+        loss = loss - (label_smoothing / n_classes) * y.sum(1)
+    if z_loss > 0:
+        loss = loss + z_loss * lse * lse
+    return torch.where(valid, loss, 0), lse, valid, safe_target
+
+
 def cross_entropy_rows(logits, target, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
                        softcap=None, grad_scale=None):
     """Per-row loss of logits (n, V) against class indices target (n,) and, when grad_scale is
@@ -96,15 +111,7 @@ def cross_entropy_rows(logits, target, ignore_index=-100, label_smoothing=0.0, z
     if softcap is not None:
         capped = y.div_(softcap).tanh_()                             # tanh(logits/softcap)
         y = capped * softcap
-    valid = target != ignore_index                                   # (n,)
-    safe_target = torch.where(valid, target.long(), 0)[:, None]      # (n, 1) int64 for gather
-    lse = torch.logsumexp(y, dim=1)                                  # (n,)
-    loss = lse - (1.0 - label_smoothing) * y.gather(1, safe_target).squeeze(1)
-    if label_smoothing > 0:
-        loss = loss - (label_smoothing / n_classes) * y.sum(1)
-    if z_loss > 0:
-        loss = loss + z_loss * lse * lse
-    loss = torch.where(valid, loss, 0)
+    loss, lse, valid, safe_target = _rows_loss(y, target, ignore_index, label_smoothing, z_loss)
     if grad_scale is None:
         return loss, None
     row = torch.where(valid, grad_scale.to(acc), 0).expand(n)        # (n,) scale, 0 if ignored
@@ -128,15 +135,7 @@ def cross_entropy_rows_lse(logits, target, ignore_index=-100, label_smoothing=0.
     y = logits.to(acc)                                               # (n, V)
     if softcap is not None:
         y = torch.tanh(y / softcap) * softcap
-    valid = target != ignore_index                                   # (n,)
-    safe_target = torch.where(valid, target.long(), 0)[:, None]      # (n, 1)
-    lse = torch.logsumexp(y, dim=1)                                  # (n,)
-    loss = lse - (1.0 - label_smoothing) * y.gather(1, safe_target).squeeze(1)
-    if label_smoothing > 0:
-        loss = loss - (label_smoothing / n_classes) * y.sum(1)
-    if z_loss > 0:
-        loss = loss + z_loss * lse * lse
-    loss = torch.where(valid, loss, 0)
+    loss, lse, _, _ = _rows_loss(y, target, ignore_index, label_smoothing, z_loss)
     if grad_scale is None:
         return loss, lse, None
     dlogits = cross_entropy_grad_block(logits, target, lse, 0, n_classes, ignore_index,

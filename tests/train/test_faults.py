@@ -24,7 +24,7 @@ from llmcore.data.collate import DataError
 from llmcore.train import CheckpointError, Trainer, TrainingError
 from llmcore.train import checkpoint as C
 from llmcore.train.config import TrainConfig
-from train_helpers import RandomLMSource, TinyModel
+from train_helpers import RandomLMSource, TinyModel, poison_loss
 
 def _enospc():
     return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -144,25 +144,12 @@ def test_resume_before_any_checkpoint_starts_from_zero(tmp_path, full_run):
 
 # ----------------------------------------------------------------------------- non-finite loss
 
-def _poison(model, nan_calls):
-    """Make the model's loss NaN on the given (1-based) forward calls."""
-    forward, calls = model.forward, {"n": 0}
-
-    def poisoned(*a, **k):
-        out = forward(*a, **k)
-        calls["n"] += 1
-        if calls["n"] in nan_calls:
-            out.loss = out.loss * float("nan")
-        return out
-    model.forward = poisoned
-
-
 def test_nonfinite_counter_resets_after_a_finite_step(tmp_path, caplog):
     """K-1 NaNs, a finite step, K-1 NaNs: never K in a row, so the run finishes with every
     skip counted, finite weights, and the skips in the log and summary."""
     caplog.set_level(logging.INFO, logger="llmcore.train")
     t = _trainer(tmp_path / "r", max_steps=4, save_every=0, max_nonfinite=3)
-    _poison(t.model, {2, 3, 5, 6})
+    poison_loss(t.model, {2, 3, 5, 6})
     s = t.train()
     assert s["steps"] == 4 and s["skipped_steps"] == 4
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
@@ -176,7 +163,7 @@ def test_nonfinite_stop_keeps_last_checkpoint_resumable(tmp_path):
     """K NaNs in a row after a checkpoint: a clear stop naming the step, and the checkpoint
     before the NaNs still verifies and loads."""
     t = _trainer(tmp_path / "r", max_nonfinite=2)
-    _poison(t.model, set(range(4, 100)))               # steps 1-3 fine, then only NaN
+    poison_loss(t.model, set(range(4, 100)))               # steps 1-3 fine, then only NaN
     with pytest.raises(TrainingError, match=r"not finite for 2 steps in a row \(at step 3\)"):
         t.train()
     found = C.latest_complete(tmp_path / "r" / "checkpoints")

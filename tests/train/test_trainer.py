@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from llmcore.train import Trainer, TrainingError
 from llmcore.train.config import TrainConfig
 from llmcore.train.trainer import classification_metrics
-from train_helpers import RandomLMSource, TinyModel
+from train_helpers import RandomLMSource, TinyModel, poison_loss
 
 
 def _cfg(tmp_path, **kw):
@@ -213,24 +213,11 @@ def test_no_host_read_between_log_steps(tmp_path, monkeypatch):
     assert all(math.isfinite(e["loss"]) for e in train) and train[-1]["tokens"] == t.tokens
 
 
-def _poisoned(model, nan_calls):
-    forward, calls = model.forward, {"n": 0}
-
-    def poisoned(*a, **k):
-        out = forward(*a, **k)
-        calls["n"] += 1
-        if calls["n"] in nan_calls:
-            out.loss = out.loss * float("nan")
-        return out
-    model.forward = poisoned
-    return model
-
-
 def test_nonfinite_between_log_steps_is_skipped_on_the_device(tmp_path):
     # steps 2 and 3 are NaN and not log steps: their updates are skipped on the device (the
     # weights stay finite), they count toward max_steps, and the next log step reads the skips
     torch.manual_seed(0)
-    t = Trainer(_poisoned(TinyModel(), {2, 3}), _cfg(tmp_path, max_steps=8, log_every=4),
+    t = Trainer(poison_loss(TinyModel(), {2, 3}), _cfg(tmp_path, max_steps=8, log_every=4),
                 train_data=RandomLMSource())
     s = t.train()
     assert s["steps"] == 8 and s["skipped_steps"] == 2 and t.nonfinite_in_row == 0
@@ -238,7 +225,7 @@ def test_nonfinite_between_log_steps_is_skipped_on_the_device(tmp_path):
     # a run of max_nonfinite between log steps stops the run at the next log step, naming the
     # step where the run reached it
     torch.manual_seed(0)
-    t = Trainer(_poisoned(TinyModel(), set(range(2, 100))),
+    t = Trainer(poison_loss(TinyModel(), set(range(2, 100))),
                 _cfg(tmp_path, out=str(tmp_path / "r2"), max_steps=8, log_every=4,
                      max_nonfinite=2), train_data=RandomLMSource())
     with pytest.raises(TrainingError, match=r"not finite for 2 steps in a row \(at step 2\)"):

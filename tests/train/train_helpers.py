@@ -55,3 +55,17 @@ class RandomLMSource:
     def batch(self, indices, step=0, rows=None):
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
         return {"input_ids": self.ids[idx], "labels": self.labels[idx].clone()}
+
+
+def poison_loss(model, nan_calls):
+    """Makes the model's loss NaN on the given (1-based) forward calls; returns the model."""
+    forward, calls = model.forward, {"n": 0}
+
+    def poisoned(*a, **k):
+        out = forward(*a, **k)
+        calls["n"] += 1
+        if calls["n"] in nan_calls:
+            out.loss = out.loss * float("nan")
+        return out
+    model.forward = poisoned
+    return model

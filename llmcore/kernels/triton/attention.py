@@ -39,15 +39,13 @@ K/V heads are shared by GROUP = Hq // Hkv query heads. v may have its own head d
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from llmcore.kernels.triton._host import cdiv, next_power_of_2
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from llmcore.kernels.triton._interp import INTERPRET as _INTERPRET
+from llmcore.kernels.triton._interp import to_dtype as _to
 
 LOG2E = 1.4426950408889634  # log2(e)
 MAX_HEAD_DIM = 256
@@ -58,8 +56,8 @@ MAX_HEAD_DIM = 256
 # Two gaps of the Triton interpreter (CPU tests) around bfloat16, which it stores as raw uint16
 # bits: its dot multiplies those bits as integers, and its fp32 -> bf16 cast truncates. Under
 # the interpreter, _dot upcasts bf16 operands to fp32 first (what the GPU computes: bf16 x bf16
-# products are exact in fp32, accumulation is fp32 either way) and _to rounds to nearest even by
-# hand (the GPU's cast). Compiled kernels never take these branches.
+# products are exact in fp32, accumulation is fp32 either way) and _to (kernels/triton/_interp)
+# rounds to nearest even by hand (the GPU's cast). Compiled kernels never take these branches.
 _INTERPRETED = tl.constexpr(_INTERPRET)
 
 
@@ -70,17 +68,6 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=DOT_PREC)
-
-
-@triton.jit
-def _to(x, dtype: tl.constexpr):
-    # fp32 x -> dtype, rounding to nearest even
-    if _INTERPRETED and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dtype)
 
 
 @triton.jit

@@ -26,11 +26,12 @@ keeps fixed.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from llmcore.kernels.triton._interp import to_dtype
 
 from llmcore.kernels.triton._host import next_power_of_2
 
@@ -321,7 +322,6 @@ def ce_bwd(logits, target, weight, lse, grad_scale, ignore_index: int, label_smo
 
 
 # ---------------------------------------------------------------------------- vocabulary blocks
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"   # read once, as @triton.jit does
 # linear_cross_entropy's backward walks the vocabulary in column blocks: for one block of
 # logits (all rows, columns [col_start, col_start + c)) it needs the gradient given the lse
 # saved by the forward. Per element, without class weight (W = V, w[t] = 1):
@@ -336,7 +336,6 @@ def _ce_grad_block_kernel(
     n_cols, col_start, V, ignore_index,
     SMOOTH: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SMOOTHING: tl.constexpr,
     Z_LOSS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
 ):
     acc_ty = Lse.dtype.element_ty  # fp32, fp64 for fp64 logits
     smoothing = tl.full([], SMOOTHING, acc_ty)
@@ -362,14 +361,9 @@ def _ce_grad_block_kernel(
         d -= smoothing / V * scale
     if HAS_SOFTCAP:
         d = d * (1.0 - th * th)
-    if ROUND_BF16:
-        # Triton's interpreter converts fp32 -> bf16 by truncation (the GPU rounds to nearest
-        # even): a bias toward 0 in every gradient, which the GEMMs after this kernel add up.
-        # Round to nearest even in integer arithmetic first, so the CPU sees the GPU's values.
-        bits = d.to(tl.uint32, bitcast=True)
-        bits += 0x7FFF + ((bits >> 16) & 1)
-        d = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
-    tl.store(DX + row * stride_dn + cols * stride_dv, d.to(DX.dtype.element_ty), mask=mask)
+    # to_dtype: under Triton's interpreter a plain fp32 -> bf16 cast truncates (the GPU rounds
+    # to nearest even), a bias toward 0 that the GEMMs after this kernel would add up
+    tl.store(DX + row * stride_dn + cols * stride_dv, to_dtype(d, DX.dtype.element_ty), mask=mask)
 
 
 def ce_grad_block(logits, target, lse, grad_scale, col_start: int, n_classes: int,
@@ -390,6 +384,6 @@ def ce_grad_block(logits, target, lse, grad_scale, col_start: int, n_classes: in
         width, col_start, n_classes, ignore_index,
         SMOOTH=label_smoothing > 0, HAS_SOFTCAP=softcap is not None,
         SMOOTHING=float(label_smoothing), Z_LOSS=float(z_loss), SOFTCAP=float(softcap or 1.0),
-        BLOCK_V=block, ROUND_BF16=_INTERPRETED and out.dtype == torch.bfloat16, num_warps=4,
+        BLOCK_V=block, num_warps=4,
     )
     return out
