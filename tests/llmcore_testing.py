@@ -93,3 +93,34 @@ def stub_triton_kernels(monkeypatch, family: str) -> None:
     for name, obj in list(vars(mod).items()):
         if hasattr(obj, "run") and hasattr(obj, "__getitem__"):
             monkeypatch.setattr(mod, name, NoLaunch())
+
+
+class HostSyncLog(TorchDispatchMode):
+    """Records the ops that make the host wait for the device on CUDA, whatever device runs:
+    reading a value (`.item()`, `bool(t)`, `int(t)`), ops whose output size depends on the
+    values (nonzero, masked_select, unique, bincount, repeat_interleave without output_size,
+    indexing with a bool mask) and `torch.equal`. A CPU run of a code path under this mode shows
+    whether the same path on CUDA would sync (`with HostSyncLog() as log: ...; log.syncs`)."""
+
+    SYNCS = {"_local_scalar_dense", "nonzero", "nonzero_numpy",
+             "masked_select", "_unique", "_unique2", "unique_dim", "unique_consecutive",
+             "unique_dim_consecutive", "bincount", "equal", "is_nonzero"}
+    INDEXING = {"index", "index_put", "index_put_", "_index_put_impl_"}
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        kwargs = kwargs or {}
+        if name in self.SYNCS:
+            self.syncs.append(name)
+        elif name == "repeat_interleave" and isinstance(args[0], torch.Tensor) \
+                and len(args) == 1 and kwargs.get("output_size") is None:
+            self.syncs.append(name)
+        elif name in self.INDEXING and any(
+                isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                for i in (args[1] if len(args) > 1 else ()) or ()):
+            self.syncs.append(f"{name} with a bool mask")
+        return func(*args, **kwargs)

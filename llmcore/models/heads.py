@@ -3,7 +3,8 @@
   clm        logits = h W^T (W: (V, E), the token embedding when tied); the loss is the fused
              linear cross-entropy of position t against labels[t + 1].
   mlm        BERT's head: logits = LN(act(dense h)) W^T + b; with labels the head runs only on
-             the masked positions (labels != -100), gathered first (a host sync, once per step).
+             the masked positions (labels != -100), gathered first: without a host sync when
+             the caller gives their number (`num_targets`, see `true_positions`).
   seq_cls    classifier(dropout(pooled)), pooled by `pool` (+ the model's optional pooler).
   token_cls  classifier(dropout(h)) per token.
 
@@ -39,6 +40,34 @@ def _one_dtype(x, weight, bias=None):
     kind = x.device.type
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
     return x.to(dtype), weight.to(dtype), (None if bias is None else bias.to(dtype))
+
+
+def check_count(name: str, count) -> None:
+    """A host-side count hint: None or an int >= 0."""
+    if count is None:
+        return
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise TypeError(f"{name} must be None or an int (a count known on the host), "
+                        f"got {type(count).__name__}")
+    if count < 0:
+        raise ValueError(f"{name} must be >= 0, got {count}")
+
+
+def true_positions(mask: torch.Tensor, count: int | None, name: str, what: str) -> torch.Tensor:
+    """Indices (count,) of the True entries of the 1-D bool `mask`, in order.
+
+    With `count`, their number as the caller knows it on the host, nothing waits for the
+    device: each True entry's slot is its rank among them (a cumsum), every False entry goes to
+    a spare slot past the end, which is dropped. A wrong count fails an assert naming `name` and
+    `what` it counts (on the CPU at once; on CUDA a device-side assert, reported at the next
+    sync). Without it, `nonzero`, which on CUDA syncs the host to learn the output size."""
+    if count is None:
+        return mask.nonzero().squeeze(1)
+    torch._assert_async(mask.sum() == count,
+                        f"{name}={count} must equal the number of {what}")
+    slot = torch.where(mask, (mask.cumsum(0) - 1).clamp_max(count), count)
+    index = torch.zeros(count + 1, dtype=torch.long, device=mask.device)
+    return index.scatter_(0, slot, torch.arange(mask.numel(), device=mask.device))[:count]
 
 
 def _check_labels(labels, shape, what: str) -> None:
@@ -105,13 +134,16 @@ class MaskedLMHead(_DecoderWeight):
     def logits(self, h, weight):
         return F.linear(self.transform(h), weight, self.bias)              # (..., V)
 
-    def forward(self, h, weight, labels, return_logits, label_smoothing=0.0):
+    def forward(self, h, weight, labels, return_logits, label_smoothing=0.0, num_targets=None):
+        """num_targets: the number of labels != -100, when the caller knows it on the host
+        (the gather of the masked positions then needs no host sync)."""
         loss = None
         if labels is not None:
             _check_labels(labels, h.shape[:2], "-100 at unmasked positions")
             _check_class_labels(labels)
             flat = labels.reshape(-1)
-            index = (flat != IGNORE_INDEX).nonzero().squeeze(1)             # (M,) masked tokens
+            index = true_positions(flat != IGNORE_INDEX, num_targets, "num_targets",
+                                   "labels != -100")                          # (M,)
             hm = self.transform(h.reshape(-1, h.shape[-1])[index])          # (M, E)
             x, w, b = _one_dtype(hm, weight, self.bias)
             loss = linear_cross_entropy(x, w, flat[index], bias=b, ignore_index=IGNORE_INDEX,

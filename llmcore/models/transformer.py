@@ -9,8 +9,9 @@ Attention runs through llmcore's flash-attn API, whose (..., H, D) layout needs 
   - with a padding mask: the padding is dropped once after the embeddings, every block runs on the
     packed (T, E) tokens with `flash_attn_varlen_func`, and the final hidden states are scattered
     back to (B, N, E) with zeros at padded positions. No compute is spent on padding, in the
-    attention or anywhere else. Finding the real tokens (`nonzero`) is a host sync: the one this
-    path costs, paid once per forward and only when a padding mask is given.
+    attention or anywhere else. Given the number of real tokens (`num_tokens`, which a collator
+    or the trainer counts on the host), the packing needs no host sync; without it the real
+    tokens are found with `nonzero`, a host sync on CUDA, paid once per forward.
 Positions are the token's index in its padded row (0..N-1), as Hugging Face models use them.
 
 Backends: with config.backend "auto", each op family's backend is resolved for the parameters'
@@ -190,6 +191,10 @@ class Transformer(nn.Module):
     mode the logits come with the loss, as Hugging Face and Liger models return them;
     `return_logits=False` skips them there too. `label_smoothing` goes to the head's loss (the
     trainer's label smoothing).
+    num_tokens (the number of real tokens in attention_mask) and num_targets (the number of
+    labels != -100, "mlm" only) are optional host-side counts, e.g. from the collator: given
+    them, a forward with a padding mask or MLM labels never waits for the device (the trainer
+    passes both). Without them the model finds those positions itself, with a host sync each.
     """
 
     def __init__(self, config: TransformerConfig):
@@ -256,17 +261,25 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, *,
-                return_logits: bool | None = None,
-                label_smoothing: float = 0.0) -> TransformerOutput:
-        h = self.hidden_states(input_ids, attention_mask, token_type_ids)
+                return_logits: bool | None = None, label_smoothing: float = 0.0,
+                num_tokens: int | None = None,
+                num_targets: int | None = None) -> TransformerOutput:
         cfg = self.config
+        heads.check_count("num_targets", num_targets)
+        if num_targets is not None and cfg.head != "mlm":
+            raise ValueError(f"num_targets counts the masked-LM targets; this model's head is "
+                             f"{cfg.head!r}, not 'mlm'")
+        h = self.hidden_states(input_ids, attention_mask, token_type_ids, num_tokens=num_tokens)
         if cfg.head is None:
             if labels is not None:
                 raise ValueError("labels were given but the model has no head (config.head=None)")
             return TransformerOutput(last_hidden_state=h)
         if return_logits is None:
             return_logits = labels is None or not self.training
-        if cfg.head in ("clm", "mlm"):
+        if cfg.head == "mlm":
+            loss, logits = self.head(h, self.decoder_weight(), labels, return_logits,
+                                     label_smoothing, num_targets)
+        elif cfg.head == "clm":
             loss, logits = self.head(h, self.decoder_weight(), labels, return_logits,
                                      label_smoothing)
         elif cfg.head == "seq_cls":
@@ -279,10 +292,12 @@ class Transformer(nn.Module):
         return TransformerOutput(loss=loss, logits=logits, last_hidden_state=h)
 
     def hidden_states(self, input_ids, attention_mask=None, token_type_ids=None, *,
-                      cache: KVCache | None = None) -> torch.Tensor:
-        """The final hidden states (B, N, E); zeros at padded positions."""
+                      cache: KVCache | None = None, num_tokens: int | None = None) -> torch.Tensor:
+        """The final hidden states (B, N, E); zeros at padded positions. num_tokens: the number
+        of real tokens in attention_mask, when the caller knows it on the host (see the module
+        docstring)."""
         cfg = self.config
-        self._check_inputs(input_ids, attention_mask, token_type_ids, cache)
+        self._check_inputs(input_ids, attention_mask, token_type_ids, cache, num_tokens)
         B, N = input_ids.shape
         start = 0 if cache is None else cache.length
         positions = torch.arange(start, start + N, device=input_ids.device)     # (N,)
@@ -308,7 +323,8 @@ class Transformer(nn.Module):
 
         # padded batch: pack the real tokens, run every block on them, scatter back
         keep = attention_mask.reshape(-1).bool()
-        index = keep.nonzero().squeeze(1)                  # (T,) host sync, see module docstring
+        index = heads.true_positions(keep, num_tokens, "num_tokens",
+                                     "real tokens in attention_mask")                  # (T,)
         seqlens = attention_mask.reshape(B, N).bool().sum(1, dtype=torch.int32)
         cu_seqlens = F.pad(seqlens.cumsum(0, dtype=torch.int32), (1, 0))       # (B + 1,)
         if rope is not None:
@@ -329,8 +345,12 @@ class Transformer(nn.Module):
                 x = block(x, layout)
         return x
 
-    def _check_inputs(self, input_ids, attention_mask, token_type_ids, cache):
+    def _check_inputs(self, input_ids, attention_mask, token_type_ids, cache, num_tokens):
         cfg = self.config
+        heads.check_count("num_tokens", num_tokens)
+        if num_tokens is not None and attention_mask is None:
+            raise ValueError("num_tokens counts the real tokens of attention_mask; it was given "
+                             "without an attention_mask")
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point \
                 or input_ids.dtype == torch.bool or input_ids.dim() != 2:
             got = (f"{input_ids.dtype} of shape {tuple(input_ids.shape)}"

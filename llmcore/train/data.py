@@ -201,6 +201,18 @@ def valid_count(task: str, batch: dict) -> int:
     return int(np.count_nonzero((labels != IGNORE_INDEX).numpy()))
 
 
+def count_hints(task: str, batch: dict) -> dict:
+    """The host-side counts an llmcore Transformer takes (`num_tokens`: real tokens of a padded
+    batch; `num_targets`: MLM targets) so that its forward never waits for the device; counted
+    with numpy on the collator's host tensors."""
+    hints = {}
+    if "attention_mask" in batch:
+        hints["num_tokens"] = int(np.count_nonzero(batch["attention_mask"].numpy()))
+    if task == "mlm" and "labels" in batch:
+        hints["num_targets"] = valid_count(task, batch)
+    return hints
+
+
 def build_lm_sources(cfg, data_dir: Path, *, is_main: bool, sync) -> tuple:
     """(tokenizer, train source, eval source) for an LM run. The main process builds the
     tokenizer and shards; `sync()` (a barrier) lets the others read them afterwards."""

@@ -40,7 +40,7 @@ import torch
 from llmcore.data.collate import IGNORE_INDEX
 from llmcore.train import checkpoint as ckpt
 from llmcore.train import distributed as dist
-from llmcore.train.data import EpochSampler, valid_count
+from llmcore.train.data import EpochSampler, count_hints, valid_count
 from llmcore.train.metrics import MetricsLogger, peak_flops, write_summary
 from llmcore.train.optim import build_optimizer, build_scheduler
 
@@ -115,6 +115,7 @@ class Trainer:
         self.out = Path(out or config.out)
         self.task = config.task
         self.model = model.to(self.device)
+        self._takes_hints = _accepts(model, "num_tokens")    # an llmcore Transformer does
         self.train_data, self.eval_data = train_data, eval_data
         self.tokenizer, self.label_map = tokenizer, label_map
         self.callbacks = list(callbacks)
@@ -180,6 +181,15 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
+    def _model_inputs(self, batch: dict, labels: bool = True) -> dict:
+        """A host batch on the device, plus the counts an llmcore model takes to run it without
+        a host sync (count_hints), when the model takes them."""
+        inputs = self._to_device(batch if labels else
+                                 {k: v for k, v in batch.items() if k != "labels"})
+        if self._takes_hints:
+            inputs.update(count_hints(self.task if labels else "", batch))
+        return inputs
+
     def _fresh_counters(self) -> torch.Tensor:
         # loss sum and count of the finite steps, tokens, skipped steps, the trailing and the
         # longest run of non-finite steps, the step where a run reached max_nonfinite (-1:
@@ -215,8 +225,7 @@ class Trainer:
         backwards (they all-gather and reduce-scatter), so the zero is 0 * sum(logits) of a
         forward without labels."""
         if self.fsdp:
-            out = self.engine(**{k: v for k, v in self._to_device(batch).items()
-                                 if k != "labels"})
+            out = self.engine(**self._model_inputs(batch, labels=False))
             return out.logits.float().sum() * 0.0
         return sum(p.reshape(-1)[0] * 0.0 for p in self.model.parameters() if p.requires_grad)
 
@@ -240,7 +249,7 @@ class Trainer:
                     if n == 0:
                         loss = scaled = self._zero_loss(batch)
                     else:
-                        loss = self._loss(self._to_device(batch))
+                        loss = self._loss(self._model_inputs(batch))
                         scaled = loss * (n * world / n_global)
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
                 if n:
@@ -685,12 +694,13 @@ def evaluate_model(model, data, *, task: str, micro: int, label_map=None, info=N
         count = 0 if start is None else valid_count(task, batch)
         if count == 0 and not lockstep:
             continue
+        hints = count_hints(task, batch) if _accepts(model, "num_tokens") else {}
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
             if not want_logits:
-                out = model(**batch)
+                out = model(**batch, **hints)
             else:   # LM tasks need only the loss: no (tokens, V) logits in eval mode either
-                out = model(**batch, return_logits=task not in LM_TASKS)
+                out = model(**batch, **hints, return_logits=task not in LM_TASKS)
         if count == 0:
             continue
         sums[0] += out.loss.double() * count

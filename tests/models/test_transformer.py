@@ -257,6 +257,29 @@ def test_torch_compile_whole_model_fullgraph():
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("flavour", ["bert", "gpt2"])
+def test_padded_batch_compiles_fullgraph_given_the_counts(flavour):
+    """With the host-side counts (num_tokens, num_targets) a padded batch's packing and the MLM
+    gather have no data-dependent shapes: the training forward and backward compile as one
+    graph (aot_eager: the graph capture, without inductor's compile time)."""
+    model = _model(flavour, n_layers=1, backend="native").train()
+    ids = torch.randint(1, V, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 4:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    counts = {"num_tokens": int(mask.sum())}
+    if flavour == "bert":
+        labels[:, ::2] = -100
+        counts["num_targets"] = int((labels != -100).sum())
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = compiled(ids, mask, labels=labels, **counts).loss
+    grads = torch.autograd.grad(got, list(model.parameters()))
+    want = model(ids, mask, labels=labels).loss
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for g, w in zip(grads, torch.autograd.grad(want, list(model.parameters()))):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("flavour", list(FLAVOURS))
 def test_logits_with_labels_in_eval_mode_as_hugging_face(flavour):
     """Training skips the (tokens, V) logits (the fused loss never holds them); in eval mode

@@ -1,5 +1,6 @@
 """The Trainer on a tiny stand-in model: loss normalisation over micro-batches, the non-finite
 policy, exact resume, evaluation metrics, early stopping, label smoothing, FGM."""
+import functools
 import json
 import math
 
@@ -254,3 +255,37 @@ def test_label_smoothing_goes_through_the_fused_head_loss(tmp_path, monkeypatch)
                                         labels.reshape(-1), label_smoothing=0.1,
                                         backend="torch")
     torch.testing.assert_close(got, want.float())
+
+
+@pytest.mark.parametrize("task", ["mlm", "classify"])
+def test_llmcore_model_trains_without_host_sync(tmp_path, task, classify_source):
+    # the trainer gives an llmcore model the host-side counts of each batch (MLM targets; real
+    # tokens of the padded classification batches), so a step that is not a log step never
+    # makes the host wait: no value read, no nonzero (see tests/models/test_host_sync.py)
+    from llmcore.models import Transformer, preset
+    from llmcore_testing import HostSyncLog
+
+    head = {} if task == "mlm" else {"head": "seq_cls", "num_labels": 3}
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny-bert", vocab_size=23, dim=16, n_layers=1, n_heads=2,
+                               ffn_dim=24, backend="torch", **head))
+    data = RandomLMSource(task="mlm") if task == "mlm" else classify_source
+    t = Trainer(model, _cfg(tmp_path, task=task, max_steps=4, log_every=4), train_data=data,
+                label_map=None if task == "mlm" else {"a": 0, "b": 1, "c": 2})
+    calls = []
+    forward = model.forward
+
+    @functools.wraps(forward)                       # the trainer reads forward's signature
+    def spy(*args, **kwargs):
+        calls.append(sorted(kwargs))
+        return forward(*args, **kwargs)
+    model.forward = spy
+    with HostSyncLog() as log:
+        t.train_step(read=False)
+    assert log.syncs == []
+    want = {"mlm": ["input_ids", "labels", "num_targets"],
+            "classify": ["attention_mask", "input_ids", "labels", "num_tokens"]}[task]
+    assert calls and all(c == want for c in calls), calls
+    calls.clear()                                  # evaluation passes them too
+    t.evaluate(data)
+    assert calls and all(set(want) <= set(c) for c in calls), calls
