@@ -128,13 +128,17 @@ def test_bad_counts_are_refused_before_any_work():
 def test_gpu_training_step_never_syncs(name):
     model = _model(name, "auto", "cuda")
     batch, hints = _batch(name, "cuda")
-    model(**batch, **hints).loss.backward()            # warm-up: autotuning may sync
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+
+    def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(**batch, **hints).loss
         loss.backward()
+        return loss
+    step()                      # warm-up, same dtypes: compiling and autotuning may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item()
