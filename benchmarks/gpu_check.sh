@@ -137,7 +137,7 @@ for stage in $stages; do
         ;;
     steps)
         bench steps "${GPU_CHECK_STEPS_MINUTES:-2}" train_step,attention \
-            torch,torch_compile,llmcore_auto,hf,sdpa,llmcore_triton
+            torch,torch_compile,llmcore_auto,hf,sdpa,llmcore_triton,llmcore_triton_nondet
         ;;
     features)
         bench features "${GPU_CHECK_FEATURES_MINUTES:-1}" attention_features,attention_varlen \

@@ -8,6 +8,8 @@ the sum over sequences of 4*H*L*L*D (halved when causal). Every provider gets th
 The eager baseline ("torch") is the textbook formulation: scores = q @ k^T * D^-0.5, the causal
 mask by masked_fill, softmax in fp32, then @ v, with K/V heads repeated for GQA (as Hugging Face
 eager attention does). "sdpa" is F.scaled_dot_product_attention with its default kernel choice.
+"llmcore_triton_nondet" is the Triton kernels with flash-attn's deterministic=False (dq added
+atomically in the backward), next to "llmcore_triton" (the deterministic default).
 For varlen, torch and sdpa loop over the packed sequences.
 """
 from __future__ import annotations
@@ -78,8 +80,8 @@ def _sdpa(q, k, v, causal: bool):
 class AttentionBench(OpBench):
     name = "attention"
     families = ("attention",)
-    providers = ("torch", "torch_compile", "sdpa", "llmcore_triton", "llmcore_native",
-                 "flash_attn")
+    providers = ("torch", "torch_compile", "sdpa", "llmcore_triton", "llmcore_triton_nondet",
+                 "llmcore_native", "flash_attn")
     unit = "TFLOP/s"
     x_key = "N"
     baselines = ("torch", "sdpa")
@@ -105,6 +107,17 @@ class AttentionBench(OpBench):
             return torch.compile(functools.partial(_eager_attention, causal=causal))
         if provider == "sdpa":
             return functools.partial(_sdpa, causal=causal)
+        if provider == "llmcore_triton_nondet":
+            import llmcore
+
+            def fn(q, k, v):
+                # flash_attn_func with deterministic=False: the atomic-dq backward (bottom-right
+                # causal is top-left here, Nq == Nk); transposed views, no copies
+                out = llmcore.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2),
+                                              v.transpose(1, 2), causal=causal,
+                                              deterministic=False, backend="triton")
+                return out.transpose(1, 2)
+            return fn
         if provider in LLMCORE_BACKEND:
             import llmcore
 

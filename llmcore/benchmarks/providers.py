@@ -32,7 +32,9 @@ import torch
 from llmcore.benchmarks.names import PROVIDERS
 
 # llmcore provider -> the backend name it passes to llmcore
-LLMCORE_BACKEND = {"llmcore_triton": "triton", "llmcore_native": "native", "llmcore_auto": "auto"}
+# ("llmcore_triton_nondet": attention's deterministic=False backward, the atomic-dq one)
+LLMCORE_BACKEND = {"llmcore_triton": "triton", "llmcore_native": "native", "llmcore_auto": "auto",
+                   "llmcore_triton_nondet": "triton"}
 
 
 @functools.lru_cache(maxsize=None)

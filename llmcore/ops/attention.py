@@ -225,7 +225,7 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
-                    window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                    window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=None,
                     return_attn_probs=False, *, backend="auto"):
     """flash-attn's flash_attn_func: q (B, Nq, Hq, D), k (B, Nk, Hkv, D), v (B, Nk, Hkv, Dv),
     Hq a multiple of Hkv. Returns out (B, Nq, Hq, Dv), contiguous.
@@ -234,8 +234,12 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
     no key outputs 0). alibi_slopes (Hq,) or (B, Hq): bias -slope * |i + Nk - Nq - j|.
     return_attn_probs=True returns (out, softmax_lse, None): softmax_lse (B, Hq, Nq) float32 is
     the logsumexp of each row's scores (+inf for a row with no allowed key, as flash-attn), with
-    no gradient; the attention probabilities themselves are not returned (None). deterministic
-    only steers kernels with a nondeterministic backward (the torch backend is deterministic).
+    no gradient; the attention probabilities themselves are not returned (None).
+    deterministic: the backward is deterministic by default (None) and with True, and whenever
+    torch.use_deterministic_algorithms is on; an explicit False lets a backend take a faster
+    path whose bitwise results may vary between runs (flash-attn's meaning of the flag): the
+    Triton backward then adds dq atomically. The torch and native backends are always
+    deterministic.
     """
     names = ("q", "k", "v")
     _check_qkv(names, q, k, v, ndim=4)
@@ -257,7 +261,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
         scale=1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale),
         window=(left, right), bottom_right=True, softcap=float(softcap), alibi_slopes=slopes,
-        dropout_p=float(dropout_p), deterministic=bool(deterministic),
+        dropout_p=float(dropout_p), deterministic=_deterministic(deterministic),
         return_lse=bool(return_attn_probs), backend=backend)
     out = out.transpose(1, 2).contiguous()                  # (B, Nq, Hq, Dv)
     return (out, lse, None) if return_attn_probs else out
@@ -265,7 +269,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                           softcap=0.0, alibi_slopes=None, deterministic=False,
+                           softcap=0.0, alibi_slopes=None, deterministic=None,
                            return_attn_probs=False, block_table=None, *, backend="auto"):
     """flash-attn's flash_attn_varlen_func: sequences packed along dim 0.
 
@@ -274,7 +278,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     (int32 (batch + 1,), as flash-attn). max_seqlen_q/k: the longest sequence lengths (used to
     size kernel grids). Each sequence attends only to itself, causal / window_size aligned
     bottom-right per sequence; alibi_slopes (Hq,) or (batch, Hq). Returns out (total_q, Hq, Dv),
-    or with return_attn_probs (out, softmax_lse (Hq, total_q) float32, None), as flash_attn_func.
+    or with return_attn_probs (out, softmax_lse (Hq, total_q) float32, None), and deterministic
+    as flash_attn_func.
     block_table: only None (flash-attn's paged KV cache is not supported: a table is refused).
     """
     if block_table is not None:
@@ -302,16 +307,24 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         window=(left, right), bottom_right=True, softcap=float(softcap), alibi_slopes=slopes,
         dropout_p=float(dropout_p), cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k),
-        deterministic=bool(deterministic), return_lse=bool(return_attn_probs), backend=backend)
+        deterministic=_deterministic(deterministic), return_lse=bool(return_attn_probs),
+        backend=backend)
     out = out[0].transpose(0, 1).contiguous()               # (total_q, Hq, Dv)
     return (out, lse[0], None) if return_attn_probs else out
+
+
+def _deterministic(flag) -> bool:
+    """The flash functions' `deterministic`: None (the default) and True mean a deterministic
+    backward, as does torch.use_deterministic_algorithms(True); only an explicit False allows
+    a nondeterministic one."""
+    return flag is None or bool(flag) or torch.are_deterministic_algorithms_enabled()
 
 
 # ---------------------------------------------------------------------------- the generic op
 
 def _attention_core(q, k, v, *, scale, window=(-1, -1), bottom_right=False, softcap=0.0,
                     attn_mask=None, alibi_slopes=None, dropout_p=0.0, cu_seqlens_q=None,
-                    cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, deterministic=False,
+                    cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, deterministic=True,
                     return_lse=False, backend="auto"):
     """The one op every backend implements; inputs are already checked.
 
@@ -381,8 +394,8 @@ def _flash_attn_core(q, k, v, *, scale, window, bottom_right, softcap, attn_mask
 # triton. The dropout seed is drawn before the op, from torch's generator for q's device, and
 # passed in: the ops stay pure functions of their inputs (opcheck, torch.compile) and
 # torch.manual_seed reproduces a run. Scalars travel packed: floats (scale, softcap, dropout_p),
-# ints (window left, window right, bottom_right, max_seqlen_q, max_seqlen_k; 0 for the max
-# lengths when not varlen).
+# ints (window left, window right, bottom_right, max_seqlen_q, max_seqlen_k, deterministic; 0
+# for the max lengths when not varlen).
 
 def _triton_kernels():
     from llmcore.kernels.triton import attention as kernels
@@ -391,7 +404,7 @@ def _triton_kernels():
 
 def _triton_kwargs(attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, floats, ints):
     scale, softcap, dropout_p = floats
-    left, right, bottom_right, max_seqlen_q, max_seqlen_k = ints
+    left, right, bottom_right, max_seqlen_q, max_seqlen_k = ints[:5]   # ints[5]: backward only
     return dict(scale=scale, window=(left, right), bottom_right=bool(bottom_right),
                 softcap=softcap, attn_mask=attn_mask, alibi_slopes=alibi_slopes,
                 dropout_p=dropout_p, seed=seed, cu_seqlens_q=cu_seqlens_q,
@@ -402,7 +415,7 @@ def _triton_bwd_kernels(grad_out, q, k, v, out, lse, attn_mask, alibi_slopes, cu
                         cu_seqlens_k, seed, floats, ints, mask_grad):
     # -> (dq, dk, dv, d attn_mask or None)
     return _triton_kernels().attention_bwd(
-        grad_out, q, k, v, out, lse, mask_grad=mask_grad,
+        grad_out, q, k, v, out, lse, mask_grad=mask_grad, deterministic=bool(ints[5]),
         **_triton_kwargs(attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, floats, ints))
 
 
@@ -509,7 +522,8 @@ def _packed_ints(window, bottom_right, max_seqlen_q, max_seqlen_k) -> list[int]:
 def _triton_core(q, k, v, *, scale, window, bottom_right, softcap, attn_mask, alibi_slopes,
                  dropout_p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                  deterministic, return_lse):
-    """The core op on the Triton kernels (always deterministic: `deterministic` is moot)."""
+    """The core op on the Triton kernels; deterministic=False: the one-pass backward that adds
+    dq atomically."""
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise backends.BackendUnavailableError(
             f"backend 'triton' runs attention in float16, bfloat16 and float32, not {q.dtype}; "
@@ -517,7 +531,8 @@ def _triton_core(q, k, v, *, scale, window, bottom_right, softcap, attn_mask, al
     seed = _triton_kernels().draw_seed(q.device) if dropout_p > 0 else None
     args = (q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed,
             [float(scale), float(softcap), float(dropout_p)],
-            _packed_ints(window, bottom_right, max_seqlen_q, max_seqlen_k))
+            [*_packed_ints(window, bottom_right, max_seqlen_q, max_seqlen_k),
+             int(bool(deterministic))])
     if torch.compiler.is_compiling():
         out, lse = _triton_attention_fwd(*args)
     else:

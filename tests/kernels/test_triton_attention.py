@@ -66,7 +66,8 @@ class _KernelFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, kw):
-        out, lse = A.attention_fwd(q, k, v, **kw)
+        out, lse = A.attention_fwd(q, k, v, **{n: x for n, x in kw.items()
+                                               if n != "deterministic"})
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.kw = kw
         return out
@@ -101,7 +102,8 @@ def _check(shapes, dtype, kernel_kw, ref_kw, *, layout="bhnd", atol=None):
 def _kw(d, **extra):
     scale = extra.pop("scale", 1 / math.sqrt(d))
     kernel = dict(scale=scale, **extra)
-    ref = {key: val for key, val in kernel.items() if key not in ("alibi_slopes", "attn_mask")}
+    ref = {key: val for key, val in kernel.items()
+           if key not in ("alibi_slopes", "attn_mask", "deterministic")}
     ref["alibi"] = extra.get("alibi_slopes")
     ref["mask"] = extra.get("attn_mask")
     return kernel, ref
@@ -212,7 +214,9 @@ def test_empty_rows_zero_output_inf_lse_zero_grad():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", [dict(window=(-1, 0)), dict(window=(5, 1)),
-                                  dict(alibi=True, softcap=4.0)], ids=str)
+                                  dict(alibi=True, softcap=4.0),
+                                  dict(window=(-1, 0), deterministic=False),
+                                  dict(alibi=True, softcap=4.0, deterministic=False)], ids=str)
 def test_varlen_per_sequence(dtype, case):
     lens_q, lens_k = [17, 1, 0, 40, 9], [23, 1, 5, 33, 9]    # Nq<Nk, 1, empty, Nq>Nk, equal
     hq, hkv, d = 4, 2, 80
@@ -222,10 +226,12 @@ def test_varlen_per_sequence(dtype, case):
                         device=DEVICE)
     case = dict(case)
     slopes = torch.rand(len(lens_q), hq, device=DEVICE) if case.pop("alibi", False) else None
+    deterministic = case.pop("deterministic", True)
     q, k, v = _leaves([(sum(lens_q), hq, d), (sum(lens_k), hkv, d), (sum(lens_k), hkv, d)],
                       dtype)
     kw = dict(scale=d ** -0.5, bottom_right=True, alibi_slopes=slopes, cu_seqlens_q=cu_q,
-              cu_seqlens_k=cu_k, max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k), **case)
+              cu_seqlens_k=cu_k, max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k),
+              deterministic=deterministic, **case)
     got = _KernelFn.apply(*(t.transpose(0, 1)[None] for t in (q, k, v)), kw)[0].transpose(0, 1)
 
     def ref(q, k, v):
@@ -333,6 +339,88 @@ def test_dropout_reproducible_from_torch_seed():
 
 # ---------------------------------------------------------------------------- contract
 
+# ---------------------------------------------------------------------------- deterministic=False
+
+@pytest.mark.parametrize("dtype,case", [
+    (torch.float32, dict()),
+    (torch.bfloat16, dict(window=(-1, 0), bottom_right=True)),
+    (torch.float16, dict(window=(6, 2), softcap=5.0)),
+    (torch.float32, dict(window=(-1, 0), alibi=True)),
+    (torch.float16, dict(dropout_p=0.2)),
+], ids=str)
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_atomic_dq_backward(dtype, case, layout):
+    # deterministic=False: dq added atomically by the dk/dv kernel; GQA, Nq != Nk, both layouts
+    b, hq, hkv, nq, nk, d = 2, 4, 2, 37, 50, 48
+    case = dict(case)
+    extra = {}
+    if case.pop("alibi", False):
+        extra["alibi_slopes"] = torch.rand(b, hq, device=DEVICE)
+    if case.get("dropout_p"):
+        case["seed"] = A.draw_seed(DEVICE)
+    kernel, ref = _kw(d, deterministic=False, **case, **extra)
+    if "seed" in ref:
+        ref.pop("seed")
+        ref["keep"] = A.dropout_mask(case["seed"], case["dropout_p"], b, hq, nq, nk)
+    shapes = [(b, hq, nq, d), (b, hkv, nk, d), (b, hkv, nk, d)]
+    if layout == "bnhd":
+        shapes = [(s[0], s[2], s[1], s[3]) for s in shapes]
+    _check(shapes, dtype, kernel, ref, layout=layout)
+
+
+def test_atomic_dq_matches_the_deterministic_path_and_skips_the_dq_kernel(monkeypatch):
+    q, k, v = (torch.randn(1, 6, 45, 32, device=DEVICE) for _ in range(3))
+    k, v = k[:, :2], v[:, :2]
+    kw = dict(scale=0.2, window=(-1, 0))
+    out, lse = A.attention_fwd(q, k, v, **kw)
+    do = torch.randn_like(out)
+    launched = []
+    launch = A._launch
+    monkeypatch.setattr(A, "_launch", lambda kernel, *a: launched.append(kernel) or
+                        launch(kernel, *a))
+    want = A.attention_bwd(do, q, k, v, out, lse, **kw)
+    assert launched == [A._dq_kernel, A._dkdv_kernel]
+    launched.clear()
+    got = A.attention_bwd(do, q, k, v, out, lse, deterministic=False, **kw)
+    assert launched == [A._dkdv_atomic_kernel] and got[3] is None
+    for name, a, w in zip(("dq", "dk", "dv"), got, want):
+        assert a.dtype == w.dtype and a.stride() == w.stride(), name
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5, msg=name)
+    # an additive mask's gradient comes from the dq kernel: deterministic=False falls back
+    mask = torch.randn(1, 1, 45, 45, device=DEVICE)
+    out, lse = A.attention_fwd(q, k, v, attn_mask=mask, **kw)
+    launched.clear()
+    dmask = A.attention_bwd(do, q, k, v, out, lse, attn_mask=mask, mask_grad=True,
+                            deterministic=False, **kw)[3]
+    assert launched == [A._dq_kernel, A._dkdv_kernel] and dmask.shape == mask.shape
+
+
+def test_flash_attn_deterministic_flag(monkeypatch):
+    # None (the default) and True: the deterministic backward; an explicit False: the atomic
+    # one, unless torch.use_deterministic_algorithms is on
+    q, k, v = (torch.randn(2, 21, 4, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    calls = []
+    bwd = A.attention_bwd
+    monkeypatch.setattr(A, "attention_bwd", lambda *a, **kw: calls.append(kw["deterministic"])
+                        or bwd(*a, **kw))
+    grads = {}
+    for flag in (None, True, False):
+        out = llmcore.flash_attn_func(q, k, v, causal=True, deterministic=flag, backend="triton")
+        grads[flag] = torch.autograd.grad(out.sum(), (q, k, v))
+    assert calls == [True, True, False]
+    for a, w in zip(grads[False], grads[None]):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5)
+    calls.clear()
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = llmcore.flash_attn_func(q, k, v, deterministic=False, backend="triton")
+    finally:
+        torch.use_deterministic_algorithms(was)
+    out.sum().backward()
+    assert calls == [True]
+
+
 def test_backward_is_deterministic_with_gqa():
     q, k, v = (torch.randn(1, 8, 45, 32, device=DEVICE) for _ in range(3))
     k, v = k[:, :2], v[:, :2]
@@ -360,13 +448,13 @@ def _op_args(with_mask=False, varlen=False, dropout=False):
         q, k, v = (torch.randn(1, 2, 11, 16, device=DEVICE, requires_grad=True) for _ in range(3))
         cu = torch.tensor([0, 4, 11], dtype=torch.int32, device=DEVICE)
         return (q, k, v, None, torch.rand(1, 2, device=DEVICE), cu, cu, None,
-                [0.25, 0.0, 0.0], [-1, 0, 1, 7, 7])
+                [0.25, 0.0, 0.0], [-1, 0, 1, 7, 7, 0])  # deterministic=False
     q = torch.randn(2, 2, 5, 16, device=DEVICE, requires_grad=True)
     k, v = (torch.randn(2, 1, 7, 16, device=DEVICE, requires_grad=True) for _ in range(2))
     mask = torch.randn(2, 1, 5, 7, device=DEVICE, requires_grad=True) if with_mask else None
     seed = A.draw_seed(DEVICE) if dropout else None
     return (q, k, v, mask, None, None, None, seed, [0.3, 2.0, 0.25 if dropout else 0.0],
-            [3, 0, 0, 0, 0])
+            [3, 0, 0, 0, 0, 1])
 
 
 @pytest.mark.parametrize("kind", ["plain", "mask", "varlen", "dropout"])

@@ -81,7 +81,7 @@ def test_triton_attention_eager_path_equals_the_registered_op(with_mask):
 
     q, k, v = _leaves((1, 2, 19, 16), (1, 1, 23, 16), (1, 1, 23, 16))
     mask = torch.randn(1, 1, 19, 23, requires_grad=True) if with_mask else None
-    args = (q, k, v, mask, None, None, None, None, [0.25, 0.0, 0.0], [-1, 0, 1, 0, 0])
+    args = (q, k, v, mask, None, None, None, None, [0.25, 0.0, 0.0], [-1, 0, 1, 0, 0, 1])
     out1, lse1 = ops._TritonAttention.apply(*args)
     out2, lse2 = ops._triton_attention_fwd(*args)
     torch.testing.assert_close(out1, out2, rtol=0, atol=0)

@@ -15,7 +15,9 @@ Backward recomputes the probabilities tile by tile from lse:
 where ds' = ds * (1 - tanh^2(scale q.k / softcap)) with softcap (d/dx c tanh(x/c) = 1 - tanh^2),
 else ds' = ds. A preprocess kernel computes delta; one kernel owns a key tile and loops over the
 query tiles (and over every query head of its GQA group), another owns a query tile and loops
-over key tiles: dq, dk and dv are each written once, deterministically, without atomics.
+over key tiles: dq, dk and dv are each written once, deterministically, without atomics. With
+deterministic=False the key-tile kernel also adds each tile's dq share atomically into an fp32
+buffer (FlashAttention-2's backward: 5 tile products, not 7, the order of the sums varying).
 An additive attn_mask that needs a gradient gets d mask_ij = ds_ij, written by the dq kernel.
 
 Visibility of key j to query i (indices local to the sequence), all optional:
@@ -455,14 +457,17 @@ def _attn_bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_tile(start_m, k, v, dk, dv, q_base, do_base, LSE, DELTA, l_base, mask_base, seed,
-               rng_base, offs_n, offs_d, offs_dv, Lq, Lk, diag, sqm, sqd, sdom, sdod, slm, smm,
-               smn, N_K, HEAD_DIM, HEAD_DIM_V, slope2, qk_scale2, cap_scale, softcap2,
-               window_left, window_right, dropout_p, drop_scale,
+def _dkdv_tile(start_m, k, v, dk, dv, q_base, do_base, dq_base, LSE, DELTA, l_base, mask_base,
+               seed, rng_base, offs_n, offs_d, offs_dv, Lq, Lk, diag, sqm, sqd, sdom, sdod,
+               sdqm, sdqd, slm, smm, smn, N_K, HEAD_DIM, HEAD_DIM_V, sm_scale, slope2, qk_scale2,
+               cap_scale, softcap2, window_left, window_right, dropout_p, drop_scale,
                BLOCK_M: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                MASK_KIND: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-               HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, BOUNDARY: tl.constexpr):
-    # one query tile of dv += p~^T do and dk += ds'^T q, in transposed (keys x queries) tiles.
+               HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+               BOUNDARY: tl.constexpr):
+    # one query tile of dv += p~^T do and dk += ds'^T q, in transposed (keys x queries) tiles;
+    # ATOMIC_DQ: also dq += scale ds' k for this tile, added atomically into fp32 (the order of
+    # the additions varies from run to run: not deterministic).
     # Query rows past Lq load q = do = lse = delta = 0, so they add exactly 0 even unmasked.
     offs_m = start_m + tl.arange(0, BLOCK_M)
     m_ok = offs_m < Lq
@@ -489,26 +494,34 @@ def _dkdv_tile(start_m, k, v, dk, dv, q_base, do_base, LSE, DELTA, l_base, mask_
     dsT = pT * (dpT - delta[None, :])
     if HAS_SOFTCAP:
         dsT = dsT * (1.0 - tT * tT)
-    dk = _dot(_to(dsT, qT.dtype), tl.trans(qT), dk, DOT_PREC)
+    dsT = _to(dsT, qT.dtype)
+    dk = _dot(dsT, tl.trans(qT), dk, DOT_PREC)
+    if ATOMIC_DQ:
+        dq = _dot(tl.trans(dsT), k, None, DOT_PREC) * sm_scale  # (BLOCK_M, BLOCK_D)
+        tl.atomic_add(_ptrs(dq_base, offs_m[:, None], sdqm, offs_d[None, :], sdqd), dq,
+                      mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, MASK, SLOPES, CU_Q, CU_K, SEED,
+    Q, K, V, DO, DK, DV, DQ, LSE, DELTA, MASK, SLOPES, CU_Q, CU_K, SEED,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
-    sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, slb, slh, slm, smb, smh, smm, smn, ssb, ssh,
+    sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, sdqb, sdqh, sdqm, sdqd,
+    slb, slh, slm, smb, smh, smm, smn, ssb, ssh,
     H, GROUP, N_Q, N_K, HEAD_DIM, HEAD_DIM_V,
     sm_scale, qk_scale2, cap_scale, softcap2, window_left, window_right, align, dropout_p,
     drop_scale, SEQ_BUCKET,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     # dv_j = sum_i p~_ij do_i, dk_j = scale * sum_i ds'_ij q_i, summed over the GROUP query
     # heads that share kv head `kvh`. grid (cdiv(N_K, BLOCK_N), Hkv, B). Tiles are transposed
-    # (keys along rows): sT = k q^T is (BLOCK_N, BLOCK_M).
+    # (keys along rows): sT = k q^T is (BLOCK_N, BLOCK_M). ATOMIC_DQ (deterministic=False):
+    # dq too, FlashAttention-2's way: each tile's share added atomically into DQ (fp32, zeroed),
+    # so the backward is this one pass (5 tile products instead of 7 with the dq kernel).
     pid_n = tl.program_id(0)
     kvh = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -550,6 +563,7 @@ def _attn_bwd_dkdv_kernel(
         h = kvh * GROUP + g
         q_base = Q + b * sqb + h * sqh + q_start * sqm
         do_base = DO + b * sdob + h * sdoh + q_start * sdom
+        dq_base = DQ + b * sdqb + h * sdqh + q_start * sdqm
         l_base = b * slb + h * slh + q_start * slm
         mask_base = MASK + b * smb + h * smh
         slope2 = 0.0
@@ -560,25 +574,28 @@ def _attn_bwd_dkdv_kernel(
             rng_base = (b * H + h) * N_Q * N_K
         for start_m in range(lo, a, BLOCK_M):
             dk, dv = _dkdv_tile(
-                start_m, k, v, dk, dv, q_base, do_base, LSE, DELTA, l_base, mask_base, seed,
-                rng_base, offs_n, offs_d, offs_dv, Lq, Lk, diag, sqm, sqd, sdom, sdod, slm, smm,
-                smn, N_K, HEAD_DIM, HEAD_DIM_V, slope2, qk_scale2, cap_scale, softcap2,
-                window_left, window_right, dropout_p, drop_scale, BLOCK_M, HAS_SOFTCAP,
-                HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, True)
+                start_m, k, v, dk, dv, q_base, do_base, dq_base, LSE, DELTA, l_base, mask_base,
+                seed, rng_base, offs_n, offs_d, offs_dv, Lq, Lk, diag, sqm, sqd, sdom, sdod,
+                sdqm, sdqd, slm, smm, smn, N_K, HEAD_DIM, HEAD_DIM_V, sm_scale, slope2,
+                qk_scale2, cap_scale, softcap2, window_left, window_right, dropout_p, drop_scale,
+                BLOCK_M, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT,
+                DOT_PREC, ATOMIC_DQ, True)
         for start_m in range(a, e, BLOCK_M):
             dk, dv = _dkdv_tile(
-                start_m, k, v, dk, dv, q_base, do_base, LSE, DELTA, l_base, mask_base, seed,
-                rng_base, offs_n, offs_d, offs_dv, Lq, Lk, diag, sqm, sqd, sdom, sdod, slm, smm,
-                smn, N_K, HEAD_DIM, HEAD_DIM_V, slope2, qk_scale2, cap_scale, softcap2,
-                window_left, window_right, dropout_p, drop_scale, BLOCK_M, HAS_SOFTCAP,
-                HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, False)
+                start_m, k, v, dk, dv, q_base, do_base, dq_base, LSE, DELTA, l_base, mask_base,
+                seed, rng_base, offs_n, offs_d, offs_dv, Lq, Lk, diag, sqm, sqd, sdom, sdod,
+                sdqm, sdqd, slm, smm, smn, N_K, HEAD_DIM, HEAD_DIM_V, sm_scale, slope2,
+                qk_scale2, cap_scale, softcap2, window_left, window_right, dropout_p, drop_scale,
+                BLOCK_M, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT,
+                DOT_PREC, ATOMIC_DQ, False)
         for start_m in range(e, hi, BLOCK_M):
             dk, dv = _dkdv_tile(
-                start_m, k, v, dk, dv, q_base, do_base, LSE, DELTA, l_base, mask_base, seed,
-                rng_base, offs_n, offs_d, offs_dv, Lq, Lk, diag, sqm, sqd, sdom, sdod, slm, smm,
-                smn, N_K, HEAD_DIM, HEAD_DIM_V, slope2, qk_scale2, cap_scale, softcap2,
-                window_left, window_right, dropout_p, drop_scale, BLOCK_M, HAS_SOFTCAP,
-                HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, True)
+                start_m, k, v, dk, dv, q_base, do_base, dq_base, LSE, DELTA, l_base, mask_base,
+                seed, rng_base, offs_n, offs_d, offs_dv, Lq, Lk, diag, sqm, sqd, sdom, sdod,
+                sdqm, sdqd, slm, smm, smn, N_K, HEAD_DIM, HEAD_DIM_V, sm_scale, slope2,
+                qk_scale2, cap_scale, softcap2, window_left, window_right, dropout_p, drop_scale,
+                BLOCK_M, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT,
+                DOT_PREC, ATOMIC_DQ, True)
     dk = dk * sm_scale
     tl.store(_ptrs(DK + b * sdkb + kvh * sdkh + k_start * sdkn, offs_n[:, None], sdkn,
                    offs_d[None, :], sdkd), _to(dk, DK.dtype.element_ty), mask=k_ok)
@@ -647,18 +664,23 @@ def _pruner(table):
     return prune
 
 
-def _autotuned(kernel, table):
+def _autotuned(kernel, table, **kwargs):
     return triton.autotune(_configs(table), key=_AUTOTUNE_KEY,
-                           prune_configs_by={"early_config_prune": _pruner(table)})(kernel)
+                           prune_configs_by={"early_config_prune": _pruner(table)},
+                           **kwargs)(kernel)
 
 
 if _INTERPRET:
     _fwd_kernel, _dq_kernel, _dkdv_kernel = (_attn_fwd_kernel, _attn_bwd_dq_kernel,
                                              _attn_bwd_dkdv_kernel)
+    _dkdv_atomic_kernel = _attn_bwd_dkdv_kernel
 else:
     _fwd_kernel = _autotuned(_attn_fwd_kernel, _FWD_TABLE)
     _dq_kernel = _autotuned(_attn_bwd_dq_kernel, _BWD_TABLE)
     _dkdv_kernel = _autotuned(_attn_bwd_dkdv_kernel, _BWD_TABLE)
+    # its own tuning cache, and the dq accumulator zeroed before each timed try (the tries add
+    # into it) and again before the real run
+    _dkdv_atomic_kernel = _autotuned(_attn_bwd_dkdv_kernel, _BWD_TABLE, reset_to_zero=["DQ"])
 
 
 def _launch(kernel, grid_axis0, H, B, args, consts):
@@ -811,21 +833,24 @@ def attention_fwd(q, k, v, *, scale, window=(-1, -1), bottom_right=False, softca
 def attention_bwd(grad_out, q, k, v, out, lse, *, scale, window=(-1, -1), bottom_right=False,
                   softcap=0.0, attn_mask=None, alibi_slopes=None, dropout_p=0.0, seed=None,
                   cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
-                  mask_grad=False):
+                  mask_grad=False, deterministic=True):
     """Fused attention backward: (dq, dk, dv, dmask) with dq, dk, dv in the shapes, dtypes and
     memory orders of q, k, v.
 
     The arguments of attention_fwd (the same seed), its (out, lse), and grad_out (out's shape,
     any strides). mask_grad (additive attn_mask only): dmask is the gradient of the mask in the
-    mask's shape and dtype (summed over its broadcast dims); else None. Deterministic: no
-    atomics; dk/dv sum a GQA group's query heads in order."""
+    mask's shape and dtype (summed over its broadcast dims); else None. deterministic (the
+    default): no atomics, dk/dv sum a GQA group's query heads in order, a dq kernel of its own.
+    deterministic=False (without mask_grad): one pass that adds dq atomically into an fp32
+    buffer (flash-attn's meaning of the flag: bitwise results may vary between runs)."""
     f = _Features(q, k, v, scale, window, bottom_right, softcap, alibi_slopes, attn_mask,
                   dropout_p, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    mask_grad = bool(mask_grad)
+    atomic_dq = not deterministic and not mask_grad
     dq, dk, dv = (_like_layout(t, t.shape) for t in (q, k, v))
     if f.varlen:
-        for t in (dq, dk, dv):
+        for t in ((dk, dv) if atomic_dq else (dq, dk, dv)):
             t.zero_()
-    mask_grad = bool(mask_grad)
     if mask_grad and (attn_mask is None or attn_mask.dtype == torch.bool or f.varlen):
         raise ValueError("mask_grad needs an additive (float) attn_mask on dense inputs")
     # d mask over the full (B, H, Nq, Nk); reduced to the mask's broadcast shape at the end
@@ -845,13 +870,25 @@ def attention_bwd(grad_out, q, k, v, out, lse, *, scale, window=(-1, -1), bottom
               *_strides4(v, f.varlen), *_strides4(grad_out, f.varlen))
     tail = (*f.mask_strides(), *f.slope_strides(), *f.sizes(), f.scale, *f.score_args(),
             f.seq_bucket)
+    if atomic_dq:
+        # fp32 (B, H, Nq, D) accumulator (varlen: (1, H, total, D)), zeroed: rows outside
+        # every sequence stay 0, as dq's do on the deterministic path
+        dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+        _launch(_dkdv_atomic_kernel, lambda meta: cdiv(f.Nk, meta["BLOCK_N"]), f.Hkv, f.B,
+                (q, k, v, grad_out, dk, dv, dq_acc, lse, delta, *common,
+                 *_strides4(dk, f.varlen), *_strides4(dv, f.varlen),
+                 *_strides4(dq_acc, f.varlen), *lse_strides, *tail),
+                {**f.consts(), "ATOMIC_DQ": True})
+        return dq.copy_(dq_acc), dk, dv, None
     _launch(_dq_kernel, lambda meta: cdiv(f.Nq, meta["BLOCK_M"]), f.H, f.B,
             (q, k, v, grad_out, dq, q if dmask is None else dmask, lse, delta, *common,
              *_strides4(dq, f.varlen), *lse_strides, *tail),
             {**f.consts(), "MASK_GRAD": mask_grad})
+    # DQ is not read or written without ATOMIC_DQ: dq stands in
     _launch(_dkdv_kernel, lambda meta: cdiv(f.Nk, meta["BLOCK_N"]), f.Hkv, f.B,
-            (q, k, v, grad_out, dk, dv, lse, delta, *common, *_strides4(dk, f.varlen),
-             *_strides4(dv, f.varlen), *lse_strides, *tail), f.consts())
+            (q, k, v, grad_out, dk, dv, dq, lse, delta, *common, *_strides4(dk, f.varlen),
+             *_strides4(dv, f.varlen), *_strides4(dq, f.varlen), *lse_strides, *tail),
+            {**f.consts(), "ATOMIC_DQ": False})
     return dq, dk, dv, _reduce_dmask(dmask, attn_mask)
 
 
