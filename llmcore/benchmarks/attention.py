@@ -108,14 +108,13 @@ class AttentionBench(OpBench):
         if provider == "sdpa":
             return functools.partial(_sdpa, causal=causal)
         if provider == "llmcore_triton_nondet":
-            import llmcore
+            from llmcore import flash_attn_func
 
             def fn(q, k, v):
                 # flash_attn_func with deterministic=False: the atomic-dq backward (bottom-right
                 # causal is top-left here, Nq == Nk); transposed views, no copies
-                out = llmcore.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2),
-                                              v.transpose(1, 2), causal=causal,
-                                              deterministic=False, backend="triton")
+                out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                      causal=causal, deterministic=False, backend="triton")
                 return out.transpose(1, 2)
             return fn
         if provider in LLMCORE_BACKEND:
