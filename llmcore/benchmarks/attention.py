@@ -108,13 +108,14 @@ class AttentionBench(OpBench):
         if provider == "sdpa":
             return functools.partial(_sdpa, causal=causal)
         if provider == "llmcore_triton_nondet":
-            from llmcore import flash_attn_func
+            from llmcore import flash_attn_func as llmcore_flash_attn
 
             def fn(q, k, v):
                 # flash_attn_func with deterministic=False: the atomic-dq backward (bottom-right
                 # causal is top-left here, Nq == Nk); transposed views, no copies
-                out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                      causal=causal, deterministic=False, backend="triton")
+                out = llmcore_flash_attn(q.transpose(1, 2), k.transpose(1, 2),
+                                         v.transpose(1, 2), causal=causal, deterministic=False,
+                                         backend="triton")
                 return out.transpose(1, 2)
             return fn
         if provider in LLMCORE_BACKEND:
