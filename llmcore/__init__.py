@@ -1,4 +1,4 @@
-"""llmcore: fused attention, layer/RMS norm and cross-entropy kernels for transformer training,
+"""llmcore: fused attention, layer/RMS norm, cross-entropy and rotary kernels for transformer training,
 drop-in nn layers, a transformer model family, and a lean MLM/CLM trainer.
 
 The functional API mirrors torch.nn.functional; every op takes a keyword-only `backend`
@@ -9,6 +9,7 @@ from llmcore.backends import BackendUnavailableError, available_backends
 from llmcore.ops.attention import attention, flash_attn_func, flash_attn_varlen_func
 from llmcore.ops.cross_entropy import cross_entropy, linear_cross_entropy
 from llmcore.ops.norm import layer_norm, rms_norm
+from llmcore.ops.rope import rope
 from llmcore.patch import patch
 
 __version__ = "0.1.0"
@@ -16,6 +17,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "layer_norm", "rms_norm", "cross_entropy", "linear_cross_entropy", "attention",
-    "flash_attn_func", "flash_attn_varlen_func", "available_backends", "patch",
+    "flash_attn_func", "flash_attn_varlen_func", "rope", "available_backends", "patch",
     "BackendUnavailableError", "__version__",
 ]

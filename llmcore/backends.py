@@ -18,7 +18,7 @@ import os
 
 import torch
 
-FAMILIES = ("norm", "cross_entropy", "attention")
+FAMILIES = ("norm", "cross_entropy", "attention", "rope")
 BACKENDS = ("triton", "native", "torch", "flash_attn")
 
 # Which backends implement each op family. A backend is listed here once its kernels and
@@ -27,10 +27,11 @@ IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "norm": ("torch", "native", "triton"),
     "cross_entropy": ("torch", "triton", "native"),
     "attention": ("torch", "flash_attn", "triton", "native"),
+    "rope": ("torch", "triton", "native"),
 }
 
 # Families whose native kernels exist for the CPU only (csrc/cpu, no csrc/cuda kernel yet).
-_NATIVE_CPU_ONLY = ("attention",)
+_NATIVE_CPU_ONLY = ("attention", "rope")
 
 _AUTO_ORDER = {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")}
 

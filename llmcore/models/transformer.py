@@ -34,8 +34,8 @@ from llmcore import backends
 from llmcore.models import heads
 from llmcore.models.config import TransformerConfig
 from llmcore.nn import LayerNorm, RMSNorm
-from llmcore.nn.attention import apply_rotary
 from llmcore.ops.attention import flash_attn_func, flash_attn_varlen_func
+from llmcore.ops.rope import rope
 
 
 @dataclass
@@ -117,7 +117,7 @@ class Attention(nn.Module):
         # rows: [q (Hq*D) | k (Hkv*D) | v (Hkv*D)], heads outer, head dim inner
         self.qkv = nn.Linear(cfg.dim, (self.hq + 2 * self.hkv) * self.d, bias=cfg.attn_bias)
         self.out = nn.Linear(self.hq * self.d, cfg.dim, bias=cfg.attn_bias)
-        self.backend = cfg.backend
+        self.backend = self.rope_backend = cfg.backend
 
     def forward(self, x: torch.Tensor, layout: _Layout) -> torch.Tensor:
         # x (B, N, E) or packed (T, E)
@@ -125,8 +125,8 @@ class Attention(nn.Module):
         q = q.unflatten(-1, (self.hq, self.d))                        # (..., Hq, D)
         k = k.unflatten(-1, (self.hkv, self.d))                       # (..., Hkv, D)
         v = v.unflatten(-1, (self.hkv, self.d))
-        if layout.rope is not None:
-            q, k = apply_rotary(q, *layout.rope), apply_rotary(k, *layout.rope)
+        if layout.rope is not None:                                   # q and k in one op
+            q, k = rope(q, k, *layout.rope, backend=self.rope_backend)
         p = self.dropout if self.training else 0.0
         if layout.cu_seqlens is not None:
             o = flash_attn_varlen_func(q, k, v, layout.cu_seqlens, layout.cu_seqlens,
@@ -250,6 +250,7 @@ class Transformer(nn.Module):
                 m.backend = pick("norm")
             elif isinstance(m, Attention):
                 m.backend = pick("attention")
+                m.rope_backend = pick("rope")
             elif isinstance(m, heads.Head):
                 m.backend = pick("cross_entropy")
 

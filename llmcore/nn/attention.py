@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from llmcore.ops.attention import attention
+from llmcore.ops.rope import rope
 
 
 class KVCache:
@@ -20,19 +21,6 @@ class KVCache:
             key, value = torch.cat([self.key, key], dim=2), torch.cat([self.value, value], dim=2)
         self.key, self.value = key, value
         return key, value
-
-
-def apply_rotary(x, cos, sin):
-    """Half-split rotary embedding (the Llama / HF convention), in x's dtype:
-    x * cos + rotate_half(x) * sin, rotate_half(x1, x2) = (-x2, x1). cos, sin broadcast against
-    x (..., D)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
-
-
-def _rotate(x, cos, sin):
-    # x (B, N, H, D); cos, sin (N, D) or (B, N, D): broadcast over the heads
-    return apply_rotary(x, cos.unsqueeze(-2), sin.unsqueeze(-2))
 
 
 class SelfAttention(torch.nn.Module):
@@ -73,8 +61,9 @@ class SelfAttention(torch.nn.Module):
         hq, hkv = self.num_heads, self.num_kv_heads
         qkv = self.qkv(x).view(B, N, hq + 2 * hkv, self.head_dim)
         q, k, v = qkv.split([hq, hkv, hkv], dim=2)                  # (B, N, H, D)
-        if rotary is not None:
-            q, k = _rotate(q, *rotary), _rotate(k, *rotary)
+        if rotary is not None:       # one op for q and k; flash_attn has no rope kernel
+            q, k = rope(q, k, *rotary,
+                        backend="auto" if self.backend == "flash_attn" else self.backend)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))            # (B, H, N, D)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
