@@ -174,3 +174,21 @@ def test_attention_features_providers_compute_the_same_attention(feature):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=f"{p} vs eager")
     assert bench.work(shape, torch.float32, "fwd") == \
         4 * shape["B"] * shape["H"] * shape["D"] * int(af.allowed(shape, "cpu").sum())
+
+
+def test_rope_bench_providers_compute_the_same_rotation():
+    """The rope benchmark's providers all rotate q and k alike, and its byte count is the
+    q/k traffic of the op."""
+    from llmcore import backends
+    from llmcore.benchmarks import rope as rb
+
+    bench = rb.BENCHES["rope"]
+    for shape in bench.shapes("tiny", "cpu"):
+        inp = bench.inputs(shape, torch.float32, "cpu", 0)
+        want = bench.function("torch", shape)(**inp)
+        providers = ["llmcore_native"] if backends.native_module() is not None else []
+        for p in providers:
+            for got, w in zip(bench.function(p, shape)(**inp), want):
+                torch.testing.assert_close(got, w, msg=f"{p} vs eager")
+        elems = shape["B"] * shape["N"] * (shape["Hq"] + shape["Hkv"]) * shape["D"]
+        assert bench.work(shape, torch.float32, "fwd+bwd") == 4 * elems * 4

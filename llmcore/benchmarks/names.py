@@ -7,6 +7,7 @@ OP_MODULES = {
     "cross_entropy": "cross_entropy", "linear_cross_entropy": "cross_entropy",
     "attention": "attention", "attention_varlen": "attention",
     "attention_features": "attention_features",
+    "rope": "rope",
     "train_step": "train_step",
     "overhead": "overhead",
 }
