@@ -16,8 +16,14 @@
 #   ops      llmcore bench: overhead (30 s), then fwd+bwd of linear_cross_entropy,
 #            cross_entropy, rms_norm, layer_norm, rope against eager and liger when installed
 #                                                                GPU_CHECK_OPS_MINUTES (1.75)
-#   profile  torch.profiler tables of the gpt2-small train step (llmcore_auto and hf)  ~1 min
-#   steps    llmcore bench: train_step, attention                GPU_CHECK_STEPS_MINUTES (2)
+#   profile  torch.profiler tables of the train step: gpt2-small (llmcore_auto and hf), the
+#            llama case (llmcore_auto)                                        ~1.5 min
+#   steps    llmcore bench, three runs: train_step (gpt2, llama, bert, bert_padded; torch,
+#            llmcore_auto, hf, llmcore_triton)               GPU_CHECK_STEPS_MINUTES (1);
+#            the compiled providers on gpt2-small (llmcore_compile, hf_compile, torch_compile:
+#            about a minute of compiling each, so the last case started may run past the
+#            budget by that much)                            GPU_CHECK_COMPILE_MINUTES (0.75);
+#            attention (torch, sdpa, llmcore_triton)        GPU_CHECK_ATTENTION_MINUTES (0.25)
 #   features llmcore bench: attention_features (window, softcap, ALiBi, documents, bool mask vs
 #            FlexAttention and SDPA), attention_varlen           GPU_CHECK_FEATURES_MINUTES (1)
 # Liger-Kernel is pure Python: put its wheel in .whl/ (see benchmarks/README.md) and carry .whl;
@@ -27,7 +33,7 @@
 # what the CPU can (the build, pytest -m gpu, which then skips everything, the suites with the
 # tiny sizes on the CPU, a CPU profile) to check the script itself.
 # Writes: gpu_check.log (the summary), build.log, pytest_gpu.log, info.txt, overhead/, ops/,
-# steps/, features/
+# steps/, compile/, attention/, features/
 # (results.json, results.md, bench.log each), profile_*.txt. Exit status: 0 when every stage
 # passed, 1 when one failed, 2 when there is no CUDA device (and no dry run).
 set -uo pipefail
@@ -126,18 +132,26 @@ for stage in $stages; do
         ;;
     profile)
         size=quick; [ "$cuda" = 1 ] || size=tiny
-        for provider in llmcore_auto hf; do
+        for case in gpt2:llmcore_auto gpt2:hf llama:llmcore_auto; do
+            flavour=${case%%:*} provider=${case#*:}
             t0=$SECONDS
             timeout 120 "$py" benchmarks/profile_train_step.py --size-set "$size" \
-                --provider "$provider" --out "$out" >>"$out/profile.log" 2>&1
+                --flavour "$flavour" --provider "$provider" --out "$out" \
+                >>"$out/profile.log" 2>&1
             status=$?
-            say "profile $provider: exit $status in $((SECONDS - t0)) s: $(grep -h 'time per step' "$out"/profile_gpt2_"$provider".txt 2>/dev/null | tr '\n' ';')"
+            say "profile $flavour $provider: exit $status in $((SECONDS - t0)) s: $(grep -h 'time per step' "$out"/profile_"$flavour"_"$provider".txt 2>/dev/null | tr '\n' ';')"
             [ "$status" = 0 ] || failed=1
         done
         ;;
     steps)
-        bench steps "${GPU_CHECK_STEPS_MINUTES:-2}" train_step,attention \
-            torch,torch_compile,llmcore_auto,hf,sdpa,llmcore_triton,llmcore_triton_nondet
+        # every case eagerly first (a case is a few seconds), then the compiled providers on
+        # the case the targets are set for (a compile is ~1 min), then attention
+        bench steps "${GPU_CHECK_STEPS_MINUTES:-1}" train_step \
+            torch,llmcore_auto,hf,llmcore_triton
+        bench compile "${GPU_CHECK_COMPILE_MINUTES:-0.75}" train_step \
+            llmcore_compile,hf_compile,torch_compile --variants gpt2
+        bench attention "${GPU_CHECK_ATTENTION_MINUTES:-0.25}" attention \
+            torch,sdpa,llmcore_triton,llmcore_triton_nondet
         ;;
     features)
         bench features "${GPU_CHECK_FEATURES_MINUTES:-1}" attention_features,attention_varlen \

@@ -4,7 +4,8 @@ test; the GPU check runs it).
     python benchmarks/profile_train_step.py [--device cuda] [--flavour gpt2] [--provider
         llmcore_auto] [--size-set quick] [--steps 5] [--out DIR]
 
-Builds the train-step benchmark's model (gpt2-small B8 T1024 on CUDA with --size-set quick),
+Builds the train-step benchmark's case (gpt2-small B8 T1024 on CUDA with --size-set quick;
+--flavour llama: 12 x 768, GQA 12:4, B4 T2048; bert, bert_padded: bert-base B16 T512),
 warms up, then profiles --steps steps (forward, backward, AdamW) and writes
 profile_<flavour>_<provider>.txt: the host (wall) time per step, the device time per step, and
 the ops and kernels ranked by device time (CUDA) or CPU time (CPU), with call counts.
@@ -18,13 +19,13 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from llmcore.benchmarks.train_step import TrainStepBench
+from llmcore.benchmarks.train_step import VARIANTS, TrainStepBench
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--flavour", default="gpt2", choices=("gpt2", "bert"))
+    ap.add_argument("--flavour", default="gpt2", choices=VARIANTS)
     ap.add_argument("--provider", default="llmcore_auto")
     ap.add_argument("--size-set", default="quick", choices=("tiny", "quick", "full"))
     ap.add_argument("--steps", type=int, default=5)

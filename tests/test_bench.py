@@ -192,3 +192,146 @@ def test_rope_bench_providers_compute_the_same_rotation():
                 torch.testing.assert_close(got, w, msg=f"{p} vs eager")
         elems = shape["B"] * shape["N"] * (shape["Hq"] + shape["Hkv"]) * shape["D"]
         assert bench.work(shape, torch.float32, "fwd+bwd") == 4 * elems * 4
+
+
+# ---------------------------------------------------------------------------- the train step
+
+def _train_step():
+    from llmcore.benchmarks import train_step
+
+    return train_step, train_step.BENCHES["train_step"]
+
+
+def test_train_step_cases():
+    ts, bench = _train_step()
+    for size_set in ("tiny", "quick", "full"):
+        for device in ("cpu", "cuda"):
+            assert [s["variant"] for s in bench.shapes(size_set, device)] == list(ts.VARIANTS)
+    cuda = {s["variant"]: s for s in bench.shapes("quick", "cuda")}
+    assert (cuda["gpt2"]["B"], cuda["gpt2"]["T"], cuda["gpt2"]["dim"]) == (8, 1024, 768)
+    assert (cuda["bert"]["B"], cuda["bert"]["T"]) == (16, 512) == \
+        (cuda["bert_padded"]["B"], cuda["bert_padded"]["T"])
+    llama = ts._config(cuda["llama"], "torch")
+    assert (llama.n_layers, llama.dim, llama.n_heads, llama.n_kv_heads, cuda["llama"]["T"]) == \
+        (12, 768, 12, 4, 2048)
+    assert (llama.norm, llama.position, llama.mlp) == ("rms", "rotary", "swiglu")
+    quick = ts._config(next(s for s in bench.shapes("quick", "cpu") if s["variant"] == "llama"),
+                       "torch")
+    assert quick.n_kv_heads < quick.n_heads and quick.mlp == "swiglu"
+
+
+def test_train_step_padded_bert_batch():
+    """About 20% padding (row lengths uniform in [0.6 T, T]); padding is id 0, label -100 and
+    mask 0, after the real tokens; 15% of the real tokens are MLM targets."""
+    ts, _ = _train_step()
+    b = ts.batch({"flavour": "bert_padded", "B": 64, "T": 100, "vocab": 1000}, seed=0)
+    mask = b["attention_mask"].bool()
+    lengths = mask.sum(1)
+    assert lengths.min() >= 60 and lengths.max() <= 100 and len(set(lengths.tolist())) > 10
+    assert torch.equal(mask, torch.arange(100) < lengths[:, None])
+    assert 0.17 < 1 - mask.float().mean() < 0.23
+    assert (b["input_ids"][~mask] == 0).all() and (b["input_ids"][mask] > 0).all()
+    assert (b["labels"][~mask] == -100).all()
+    targets = b["labels"] != -100
+    assert 0.13 < targets.sum() / mask.sum() < 0.17
+    assert torch.equal(b["labels"][targets], b["input_ids"][targets])
+    unpadded = ts.batch({"flavour": "bert", "B": 4, "T": 16, "vocab": 1000}, seed=0)
+    assert "attention_mask" not in unpadded
+
+
+def test_train_step_providers_run_on_the_cpu(tmp_path):
+    """Every eager provider that runs here runs every case; the padded case also reports its
+    real tokens/s; MFU is for CUDA only."""
+    _, bench = _train_step()
+    providers = [p for p in ("torch", "llmcore_auto", "llmcore_native", "hf")
+                 if bench.probe(p, "cpu") is None]
+    assert {"torch", "llmcore_auto"} <= set(providers)
+    result = harness.run(BenchConfig(size_set="tiny", ops=["train_step"], providers=providers,
+                                     out=str(tmp_path), memory=False, plots=False))
+    assert result["errors"] == []
+    recs = result["records"]
+    assert sorted((r["provider"], r["variant"]) for r in recs) == \
+        sorted((p, v) for p in providers for v in ("gpt2", "bert", "bert_padded", "llama"))
+    for r in recs:
+        assert r["throughput"] > 0 and r["throughput"] < float("inf")
+        assert r["mfu"] is None and r["flops_per_token"] > 0
+        if r["variant"] == "bert_padded":
+            assert 0 < r["padding"] < 0.5
+            assert r["real_tokens_per_s"] == pytest.approx(r["throughput"] * (1 - r["padding"]))
+        else:
+            assert "real_tokens_per_s" not in r
+    assert "real tokens/s" in (tmp_path / "results.md").read_text()
+
+
+def test_train_step_gives_the_llmcore_model_its_counts(monkeypatch):
+    """num_tokens / num_targets reach the forward when it takes them (and only then)."""
+    from llmcore.models import Transformer
+
+    ts, bench = _train_step()
+    original = Transformer.forward
+    seen = []
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, *,
+                num_tokens=None, num_targets=None, **kw):
+        seen.append((num_tokens, num_targets, attention_mask, labels))
+        return original(self, input_ids, attention_mask, token_type_ids, labels, **kw)
+
+    monkeypatch.setattr(Transformer, "forward", forward)
+    for variant in ("bert_padded", "gpt2"):
+        shape = next(s for s in bench.shapes("tiny", "cpu") if s["variant"] == variant)
+        runner = bench.runner("llmcore_auto", shape, torch.float32, "cpu", "step", 1)
+        runner.pre()
+        runner.call()
+    (tokens, targets, mask, labels), (gpt_tokens, gpt_targets, gpt_mask, _) = seen
+    assert tokens == int(mask.sum()) < mask.numel()
+    assert targets == int((labels != -100).sum()) > 0
+    assert (gpt_tokens, gpt_targets, gpt_mask) == (None, None, None)
+    assert ts.counts(torch.nn.Linear(2, 2), ts.batch(shape, 0)) == {}   # takes no counts
+
+
+def test_llmcore_compile_provider_uses_compile_model(monkeypatch):
+    import llmcore.models
+    from llmcore.models import compile as compile_module
+
+    _, bench = _train_step()
+    calls = []
+
+    def spy(model, **kw):
+        calls.append(compile_module.compile_model(model, backend="aot_eager", **kw))
+        return calls[-1]
+
+    monkeypatch.setattr(llmcore.models, "compile_model", spy)
+    shape = next(s for s in bench.shapes("tiny", "cpu") if s["variant"] == "gpt2")
+    runner = bench.runner("llmcore_compile", shape, torch.float32, "cpu", "step", 1)
+    runner.pre()
+    runner.call()
+    assert len(calls) == 1 and calls[0].fullgraph       # a gpt2 train step is one graph
+    torch._dynamo.reset()
+
+
+def test_variants_select_cases(tmp_path):
+    with pytest.raises(BenchError, match="no case of the selected ops has variant nope"):
+        harness.plan(BenchConfig(ops=["train_step"], variants=["nope"]))
+    result = harness.run(BenchConfig(size_set="tiny", ops=["train_step"], providers=["torch"],
+                                     variants=["llama"], out=str(tmp_path), memory=False,
+                                     plots=False))
+    assert [r["variant"] for r in result["records"]] == ["llama"]
+
+
+@pytest.mark.slow
+def test_train_step_compile_providers_run_on_the_cpu(tmp_path):
+    """hf_compile and llmcore_compile with inductor (C++ for the CPU: ~10-20 s per case here)."""
+    _, bench = _train_step()
+    providers = ["llmcore_compile", "hf_compile"]
+    for p in providers:
+        assert bench.probe(p, "cpu") is None, bench.probe(p, "cpu")
+    with pytest.warns(UserWarning, match="compile_model: Transformer is not one graph"):
+        result = harness.run(BenchConfig(size_set="tiny", ops=["train_step"],
+                                         providers=providers, out=str(tmp_path), memory=False,
+                                         plots=False))
+    assert result["errors"] == []
+    assert sorted((r["provider"], r["variant"]) for r in result["records"]) == \
+        sorted((p, v) for p in providers for v in ("gpt2", "bert", "bert_padded", "llama"))
+    for r in result["records"]:
+        assert 0 < r["throughput"] < float("inf")
+    torch._dynamo.reset()

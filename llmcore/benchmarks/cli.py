@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated float32,bfloat16,float16 (default: float32 on cpu, "
                         "bfloat16 on cuda)")
     p.add_argument("--modes", type=_csv, default=None, help=f"comma-separated: {','.join(MODES)}")
+    p.add_argument("--variants", type=_csv, default=None,
+                   help="comma-separated case variants to run (default all), e.g. gpt2,llama "
+                        "for train_step")
     p.add_argument("--out", default="bench-out", help="output directory (default bench-out)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--max-minutes", type=float, default=None,
@@ -46,8 +49,8 @@ def run_from_args(args) -> int:
                         format="%(relativeCreated)8.0f ms  %(message)s", stream=sys.stderr)
     cfg = BenchConfig(device=args.device, size_set=args.size_set or ("quick" if args.quick else "full"),
                       ops=args.ops, providers=args.providers, dtypes=args.dtypes,
-                      modes=args.modes, out=args.out, memory=not args.no_memory,
-                      plots=not args.no_plots, threads=args.threads,
+                      modes=args.modes, variants=args.variants, out=args.out,
+                      memory=not args.no_memory, plots=not args.no_plots, threads=args.threads,
                       max_minutes=args.max_minutes)
     try:
         result = run(cfg)

@@ -373,6 +373,7 @@ class BenchConfig:
     providers: Sequence[str] | None = None    # None: every available one; named: must run
     dtypes: Sequence[str] | None = None       # None: each op's default for the device
     modes: Sequence[str] | None = None        # None: each op's modes
+    variants: Sequence[str] | None = None     # None: every case; else only these variants
     out: str = "bench-out"
     memory: bool = True
     plots: bool = True
@@ -429,6 +430,11 @@ def plan(cfg: BenchConfig) -> tuple[list[tuple[OpBench, str]], list[dict]]:
                             f"({', '.join(b.name for b in benches)})")
     if failures:
         raise BenchError("providers asked for by name cannot run:\n  " + "\n  ".join(failures))
+    known = {s["variant"] for b in benches for s in b.shapes(cfg.size_set, cfg.device)}
+    unknown = sorted(set(cfg.variants or ()) - known)
+    if unknown:
+        raise BenchError(f"no case of the selected ops has variant {', '.join(unknown)}; "
+                         f"choose from {', '.join(sorted(known))}")
     return todo, skipped
 
 
@@ -513,6 +519,8 @@ def run(cfg: BenchConfig) -> dict:
         dtypes = list(cfg.dtypes or bench.default_dtypes(cfg.device))
         modes = [m for m in bench.modes if not cfg.modes or m in cfg.modes]
         for shape in bench.shapes(cfg.size_set, cfg.device):
+            if cfg.variants and shape["variant"] not in cfg.variants:
+                continue
             for dtype_name in dtypes:
                 dtype = DTYPES[dtype_name]
                 for mode in modes:

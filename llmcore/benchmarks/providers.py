@@ -11,7 +11,10 @@ A provider is a name for one implementation of an op:
                   (train step only: the model as a user gets it)
   flash_attn      the flash-attn package (attention only)
   liger           Liger-Kernel (norms and cross-entropy)
+  llmcore_compile the llmcore model (backend "auto") under llmcore.models.compile_model
+                  (train step only)
   hf              the Hugging Face transformers model (train step only)
+  hf_compile      that model under torch.compile (train step only)
   flex_attention  torch.nn.attention.flex_attention under torch.compile, with the score_mod /
                   block mask of each case (attention features only; forward only on the CPU)
 
@@ -32,9 +35,10 @@ import torch
 from llmcore.benchmarks.names import PROVIDERS
 
 # llmcore provider -> the backend name it passes to llmcore
-# ("llmcore_triton_nondet": attention's deterministic=False backward, the atomic-dq one)
+# ("llmcore_triton_nondet": attention's deterministic=False backward, the atomic-dq one;
+# "llmcore_compile": the model under llmcore.models.compile_model)
 LLMCORE_BACKEND = {"llmcore_triton": "triton", "llmcore_native": "native", "llmcore_auto": "auto",
-                   "llmcore_triton_nondet": "triton"}
+                   "llmcore_triton_nondet": "triton", "llmcore_compile": "auto"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -85,6 +89,8 @@ def probe(provider: str, families: tuple[str, ...], device: str) -> str | None:
         return None
     if provider == "torch_compile":
         return _compile_reason(device)
+    if provider == "llmcore_compile":
+        return _llmcore_reason(provider, families, device) or _compile_reason(device)
     if provider in LLMCORE_BACKEND:
         return _llmcore_reason(provider, families, device)
     if provider == "flash_attn":
@@ -97,6 +103,8 @@ def probe(provider: str, families: tuple[str, ...], device: str) -> str | None:
         return _import_error("liger_kernel", "liger-kernel")
     if provider == "hf":
         return _import_error("transformers", "transformers")
+    if provider == "hf_compile":
+        return _import_error("transformers", "transformers") or _compile_reason(device)
     if provider == "flex_attention":
         err = _import_error("torch.nn.attention.flex_attention", f"torch>=2.5 (has {torch.__version__})")
         return err or _compile_reason(device)

@@ -121,6 +121,7 @@ def markdown(result: dict) -> str:
         bench = load_op(op)
         unit = recs[0]["throughput_unit"]
         extra_mfu = any(r.get("mfu") is not None for r in recs)
+        extra_real = any(r.get("real_tokens_per_s") is not None for r in recs)
         extra_backends = any(r.get("backends") for r in recs)
         has_cpu = any(r.get("cpu_ms") is not None for r in recs)
         lines += [f"## {op}", ""]
@@ -130,7 +131,7 @@ def markdown(result: dict) -> str:
         for (dtype, mode), rows in tables.items():
             base_cols = [b for b in bench.baselines if any(r["provider"] == b for r in rows)]
             cols = ["variant", "shape", "provider", "ms (p20-p80)"] + (["CPU ms"] if has_cpu else [])
-            cols += [unit, "peak MB"]
+            cols += [unit] + (["real tokens/s"] if extra_real else []) + ["peak MB"]
             cols += (["MFU"] if extra_mfu else []) + (["llmcore backends"] if extra_backends else [])
             cols += [f"vs {b}" for b in base_cols]
             cols += [f"mem vs {b}" for b in base_cols]
@@ -141,7 +142,9 @@ def markdown(result: dict) -> str:
                 cells = [r["variant"], _shape_text(r["shape"]), r["provider"],
                          f"{r['ms']:.3f} ({r['ms_p20']:.3f}-{r['ms_p80']:.3f})"]
                 cells += [_num(r.get("cpu_ms"), ".3f")] if has_cpu else []
-                cells += [_num(r["throughput"], ".3g"), _num(r["peak_mb"], ".1f")]
+                cells.append(_num(r["throughput"], ".3g"))
+                cells += [_num(r.get("real_tokens_per_s"), ".3g")] if extra_real else []
+                cells.append(_num(r["peak_mb"], ".1f"))
                 if extra_mfu:
                     cells.append(_num(r.get("mfu"), ".1%"))
                 if extra_backends:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from llmcore.data.collate import IGNORE_INDEX
+from llmcore.models.compile import compile_model
 from llmcore.train import checkpoint as ckpt
 from llmcore.train import distributed as dist
 from llmcore.train.data import EpochSampler, count_hints, valid_count
@@ -139,7 +140,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
         self.scaler = (torch.amp.GradScaler("cuda") if self.precision == "fp16" else None)
         self.sampler = EpochSampler(len(train_data), config.seed)
-        engine = torch.compile(self.model) if config.compile else self.model
+        engine = compile_model(self.model) if config.compile else self.model
         self.engine = engine if self.fsdp else dist.wrap_ddp(engine, self.info)
         # counters (all saved in checkpoints)
         self.step = 0
