@@ -3,11 +3,11 @@
 llmcore's kernels are torch.library ops with fake (meta) impls and registered autograd, so the
 compiler treats each one as an opaque node and traces the model around it: the training
 forward and backward of a gpt2- or llama-style Transformer become one graph each (fullgraph).
-Some inputs still make Python branch on a size that depends on the data, which breaks the
-graph: with torch 2.13 the MLM head's targets do (the linear cross-entropy picks its schedule
-from their number, found by `nonzero`), while a padding mask compiles as one graph (`nonzero`
-is captured with an unbacked size). For such inputs "auto" falls back to a compile with graph
-breaks, once, and says so with a warning.
+Some inputs make Python branch on a size that depends on the data, which breaks the graph:
+MLM labels given without `num_targets` do (the linear cross-entropy picks its schedule from the
+number of targets, found by `nonzero`); with the host-side counts (`num_tokens`, `num_targets`,
+which the trainer and the benchmark pass) every flavour and padded batch is one graph. For such
+inputs "auto" falls back to a compile with graph breaks, once, and says so with a warning.
 
 Mode: inductor's default on every device. "reduce-overhead" records CUDA graphs, which need
 static input addresses and a fixed memory pool and replay only the forward and backward (the
@@ -55,7 +55,7 @@ def compile_model(model: nn.Module, *, fullgraph: bool | None = None, mode: str 
     """`model` under torch.compile, as `llmcore pretrain --compile` and the benchmarks use it.
 
     fullgraph: None ("auto") compiles one graph per call and falls back to graph breaks, with
-    a warning, at the first call that cannot be one graph (today: MLM labels); True fails on a
+    a warning, at the first call that cannot be one graph (MLM labels without num_targets); True fails on a
     graph break instead; False allows graph breaks from the start. mode: torch.compile's (default: inductor's default; see the module docstring).
     Other keyword arguments (backend, dynamic, options) go to torch.compile.
     The result is called like `model`; its parameters are `model`'s, under the prefix "module."

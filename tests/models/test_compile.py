@@ -71,6 +71,25 @@ def test_mlm_targets_fall_back_to_graph_breaks_with_a_warning():
     assert not _fallbacks(caught)                     # warned once, not per call
 
 
+def test_mlm_targets_with_their_count_are_one_graph():
+    # given num_targets (the trainer and the benchmark pass it) the MLM gather and the loss
+    # schedule have host-known sizes: no fallback, padded or not
+    model = Transformer(tiny_bert(vocab_size=V, n_layers=1)).train()
+    ids = torch.randint(1, V, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    labels = torch.where(mask.bool(), ids, -100)
+    labels[:, ::2] = -100
+    counts = {"num_tokens": int(mask.sum()), "num_targets": int((labels != -100).sum())}
+    compiled = compile_model(model, backend="aot_eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _same_as_eager(compiled, model, input_ids=ids, attention_mask=mask, labels=labels,
+                       **counts)
+    assert not _fallbacks(caught)
+    assert compiled.fullgraph
+
+
 def test_explicit_fullgraph_fails_on_a_graph_break_and_false_allows_them():
     model = Transformer(tiny_bert(vocab_size=V, n_layers=1)).train()
     ids = torch.randint(1, V, (2, 9))
