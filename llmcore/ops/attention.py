@@ -552,12 +552,17 @@ def _native_attention_bwd_fake(grad_out, q, k, v, out, lse, attn_mask, alibi_slo
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
 
+_native_attention = None  # llmcore._native.attention: llmcore::attention's eager entry point
+
+
 def _register_native_attention() -> bool:
+    global _native_attention
     # loading the extension registers the C++ ops; an older build may predate attention
     if backends.native_module() is None or not hasattr(torch.ops.llmcore, "attention"):
         return False
     torch.library.register_fake("llmcore::attention_fwd")(_native_attention_fwd_fake)
     torch.library.register_fake("llmcore::attention_bwd")(_native_attention_bwd_fake)
+    _native_attention = backends.native_module().attention
     return True
 
 
@@ -571,7 +576,9 @@ def _native_core(q, k, v, *, scale, window, bottom_right, softcap, attn_mask, al
             f"yet), got {q.device}; use backend='triton' or 'torch'")
     seed = (torch.randint(0, 2**62, (1,), device=q.device, dtype=torch.int64)
             if dropout_p > 0 else None)
-    out, lse = torch.ops.llmcore.attention.default(
+    # the same op either way; dynamo traces torch.ops, eager calls skip its boxed argument path
+    op = torch.ops.llmcore.attention.default if torch.compiler.is_compiling() else _native_attention
+    out, lse = op(
         q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed,
         [float(scale), float(softcap), float(dropout_p)],
         _packed_ints(window, bottom_right, max_seqlen_q, max_seqlen_k))

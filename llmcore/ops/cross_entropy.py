@@ -843,20 +843,26 @@ def _native_ce_rows_fake(logits, target, weight, ignore_index, label_smoothing, 
     return logits.new_empty((logits.shape[0],), dtype=_acc_dtype(logits))
 
 
-_native_ce_op = None     # torch.ops.llmcore.cross_entropy.default, once the library is loaded
-_native_check_targets = None     # torch.ops.llmcore.cross_entropy_check_targets.default
+# Once the library is loaded: llmcore::cross_entropy as torch.ops (what dynamo traces) and as
+# its eager entry point in llmcore._native (the same op, without torch.ops' boxed argument
+# path); llmcore::cross_entropy_check_targets's eager entry point (called outside compile only).
+_native_ce_op = None
+_native_ce_eager = None
+_native_check_targets = None
 
 
 def _register_native() -> bool:
-    global _native_ce_op, _native_check_targets
-    if backends.native_module() is None:  # loading it registers the C++ ops
+    global _native_ce_op, _native_ce_eager, _native_check_targets
+    native = backends.native_module()
+    if native is None:  # loading it registers the C++ ops
         return False
     torch.library.register_fake("llmcore::cross_entropy")(_native_ce_fake)
     torch.library.register_fake("llmcore::cross_entropy_fwd")(_native_ce_fwd_fake)
     torch.library.register_fake("llmcore::cross_entropy_bwd")(_native_ce_bwd_fake)
     torch.library.register_fake("llmcore::cross_entropy_rows_")(_native_ce_rows_fake)
     _native_ce_op = torch.ops.llmcore.cross_entropy.default
-    _native_check_targets = torch.ops.llmcore.cross_entropy_check_targets.default
+    _native_ce_eager = native.cross_entropy
+    _native_check_targets = native.cross_entropy_check_targets
     return True
 
 
@@ -867,8 +873,9 @@ def _native_cross_entropy(input, target, weight, ignore_index, reduction, label_
                          "not differentiate the class weights (pass weight.detach(), or use "
                          "backend='torch')")
     logits, t = _as_rows(input, target)
-    out = _native_ce_op(logits, t, weight, ignore_index, _REDUCTION_CODE[reduction],
-                        label_smoothing, z_loss, softcap or 0.0)
+    op = _native_ce_op if torch.compiler.is_compiling() else _native_ce_eager
+    out = op(logits, t, weight, ignore_index, _REDUCTION_CODE[reduction], label_smoothing, z_loss,
+             softcap or 0.0)
     return out.reshape(target.shape) if reduction == "none" and target.dim() != 1 else out
 
 
