@@ -58,11 +58,12 @@ def _check_target(target, expected_shape, n_classes, ignore_index, input,
     _checks.same_device("target", target, input)
     if not check_range:
         return
+    cpu_eager = target.is_cpu and not torch.compiler.is_compiling()
+    if cpu_eager and _native_check_targets is not None:  # one C++ pass, raises the ValueError below
+        _native_check_targets(target, n_classes, ignore_index)
+        return
     message = f"target values must be in [0, {n_classes}) or equal ignore_index={ignore_index}"
-    if target.device.type == "cpu" and not torch.compiler.is_compiling():
-        if _native_check_targets is not None:       # one C++ pass, raises this same ValueError
-            _native_check_targets(target, n_classes, ignore_index)
-            return
+    if cpu_eager:
         # through numpy (a view, no copy): a few us against ~9 us for 6 torch ops
         t = target.numpy()
         bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
@@ -93,7 +94,9 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
         if weight.dtype != input.dtype and weight.dtype != torch.float32:
             raise TypeError(f"weight must have input's dtype {input.dtype} or be float32, got "
                             f"{weight.dtype}")
-    expected = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
+    # (N,) for (N, C) logits without slicing a torch.Size (which costs a microsecond)
+    expected = ((input.shape[0],) if input.dim() == 2 else
+                input.shape[:1] + input.shape[2:] if input.dim() > 1 else ())
     _check_target(target, expected, n_classes, ignore_index, input, check_range)
 
 
@@ -168,13 +171,15 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     name = backends.resolve("cross_entropy", backend, input.device)
     # every CPU call is checked here; on CUDA the native kernel asserts the target range itself,
     # and the eager Triton route checks what its kernel reports (_assert_targets)
-    check_range = input.device.type == "cpu" or not (
+    check_range = input.is_cpu or not (
         name == "native" or (name == "triton" and not torch.compiler.is_compiling()))
     _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
                          z_loss, softcap, check_range)
-    # backends receive int64 class indices (a no-op for the usual int64 target)
+    # backends receive int64 class indices (the usual int64 target as it is)
     extra = {"inplace_backward": True} if inplace_backward and name in _INPLACE_BACKWARD else {}
-    return _CROSS_ENTROPY[name](input, target.long(), weight, ignore_index, reduction,
+    if target.dtype is not torch.int64:
+        target = target.long()
+    return _CROSS_ENTROPY[name](input, target, weight, ignore_index, reduction,
                                 float(label_smoothing), float(z_loss),
                                 None if softcap is None else float(softcap), **extra)
 
