@@ -71,14 +71,15 @@ Keep prepare(CrossEntropyParams* p, const Tensor& logits_in, const Tensor& targe
     check_floating("weight", *weight_in);
     check_device("weight", *weight_in, logits_in, "logits");
     check_shape("weight", *weight_in, {classes});
-    keep.weight = weight_in->to(cdtype).contiguous();  // a float32 weight on half logits is fine
+    // a float32 weight on half logits is fine
+    keep.weight = to_dtype(*weight_in, cdtype).contiguous();
   }
   if (z_ratio_in.has_value() && z_ratio_in->defined()) {
     check_floating("z_ratio", *z_ratio_in);
     check_device("z_ratio", *z_ratio_in, logits_in, "logits");
     TORCH_CHECK_VALUE(z_ratio_in->numel() == 1, "z_ratio must hold one value, got shape ",
                       z_ratio_in->sizes());
-    keep.z_ratio = z_ratio_in->to(cdtype).contiguous();
+    keep.z_ratio = to_dtype(*z_ratio_in, cdtype).contiguous();
   }
   TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
                     "label_smoothing must be in [0, 1], got ", label_smoothing);
@@ -148,8 +149,9 @@ Tensor cross_entropy_bwd(const Tensor& dloss_in, const Tensor& logits_in, const 
   TORCH_CHECK_VALUE(dloss_in.dim() == 0 || dloss_in.sizes() == at::IntArrayRef{p.rows},
                     "dloss must be 0-dimensional or have shape [", p.rows, "], got ",
                     dloss_in.sizes());
-  const Tensor dloss = one ? dloss_in.to(cdtype) : dloss_in.to(cdtype).contiguous();
-  const Tensor lse = lse_in.to(cdtype).contiguous();
+  const Tensor dloss_c = to_dtype(dloss_in, cdtype);
+  const Tensor dloss = one ? dloss_c : dloss_c.contiguous();
+  const Tensor lse = to_dtype(lse_in, cdtype).contiguous();
   Tensor dlogits = at::empty_like(keep.logits);
   p.dloss = dloss.const_data_ptr();
   p.dloss_stride = one ? 0 : 1;
@@ -184,7 +186,7 @@ Tensor cross_entropy_rows_(Tensor& logits, const Tensor& target_in,
   TORCH_CHECK_VALUE(grad_scale.dim() == 0 || grad_scale.sizes() == at::IntArrayRef{p.rows},
                     "grad_scale must be 0-dimensional or have shape [", p.rows, "], got ",
                     grad_scale.sizes());
-  const Tensor dloss = grad_scale.to(cdtype).contiguous();
+  const Tensor dloss = to_dtype(grad_scale, cdtype).contiguous();
   const auto stat_opts = logits.options().dtype(cdtype);
   Tensor loss = at::empty({p.rows}, stat_opts);
   Tensor lse = at::empty({p.rows}, stat_opts);
@@ -233,12 +235,6 @@ Denominator mean_denominator(const Tensor& target, const Tensor& weight, int64_t
   return d;
 }
 
-// t in dtype, without dispatching aten::to when it already is (a no-op `to` returns its input,
-// which torch.library's schema check refuses from an op below autograd).
-Tensor cast(const Tensor& t, at::ScalarType dtype) {
-  return t.scalar_type() == dtype ? t : t.to(dtype);
-}
-
 struct CeForward {
   Tensor out;      // the op's result, in logits' dtype
   Tensor lse;      // (rows,) for the backward
@@ -263,7 +259,7 @@ CeForward ce_forward(const Tensor& logits, const Tensor& target, const optional<
     check_floating("weight", *weight);
     check_device("weight", *weight, logits, "logits");
     check_shape("weight", *weight, {logits.size(1)});
-    f.weight = cast(*weight, cdtype).contiguous();
+    f.weight = to_dtype(*weight, cdtype).contiguous();
   }
   if (reduction == kMean) {
     // the z-term is averaged over the valid rows, the rest over sum w[t]: with a class weight
@@ -279,9 +275,9 @@ CeForward ce_forward(const Tensor& logits, const Tensor& target, const optional<
   auto [loss, lse] = fwd.call(logits, target, f.weight, ignore_index, label_smoothing, z_loss,
                               softcap, f.z_ratio);
   f.lse = lse;
-  if (reduction == kNone) f.out = cast(loss, logits.scalar_type());
-  else if (reduction == kSum) f.out = cast(loss.sum(), logits.scalar_type());
-  else f.out = cast(loss.sum().div_(f.den), logits.scalar_type());
+  if (reduction == kNone) f.out = to_dtype(loss, logits.scalar_type());
+  else if (reduction == kSum) f.out = to_dtype(loss.sum(), logits.scalar_type());
+  else f.out = to_dtype(loss.sum().div_(f.den), logits.scalar_type());
   return f;
 }
 

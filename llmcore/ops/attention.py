@@ -176,12 +176,13 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     if query.dim() < 3:
         raise ValueError(f"query must be at least 3-dimensional (H, N, D), got shape "
                          f"{tuple(query.shape)}")
-    lead = tuple(query.shape[:-3])
-    for name, t in zip(names[1:], (key, value)):
-        if tuple(t.shape[:-3]) != lead:
-            raise ValueError(f"{name} must have query's batch dims {lead}, got shape "
-                             f"{tuple(t.shape)}")
-    (hq, nq, d), (hk, nk, dk), (hv, nv, _) = query.shape[-3:], key.shape[-3:], value.shape[-3:]
+    # shapes as tuples: slicing a torch.Size builds another one, several times the cost
+    qs, ks, vs = tuple(query.shape), tuple(key.shape), tuple(value.shape)
+    lead = qs[:-3]
+    for name, shape in zip(names[1:], (ks, vs)):
+        if shape[:-3] != lead:
+            raise ValueError(f"{name} must have query's batch dims {lead}, got shape {shape}")
+    (hq, nq, d), (hk, nk, dk), (hv, nv, _) = qs[-3:], ks[-3:], vs[-3:]
     if dk != d:
         raise ValueError(f"key's head dim (last dim) must equal query's {d}, got {dk}")
     _check_head_dim("query", d)
@@ -570,7 +571,7 @@ def _native_core(q, k, v, *, scale, window, bottom_right, softcap, attn_mask, al
                  dropout_p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                  deterministic, return_lse):
     """The core op on the C++ CPU kernels (always deterministic: `deterministic` is moot)."""
-    if q.device.type != "cpu":
+    if not q.is_cpu:
         raise backends.BackendUnavailableError(
             f"backend 'native' runs attention on CPU tensors only (no CUDA attention kernel "
             f"yet), got {q.device}; use backend='triton' or 'torch'")
