@@ -8,6 +8,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/where.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -219,11 +220,43 @@ struct Denominator {
   Tensor count;  // the count of valid rows, when asked for
 };
 
+// The number of valid rows, counted on the host, for an ordinary CPU target: not a fake or
+// functional tensor that torch.compile traces, no dispatch mode watching, and at most 2^24 rows,
+// so that it equals the floating-point sum of the valid mask exactly. nullopt otherwise.
+std::optional<int64_t> host_valid_count(const Tensor& target, int64_t ignore_index) {
+  constexpr c10::DispatchKeySet kTraced({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
+                                         c10::DispatchKey::FuncTorchBatched,
+                                         c10::DispatchKey::FuncTorchGradWrapper});
+  if (!target.is_cpu() || target.key_set().has_any(kTraced) ||
+      target.unsafeGetTensorImpl()->has_symbolic_sizes_strides() ||
+      c10::impl::TorchDispatchModeTLS::any_modes_set()) {
+    return std::nullopt;
+  }
+  const int64_t n = target.numel();
+  if (n > (int64_t(1) << 24)) return std::nullopt;
+  const int64_t* t = target.const_data_ptr<int64_t>();
+  const int64_t stride = n > 1 ? target.stride(0) : 1;
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) count += t[i * stride] != ignore_index;
+  return count;
+}
+
 // ATen ops only (they must trace under fake tensors and functionalization): 2 small ones
-// without a class weight. A target out of range is clamped here; the fwd op rejects it.
+// without a class weight, or one allocation when the count can be read on the host (the same
+// value: a float sum of at most 2^24 ones is exact). A target out of range is clamped here;
+// the fwd op rejects it.
 Denominator mean_denominator(const Tensor& target, const Tensor& weight, int64_t ignore_index,
                              at::ScalarType cdtype, bool want_count) {
   Denominator d;
+  if (!weight.defined()) {
+    if (const auto count = host_valid_count(target, ignore_index)) {
+      d.count = at::empty({}, target.options().dtype(cdtype));
+      if (cdtype == at::kDouble) *d.count.mutable_data_ptr<double>() = double(*count);
+      else *d.count.mutable_data_ptr<float>() = float(*count);
+      d.den = d.count;
+      return d;
+    }
+  }
   const Tensor valid = target.ne(ignore_index);
   if (!weight.defined() || want_count) d.count = valid.sum(cdtype);
   if (!weight.defined()) {
