@@ -11,13 +11,13 @@ import torch
 # kernel here takes them (and eager PyTorch has no norm or softmax for them): refused up front, so
 # every backend fails the same way instead of one computing garbage in float8.
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_FLOAT_DTYPE_SET = frozenset(FLOAT_DTYPES)  # a hashed lookup: 3x cheaper than the tuple's ==s
+FLOAT_DTYPE_SET = frozenset(FLOAT_DTYPES)  # a hashed lookup: 3x cheaper than the tuple's ==s
 _INTEGER_DTYPE_SET = frozenset((torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8))
 
 
 def floating(name: str, t: torch.Tensor) -> None:
     tensor(name, t)
-    if t.dtype not in _FLOAT_DTYPE_SET:
+    if t.dtype not in FLOAT_DTYPE_SET:
         raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or "
                         f"float64), got dtype {t.dtype}")
 
