@@ -114,17 +114,26 @@ def _auto(family: str, device_type: str) -> str:
     return "torch"
 
 
+_DEVICE_TYPES: dict[torch.device, str] = {}  # device -> device.type
+
+
 # Under torch.compile the choice is made once at trace time and baked into the graph (dynamo
 # cannot trace the import probes above, and a per-call choice would break fullgraph=True).
 @torch.compiler.assume_constant_result
 def resolve(family: str, backend: str, device: torch.device | str) -> str:
     """The concrete backend to run `family` with on `device`, following the rule above."""
-    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    if isinstance(device, torch.device):
+        # torch.device.type costs more than this whole function otherwise: looked up in a dict
+        device_type = _DEVICE_TYPES.get(device) or _DEVICE_TYPES.setdefault(device, device.type)
+    else:
+        device_type = torch.device(device).type
     if backend == "auto":
         backend = os.environ.get("LLMCORE_BACKEND", "auto") or "auto"
     # the answer depends on nothing else that changes while the process runs (TRITON_INTERPRET
-    # aside, which is part of the key): cached, so a call costs about a dict lookup
-    return _resolve(family, backend, device_type, _interpret())
+    # aside, which is part of the key): cached, so a call costs about a dict lookup.
+    # TRITON_INTERPRET matters only to the Triton backend asked for by name ("auto" never picks
+    # Triton for CPU tensors): read only then, as an environment read costs a microsecond
+    return _resolve(family, backend, device_type, backend == "triton" and _interpret())
 
 
 @functools.lru_cache(maxsize=None)

@@ -738,8 +738,7 @@ void fwd_impl(const AttentionParams& p) {
   // cache transposed key tiles when more than one q-tile reads each (not under a left window:
   // its key ranges start off the tile grid)
   const bool cache_kt = q_tiles(p) * (p.heads_q / p.heads_kv) > 1 && p.window_left < 0;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
+  cpu::run_team(nt, [&] {
     Work<C> w(p.head_dim, p.head_dim_v);
     if (cache_kt) {
       w.kt_cache.resize(size_t(k_tiles(p)) * p.head_dim * kBN);
@@ -747,7 +746,7 @@ void fwd_impl(const AttentionParams& p) {
     }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) fwd_task_any(p, t, cache_kt, w);
-  }
+  });
 }
 
 template <typename C>
@@ -761,8 +760,7 @@ void bwd_impl(const AttentionParams& p) {
   // The fused pass does 5/7 of the two passes' work but has only (sequence, kv head) tasks:
   // run it when they keep every thread busy (varlen tasks differ in size: ask for more).
   const bool fused = fused_tasks >= (p.cu_seqlens_q ? 4 : 2) * nt;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
+  cpu::run_team(nt, [&] {
     if (!fused) {  // the fused tasks compute the delta rows they read themselves
       int64_t r0, r1;
       cpu::chunk(rows, cpu::team_threads(), cpu::thread_id(), &r0, &r1);
@@ -779,7 +777,7 @@ void bwd_impl(const AttentionParams& p) {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t t = 0; t < q_tasks; ++t) bwd_q_any(p, t, delta.data(), w);
     }
-  }
+  });
 }
 
 }  // namespace

@@ -233,13 +233,11 @@ void norm_fwd_cpu(const NormFwdParams& p) {
   auto* fn = p.dtype == DType::kFloat32 ? fwd_rows_f32
              : p.dtype == DType::kFloat16 ? fwd_rows_f16
              : p.dtype == DType::kBFloat16 ? fwd_rows_bf16 : fwd_rows_f64;
-  const int nt = cpu::team_size(p.rows, p.cols, p.num_threads);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
+  cpu::run_team(cpu::team_size(p.rows, p.cols, p.num_threads), [&] {
     int64_t r0, r1;
     cpu::chunk(p.rows, cpu::team_threads(), cpu::thread_id(), &r0, &r1);
     fn(p, r0, r1);
-  }
+  });
 }
 
 void norm_bwd_cpu(const NormBwdParams& p) {
@@ -252,14 +250,13 @@ void norm_bwd_cpu(const NormBwdParams& p) {
   // per-thread fp64 partials of dweight and dbias: (nt, n) each, zero where unused
   std::vector<double> part_w(want_dw ? size_t(nt) * n : 0, 0.0);
   std::vector<double> part_b(want_db ? size_t(nt) * n : 0, 0.0);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
+  cpu::run_team(nt, [&] {
     const int tid = cpu::thread_id();
     int64_t r0, r1;
     cpu::chunk(p.rows, cpu::team_threads(), tid, &r0, &r1);
     fn(p, r0, r1, want_dw ? part_w.data() + size_t(tid) * n : nullptr,
        want_db ? part_b.data() + size_t(tid) * n : nullptr);
-  }
+  });
   // fixed-order reduction of the partials: thread 0, 1, ... (deterministic)
   auto reduce = [&](const std::vector<double>& part, void* out) {
     for (int64_t j = 0; j < n; ++j) {

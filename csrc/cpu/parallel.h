@@ -1,4 +1,4 @@
-// Small helpers shared by the CPU kernels: static row partitioning for OpenMP teams.
+// Small helpers shared by the CPU kernels: OpenMP teams and static row partitioning.
 #pragma once
 
 #include <algorithm>
@@ -55,6 +55,21 @@ inline int team_threads() {
 #else
   return 1;
 #endif
+}
+
+// Runs body() on each thread of a team of `nt` OpenMP threads, or once on this thread when nt is
+// 1. A parallel region is not free even with a false `if` clause: it starts a team of one and
+// ends on a barrier whose futex wake-up is a system call, microseconds per kernel call. Inside
+// body, thread_id() and team_threads() are 0 and 1 on the inline path; worksharing loops
+// (`omp for`) and barriers in it run as on a team of one.
+template <typename Body>
+inline void run_team(int nt, const Body& body) {
+  if (nt <= 1) {
+    body();
+    return;
+  }
+#pragma omp parallel num_threads(nt)
+  body();
 }
 
 }  // namespace cpu

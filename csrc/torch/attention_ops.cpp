@@ -226,7 +226,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
   const auto dt = q.scalar_type();
   Tensor dmask = mask_grad ? dscores.sum_to_size(attn_mask->sizes()).to(attn_mask->scalar_type())
                            : at::empty({0}, q.options());
-  return {dq.to(dt), dk.to(dt), dv.to(dt), dmask};
+  return {to_dtype(dq, dt), to_dtype(dk, dt), to_dtype(dv, dt), dmask};
 }
 
 // ---------------------------------------------------------------------------- llmcore::attention

@@ -8,6 +8,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/where.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -71,14 +72,15 @@ Keep prepare(CrossEntropyParams* p, const Tensor& logits_in, const Tensor& targe
     check_floating("weight", *weight_in);
     check_device("weight", *weight_in, logits_in, "logits");
     check_shape("weight", *weight_in, {classes});
-    keep.weight = weight_in->to(cdtype).contiguous();  // a float32 weight on half logits is fine
+    // a float32 weight on half logits is fine
+    keep.weight = to_dtype(*weight_in, cdtype).contiguous();
   }
   if (z_ratio_in.has_value() && z_ratio_in->defined()) {
     check_floating("z_ratio", *z_ratio_in);
     check_device("z_ratio", *z_ratio_in, logits_in, "logits");
     TORCH_CHECK_VALUE(z_ratio_in->numel() == 1, "z_ratio must hold one value, got shape ",
                       z_ratio_in->sizes());
-    keep.z_ratio = z_ratio_in->to(cdtype).contiguous();
+    keep.z_ratio = to_dtype(*z_ratio_in, cdtype).contiguous();
   }
   TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
                     "label_smoothing must be in [0, 1], got ", label_smoothing);
@@ -148,8 +150,9 @@ Tensor cross_entropy_bwd(const Tensor& dloss_in, const Tensor& logits_in, const 
   TORCH_CHECK_VALUE(dloss_in.dim() == 0 || dloss_in.sizes() == at::IntArrayRef{p.rows},
                     "dloss must be 0-dimensional or have shape [", p.rows, "], got ",
                     dloss_in.sizes());
-  const Tensor dloss = one ? dloss_in.to(cdtype) : dloss_in.to(cdtype).contiguous();
-  const Tensor lse = lse_in.to(cdtype).contiguous();
+  const Tensor dloss_c = to_dtype(dloss_in, cdtype);
+  const Tensor dloss = one ? dloss_c : dloss_c.contiguous();
+  const Tensor lse = to_dtype(lse_in, cdtype).contiguous();
   Tensor dlogits = at::empty_like(keep.logits);
   p.dloss = dloss.const_data_ptr();
   p.dloss_stride = one ? 0 : 1;
@@ -184,7 +187,7 @@ Tensor cross_entropy_rows_(Tensor& logits, const Tensor& target_in,
   TORCH_CHECK_VALUE(grad_scale.dim() == 0 || grad_scale.sizes() == at::IntArrayRef{p.rows},
                     "grad_scale must be 0-dimensional or have shape [", p.rows, "], got ",
                     grad_scale.sizes());
-  const Tensor dloss = grad_scale.to(cdtype).contiguous();
+  const Tensor dloss = to_dtype(grad_scale, cdtype).contiguous();
   const auto stat_opts = logits.options().dtype(cdtype);
   Tensor loss = at::empty({p.rows}, stat_opts);
   Tensor lse = at::empty({p.rows}, stat_opts);
@@ -217,11 +220,43 @@ struct Denominator {
   Tensor count;  // the count of valid rows, when asked for
 };
 
+// The number of valid rows, counted on the host, for an ordinary CPU target: not a fake or
+// functional tensor that torch.compile traces, no dispatch mode watching, and at most 2^24 rows,
+// so that it equals the floating-point sum of the valid mask exactly. nullopt otherwise.
+std::optional<int64_t> host_valid_count(const Tensor& target, int64_t ignore_index) {
+  constexpr c10::DispatchKeySet kTraced({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
+                                         c10::DispatchKey::FuncTorchBatched,
+                                         c10::DispatchKey::FuncTorchGradWrapper});
+  if (!target.is_cpu() || target.key_set().has_any(kTraced) ||
+      target.unsafeGetTensorImpl()->has_symbolic_sizes_strides() ||
+      c10::impl::TorchDispatchModeTLS::any_modes_set()) {
+    return std::nullopt;
+  }
+  const int64_t n = target.numel();
+  if (n > (int64_t(1) << 24)) return std::nullopt;
+  const int64_t* t = target.const_data_ptr<int64_t>();
+  const int64_t stride = n > 1 ? target.stride(0) : 1;
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) count += t[i * stride] != ignore_index;
+  return count;
+}
+
 // ATen ops only (they must trace under fake tensors and functionalization): 2 small ones
-// without a class weight. A target out of range is clamped here; the fwd op rejects it.
+// without a class weight, or one allocation when the count can be read on the host (the same
+// value: a float sum of at most 2^24 ones is exact). A target out of range is clamped here;
+// the fwd op rejects it.
 Denominator mean_denominator(const Tensor& target, const Tensor& weight, int64_t ignore_index,
                              at::ScalarType cdtype, bool want_count) {
   Denominator d;
+  if (!weight.defined()) {
+    if (const auto count = host_valid_count(target, ignore_index)) {
+      d.count = at::empty({}, target.options().dtype(cdtype));
+      if (cdtype == at::kDouble) *d.count.mutable_data_ptr<double>() = double(*count);
+      else *d.count.mutable_data_ptr<float>() = float(*count);
+      d.den = d.count;
+      return d;
+    }
+  }
   const Tensor valid = target.ne(ignore_index);
   if (!weight.defined() || want_count) d.count = valid.sum(cdtype);
   if (!weight.defined()) {
@@ -231,12 +266,6 @@ Denominator mean_denominator(const Tensor& target, const Tensor& weight, int64_t
     d.den = at::where(valid, w_t, 0).sum();
   }
   return d;
-}
-
-// t in dtype, without dispatching aten::to when it already is (a no-op `to` returns its input,
-// which torch.library's schema check refuses from an op below autograd).
-Tensor cast(const Tensor& t, at::ScalarType dtype) {
-  return t.scalar_type() == dtype ? t : t.to(dtype);
 }
 
 struct CeForward {
@@ -263,7 +292,7 @@ CeForward ce_forward(const Tensor& logits, const Tensor& target, const optional<
     check_floating("weight", *weight);
     check_device("weight", *weight, logits, "logits");
     check_shape("weight", *weight, {logits.size(1)});
-    f.weight = cast(*weight, cdtype).contiguous();
+    f.weight = to_dtype(*weight, cdtype).contiguous();
   }
   if (reduction == kMean) {
     // the z-term is averaged over the valid rows, the rest over sum w[t]: with a class weight
@@ -279,9 +308,9 @@ CeForward ce_forward(const Tensor& logits, const Tensor& target, const optional<
   auto [loss, lse] = fwd.call(logits, target, f.weight, ignore_index, label_smoothing, z_loss,
                               softcap, f.z_ratio);
   f.lse = lse;
-  if (reduction == kNone) f.out = cast(loss, logits.scalar_type());
-  else if (reduction == kSum) f.out = cast(loss.sum(), logits.scalar_type());
-  else f.out = cast(loss.sum().div_(f.den), logits.scalar_type());
+  if (reduction == kNone) f.out = to_dtype(loss, logits.scalar_type());
+  else if (reduction == kSum) f.out = to_dtype(loss.sum(), logits.scalar_type());
+  else f.out = to_dtype(loss.sum().div_(f.den), logits.scalar_type());
   return f;
 }
 

@@ -37,7 +37,7 @@ Tensor param(const char* name, const optional<Tensor>& t, const Tensor& x, int64
   check_floating(name, *t);
   check_device(name, *t, x, "x");
   check_shape(name, *t, {cols});
-  return t->to(compute_dtype(x)).contiguous();
+  return to_dtype(*t, compute_dtype(x)).contiguous();
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd(const Tensor& x_in,
@@ -306,13 +306,12 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
                                     mean, rstd, rms, dw_needed, db_needed);
       dx = view_as_sizes(std::get<0>(out), hx);
       // the kernels' fp32 sums, rounded once to the parameters' dtypes (no op when they match)
-      const auto cast = [](const Tensor& t, at::ScalarType dt) {
-        return t.scalar_type() == dt ? t : t.to(dt);
-      };
-      if (dw_needed) dw = as_param_shape(cast(std::get<1>(out), w.scalar_type()), hx, norm_ndim);
+      if (dw_needed) {
+        dw = as_param_shape(to_dtype(std::get<1>(out), w.scalar_type()), hx, norm_ndim);
+      }
       if (db_needed) {
-        db = as_param_shape(cast(std::get<2>(out), ctx->saved_data["bias_dtype"].toScalarType()),
-                            hx, norm_ndim);
+        const auto bias_dtype = ctx->saved_data["bias_dtype"].toScalarType();
+        db = as_param_shape(to_dtype(std::get<2>(out), bias_dtype), hx, norm_ndim);
       }
     } else {
       dx = dh;  // only h was used: its gradient passes straight to x and residual

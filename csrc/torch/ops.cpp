@@ -1,8 +1,15 @@
 // llmcore._native: the Python module and the schemas of every llmcore op. The CPU/CUDA
-// implementations live beside it (norm_ops.cpp, cross_entropy_ops.cpp), registered with
-// TORCH_LIBRARY_IMPL; fake (meta) impls and autograd are registered in Python (llmcore/ops/).
+// implementations live beside it (norm_ops.cpp, cross_entropy_ops.cpp, attention_ops.cpp),
+// registered with TORCH_LIBRARY_IMPL; fake (meta) impls are registered in Python (llmcore/ops/).
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
 
 TORCH_LIBRARY(llmcore, m) {
   // Norms over the rows of a (rows, cols) matrix. h is x + residual (an empty tensor without a
@@ -45,6 +52,16 @@ TORCH_LIBRARY(llmcore, m) {
 
 namespace {
 
+using at::Tensor;
+using OptT = const std::optional<Tensor>&;
+
+// The typed dispatcher handle of a registered op (the schemas above are registered when the
+// library loads, before the Python module is initialised).
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
 bool has_cuda() {
 #ifdef LLMCORE_WITH_CUDA
   return true;
@@ -60,4 +77,47 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::module_::import("torch");
   m.doc() = "llmcore's compiled kernels; the ops are registered under torch.ops.llmcore";
   m.def("has_cuda", &has_cuda, "True when this build contains the CUDA kernels");
+
+  // Eager entry points of the ops the public functions call: the same dispatcher call as
+  // torch.ops.llmcore.<op>.default (every dispatch key, mode and subclass applies), without
+  // torch.ops' boxed path from Python (arguments parsed into IValues against the schema: ~2 us
+  // a call, as much as a small kernel). Dynamo cannot trace these: under torch.compile the
+  // wrappers in llmcore/ops call torch.ops instead. Like torch's own bindings, they release the
+  // GIL while the op runs.
+  using NormSig = std::tuple<Tensor, Tensor>(const Tensor&, OptT, OptT, OptT, int64_t, double,
+                                             bool);
+  m.def("norm", [op = typed_op<NormSig>("llmcore::norm")](
+                    const Tensor& x, OptT residual, OptT weight, OptT bias, int64_t norm_ndim,
+                    double eps, bool rms) {
+    pybind11::gil_scoped_release no_gil;
+    return op.call(x, residual, weight, bias, norm_ndim, eps, rms);
+  });
+  using CrossEntropySig = Tensor(const Tensor&, const Tensor&, OptT, int64_t, int64_t, double,
+                                 double, double);
+  m.def("cross_entropy", [op = typed_op<CrossEntropySig>("llmcore::cross_entropy")](
+                             const Tensor& logits, const Tensor& target, OptT weight,
+                             int64_t ignore_index, int64_t reduction, double label_smoothing,
+                             double z_loss, double softcap) {
+    pybind11::gil_scoped_release no_gil;
+    return op.call(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                   softcap);
+  });
+  using CheckTargetsSig = void(const Tensor&, int64_t, int64_t);
+  m.def("cross_entropy_check_targets",
+        [op = typed_op<CheckTargetsSig>("llmcore::cross_entropy_check_targets")](
+            const Tensor& target, int64_t classes, int64_t ignore_index) {
+          pybind11::gil_scoped_release no_gil;
+          op.call(target, classes, ignore_index);
+        });
+  using AttentionSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                  OptT, OptT, OptT, OptT, OptT,
+                                                  at::ArrayRef<double>, at::IntArrayRef);
+  m.def("attention", [op = typed_op<AttentionSig>("llmcore::attention")](
+                         const Tensor& q, const Tensor& k, const Tensor& v, OptT attn_mask,
+                         OptT alibi_slopes, OptT cu_seqlens_q, OptT cu_seqlens_k, OptT seed,
+                         const std::vector<double>& floats, const std::vector<int64_t>& ints) {
+    pybind11::gil_scoped_release no_gil;
+    return op.call(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, floats,
+                   ints);
+  });
 }

@@ -176,12 +176,13 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     if query.dim() < 3:
         raise ValueError(f"query must be at least 3-dimensional (H, N, D), got shape "
                          f"{tuple(query.shape)}")
-    lead = tuple(query.shape[:-3])
-    for name, t in zip(names[1:], (key, value)):
-        if tuple(t.shape[:-3]) != lead:
-            raise ValueError(f"{name} must have query's batch dims {lead}, got shape "
-                             f"{tuple(t.shape)}")
-    (hq, nq, d), (hk, nk, dk), (hv, nv, _) = query.shape[-3:], key.shape[-3:], value.shape[-3:]
+    # shapes as tuples: slicing a torch.Size builds another one, several times the cost
+    qs, ks, vs = tuple(query.shape), tuple(key.shape), tuple(value.shape)
+    lead = qs[:-3]
+    for name, shape in zip(names[1:], (ks, vs)):
+        if shape[:-3] != lead:
+            raise ValueError(f"{name} must have query's batch dims {lead}, got shape {shape}")
+    (hq, nq, d), (hk, nk, dk), (hv, nv, _) = qs[-3:], ks[-3:], vs[-3:]
     if dk != d:
         raise ValueError(f"key's head dim (last dim) must equal query's {d}, got {dk}")
     _check_head_dim("query", d)
@@ -567,12 +568,17 @@ def _native_attention_bwd_fake(grad_out, q, k, v, out, lse, attn_mask, alibi_slo
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
 
+_native_attention = None  # llmcore._native.attention: llmcore::attention's eager entry point
+
+
 def _register_native_attention() -> bool:
+    global _native_attention
     # loading the extension registers the C++ ops; an older build may predate attention
     if backends.native_module() is None or not hasattr(torch.ops.llmcore, "attention"):
         return False
     torch.library.register_fake("llmcore::attention_fwd")(_native_attention_fwd_fake)
     torch.library.register_fake("llmcore::attention_bwd")(_native_attention_bwd_fake)
+    _native_attention = backends.native_module().attention
     return True
 
 
@@ -580,13 +586,15 @@ def _native_core(q, k, v, *, scale, window, bottom_right, softcap, attn_mask, al
                  dropout_p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                  deterministic, return_lse):
     """The core op on the C++ CPU kernels (always deterministic: `deterministic` is moot)."""
-    if q.device.type != "cpu":
+    if not q.is_cpu:
         raise backends.BackendUnavailableError(
             f"backend 'native' runs attention on CPU tensors only (no CUDA attention kernel "
             f"yet), got {q.device}; use backend='triton' or 'torch'")
     seed = (torch.randint(0, 2**62, (1,), device=q.device, dtype=torch.int64)
             if dropout_p > 0 else None)
-    out, lse = torch.ops.llmcore.attention.default(
+    # the same op either way; dynamo traces torch.ops, eager calls skip its boxed argument path
+    op = torch.ops.llmcore.attention.default if torch.compiler.is_compiling() else _native_attention
+    out, lse = op(
         q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed,
         [float(scale), float(softcap), float(dropout_p)],
         _packed_ints(window, bottom_right, max_seqlen_q, max_seqlen_k))

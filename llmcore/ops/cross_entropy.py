@@ -56,13 +56,17 @@ def _check_target(target, expected_shape, n_classes, ignore_index, input,
     _checks.integer("target", target)
     _checks.shape("target", target, expected_shape)
     _checks.same_device("target", target, input)
-    if not check_range:
+    if check_range:
+        _check_target_range(target, n_classes, ignore_index)
+
+
+def _check_target_range(target, n_classes, ignore_index) -> None:
+    cpu_eager = target.is_cpu and not torch.compiler.is_compiling()
+    if cpu_eager and _native_check_targets is not None:  # one C++ pass, raises the ValueError below
+        _native_check_targets(target, n_classes, ignore_index)
         return
     message = f"target values must be in [0, {n_classes}) or equal ignore_index={ignore_index}"
-    if target.device.type == "cpu" and not torch.compiler.is_compiling():
-        if _native_check_targets is not None:       # one C++ pass, raises this same ValueError
-            _native_check_targets(target, n_classes, ignore_index)
-            return
+    if cpu_eager:
         # through numpy (a view, no copy): a few us against ~9 us for 6 torch ops
         t = target.numpy()
         bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
@@ -75,6 +79,19 @@ def _check_target(target, expected_shape, n_classes, ignore_index, input,
 
 def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
                          z_loss, softcap, check_range=True) -> None:
+    # The usual call in one test: (N, C) logits and (N,) int64 targets, plain tensors on the CPU,
+    # no class weight, float options in range. It passes exactly the checks below would pass
+    # (a microsecond cheaper); anything else, and every error, takes the detailed checks.
+    if (weight is None and softcap is None and type(input) is torch.Tensor
+            and type(target) is torch.Tensor and input.dtype in _checks.FLOAT_DTYPE_SET
+            and target.dtype is torch.int64 and input.dim() == 2 and target.dim() == 1
+            and input.shape[1] > 0 and target.shape[0] == input.shape[0]
+            and input.is_cpu and target.is_cpu and type(ignore_index) is int
+            and reduction in REDUCTIONS and type(label_smoothing) is float
+            and 0.0 <= label_smoothing <= 1.0 and type(z_loss) is float and z_loss >= 0.0):
+        if check_range:
+            _check_target_range(target, input.shape[1], ignore_index)
+        return
     _checks.floating("input", input)
     if input.dim() == 0:
         raise ValueError("input must be (C,), (N, C) or (N, C, d1, ...) logits, got a 0-dim tensor")
@@ -93,7 +110,9 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
         if weight.dtype != input.dtype and weight.dtype != torch.float32:
             raise TypeError(f"weight must have input's dtype {input.dtype} or be float32, got "
                             f"{weight.dtype}")
-    expected = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
+    # (N,) for (N, C) logits without slicing a torch.Size (which costs a microsecond)
+    expected = ((input.shape[0],) if input.dim() == 2 else
+                input.shape[:1] + input.shape[2:] if input.dim() > 1 else ())
     _check_target(target, expected, n_classes, ignore_index, input, check_range)
 
 
@@ -168,13 +187,15 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     name = backends.resolve("cross_entropy", backend, input.device)
     # every CPU call is checked here; on CUDA the native kernel asserts the target range itself,
     # and the eager Triton route checks what its kernel reports (_assert_targets)
-    check_range = input.device.type == "cpu" or not (
+    check_range = input.is_cpu or not (
         name == "native" or (name == "triton" and not torch.compiler.is_compiling()))
     _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
                          z_loss, softcap, check_range)
-    # backends receive int64 class indices (a no-op for the usual int64 target)
+    # backends receive int64 class indices (the usual int64 target as it is)
     extra = {"inplace_backward": True} if inplace_backward and name in _INPLACE_BACKWARD else {}
-    return _CROSS_ENTROPY[name](input, target.long(), weight, ignore_index, reduction,
+    if target.dtype is not torch.int64:
+        target = target.long()
+    return _CROSS_ENTROPY[name](input, target, weight, ignore_index, reduction,
                                 float(label_smoothing), float(z_loss),
                                 None if softcap is None else float(softcap), **extra)
 
@@ -843,20 +864,26 @@ def _native_ce_rows_fake(logits, target, weight, ignore_index, label_smoothing, 
     return logits.new_empty((logits.shape[0],), dtype=_acc_dtype(logits))
 
 
-_native_ce_op = None     # torch.ops.llmcore.cross_entropy.default, once the library is loaded
-_native_check_targets = None     # torch.ops.llmcore.cross_entropy_check_targets.default
+# Once the library is loaded: llmcore::cross_entropy as torch.ops (what dynamo traces) and as
+# its eager entry point in llmcore._native (the same op, without torch.ops' boxed argument
+# path); llmcore::cross_entropy_check_targets's eager entry point (called outside compile only).
+_native_ce_op = None
+_native_ce_eager = None
+_native_check_targets = None
 
 
 def _register_native() -> bool:
-    global _native_ce_op, _native_check_targets
-    if backends.native_module() is None:  # loading it registers the C++ ops
+    global _native_ce_op, _native_ce_eager, _native_check_targets
+    native = backends.native_module()
+    if native is None:  # loading it registers the C++ ops
         return False
     torch.library.register_fake("llmcore::cross_entropy")(_native_ce_fake)
     torch.library.register_fake("llmcore::cross_entropy_fwd")(_native_ce_fwd_fake)
     torch.library.register_fake("llmcore::cross_entropy_bwd")(_native_ce_bwd_fake)
     torch.library.register_fake("llmcore::cross_entropy_rows_")(_native_ce_rows_fake)
     _native_ce_op = torch.ops.llmcore.cross_entropy.default
-    _native_check_targets = torch.ops.llmcore.cross_entropy_check_targets.default
+    _native_ce_eager = native.cross_entropy
+    _native_check_targets = native.cross_entropy_check_targets
     return True
 
 
@@ -867,8 +894,9 @@ def _native_cross_entropy(input, target, weight, ignore_index, reduction, label_
                          "not differentiate the class weights (pass weight.detach(), or use "
                          "backend='torch')")
     logits, t = _as_rows(input, target)
-    out = _native_ce_op(logits, t, weight, ignore_index, _REDUCTION_CODE[reduction],
-                        label_smoothing, z_loss, softcap or 0.0)
+    op = _native_ce_op if torch.compiler.is_compiling() else _native_ce_eager
+    out = op(logits, t, weight, ignore_index, _REDUCTION_CODE[reduction], label_smoothing, z_loss,
+             softcap or 0.0)
     return out.reshape(target.shape) if reduction == "none" and target.dim() != 1 else out
 
 

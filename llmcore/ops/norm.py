@@ -139,22 +139,32 @@ def _norm_bwd_fake(dy, dh, h, weight, mean, rstd, rms, weight_grad, bias_grad):
     return torch.empty_like(h), dw, db
 
 
+_native_norm = None  # llmcore._native.norm: llmcore::norm's eager entry point (see ops.cpp)
+
+
 def _register_native() -> bool:
+    global _native_norm
     if backends.native_module() is None:  # loading it registers the C++ ops
         return False
     torch.library.register_fake("llmcore::norm_fwd")(_norm_fwd_fake)
     torch.library.register_fake("llmcore::norm_bwd")(_norm_bwd_fake)
+    _native_norm = backends.native_module().norm
     return True
 
 
-def _native_layer_norm(x, dims, weight, bias, eps, residual):
-    y, h = torch.ops.llmcore.norm.default(x, residual, weight, bias, len(dims), eps, False)
+def _native_norm_op(x, residual, weight, bias, norm_ndim, eps, rms):
+    # the same op either way; dynamo traces torch.ops, eager calls skip its boxed argument path
+    norm = torch.ops.llmcore.norm.default if torch.compiler.is_compiling() else _native_norm
+    y, h = norm(x, residual, weight, bias, norm_ndim, eps, rms)
     return y if residual is None else (y, h)
+
+
+def _native_layer_norm(x, dims, weight, bias, eps, residual):
+    return _native_norm_op(x, residual, weight, bias, len(dims), eps, False)
 
 
 def _native_rms_norm(x, dims, weight, eps, residual):
-    y, h = torch.ops.llmcore.norm.default(x, residual, weight, None, len(dims), eps, True)
-    return y if residual is None else (y, h)
+    return _native_norm_op(x, residual, weight, None, len(dims), eps, True)
 
 
 if _register_native():
