@@ -126,7 +126,7 @@ def test_overhead_op_times_every_public_op_per_call(tmp_path):
     result = harness.run(cfg)
     assert result["errors"] == []
     recs = result["records"]
-    variants = {"layer_norm", "rms_norm", "cross_entropy", "linear_ce", "attention"}
+    variants = {"layer_norm", "rms_norm", "cross_entropy", "linear_ce", "attention", "rope"}
     for provider in cfg.providers:
         for mode in ("fwd", "fwd+bwd"):
             got = {r["variant"] for r in recs if (r["provider"], r["mode"]) == (provider, mode)}

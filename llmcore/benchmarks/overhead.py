@@ -7,6 +7,7 @@ Variants (each the op as a user calls it, next to its torch.nn.functional / SDPA
   cross_entropy   logits (4, 100), target (4,)
   linear_ce       hidden (4, 32), weight (100, 32), target (4,)   (torch: F.linear + F.cross_entropy)
   attention       q, k, v (1, 2, 8, 16), causal                    (torch: SDPA)
+  rope            q, k (1, 8, 2, 16), tables (8, 1, 16)            (torch: the eager formula)
 
 Timing: each call is timed alone, without L2 flushes or input rotation. `ms` is the wall time
 of the call (on CUDA up to a synchronize after it); `cpu_ms` is the process CPU time the call
@@ -16,13 +17,14 @@ path <= 2x.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from llmcore.benchmarks.harness import OpBench, Rand
 from llmcore.benchmarks.providers import LLMCORE_BACKEND
 
 _FAMILY = {"layer_norm": "norm", "rms_norm": "norm", "cross_entropy": "cross_entropy",
-           "linear_ce": "cross_entropy", "attention": "attention"}
+           "linear_ce": "cross_entropy", "attention": "attention", "rope": "rope"}
 
 
 class OverheadBench(OpBench):
@@ -65,6 +67,11 @@ class OverheadBench(OpBench):
             return {"x": rnd.normal(4, 32, dtype=dtype, requires_grad=True),
                     "weight": rnd.normal(100, 32, dtype=dtype, requires_grad=True),
                     "target": rnd.integers(100, 4)}
+        if v == "rope":
+            ang = rnd.normal(8, 1, 16, dtype=torch.float32)            # fp32 tables
+            return {"q": rnd.normal(1, 8, 2, 16, dtype=dtype, requires_grad=True),
+                    "k": rnd.normal(1, 8, 2, 16, dtype=dtype, requires_grad=True),
+                    "cos": ang.cos(), "sin": ang.sin()}
         return {k: rnd.normal(1, 2, 8, 16, dtype=dtype, requires_grad=True) for k in "qkv"}
 
     def work(self, shape, dtype, mode):
@@ -80,6 +87,7 @@ class OverheadBench(OpBench):
                 "linear_ce": lambda x, weight, target: F.cross_entropy(F.linear(x, weight), target),
                 "attention": lambda q, k, v: F.scaled_dot_product_attention(q, k, v,
                                                                            is_causal=True),
+                "rope": _eager_rope,
             }[v]
         import llmcore
 
@@ -94,7 +102,13 @@ class OverheadBench(OpBench):
             "linear_ce": lambda x, weight, target: llmcore.linear_cross_entropy(x, weight, target,
                                                                                 backend=b),
             "attention": lambda q, k, v: llmcore.attention(q, k, v, is_causal=True, backend=b),
+            "rope": lambda q, k, cos, sin: llmcore.rope(q, k, cos, sin, backend=b),
         }[v]
+
+
+def _eager_rope(q, k, cos, sin):
+    from llmcore.benchmarks.rope import _eager_rope as formula
+    return formula(q, k, cos, sin)
 
 
 def _eager_rms_residual(x, weight, residual):
