@@ -38,7 +38,7 @@ def stub_kernels() -> int:
     import importlib
 
     n = 0
-    for name in ("norm", "cross_entropy", "attention"):
+    for name in ("norm", "cross_entropy", "attention", "rope"):
         mod = importlib.import_module(f"llmcore.kernels.triton.{name}")
         for attr, obj in list(vars(mod).items()):
             if hasattr(obj, "run") and hasattr(obj, "__getitem__"):
@@ -55,6 +55,19 @@ def cases():
     logits = torch.randn(4, 100, requires_grad=True)
     t = torch.randint(0, 100, (4,))
     q, k, v = (torch.randn(1, 2, 8, 16, requires_grad=True) for _ in range(3))
+    rq, rk = (torch.randn(1, 8, 2, 16, requires_grad=True) for _ in range(2))
+    ang = torch.randn(8, 1, 16)
+    cos, sin = ang.cos(), ang.sin()
+
+    def eager_rope():
+        def one(x):
+            x1, x2 = x.chunk(2, dim=-1)
+            return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+        return one(rq).sum() + one(rk).sum()
+
+    def llmcore_rope():
+        yq, yk = llmcore.rope(rq, rk, cos, sin, backend="triton")
+        return yq.sum() + yk.sum()
     return {
         "layer_norm": (lambda: F.layer_norm(x, (64,), w, b),
                        lambda: llmcore.layer_norm(x, (64,), w, b, backend="triton")),
@@ -65,6 +78,7 @@ def cases():
                           lambda: llmcore.cross_entropy(logits, t, backend="triton")),
         "attention": (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
                       lambda: llmcore.attention(q, k, v, is_causal=True, backend="triton")),
+        "rope (q and k; + 2 sums)": (eager_rope, llmcore_rope),
     }
 
 
