@@ -26,13 +26,13 @@ std::tuple<Tensor, Tensor> rope_rotate(const Tensor& q, const Tensor& k, const T
   TORCH_CHECK_VALUE(k.size(0) == tokens && k.size(2) == d, "k must be (", tokens, ", heads, ",
                     d, ") like q, got ", k.sizes());
   TORCH_CHECK_VALUE(d % 2 == 0, "the head dim must be even, got ", d);
-  TORCH_CHECK_VALUE(q.stride(2) == 1 && k.stride(2) == 1,
+  TORCH_CHECK_VALUE(tokens == 0 || (q.stride(2) == 1 && k.stride(2) == 1),
                     "q and k need a unit stride on the head dim");
   auto check_table = [&](const char* name, const Tensor& t) {
     check_floating(name, t);
     check_device(name, t, q, "q");
-    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(1) == d && t.size(0) > 0 &&
-                          tokens % t.size(0) == 0,
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(1) == d &&
+                          (tokens == 0 || (t.size(0) > 0 && tokens % t.size(0) == 0)),
                       name, " must be (rows, ", d, ") with rows dividing the ", tokens,
                       " tokens, got ", t.sizes());
   };

@@ -38,6 +38,7 @@ def _check(q, k, cos, sin) -> tuple[int, ...]:
                          f"got {tuple(k.shape)}")
     if d % 2:
         raise ValueError(f"the head dim must be even (rotate_half splits it in two), got {d}")
+
     def suffix(r):                # a non-empty run of q's trailing leading dims
         return 0 < len(r) <= len(lead) and r == lead[len(lead) - len(r):]
 

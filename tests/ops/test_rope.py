@@ -80,6 +80,18 @@ def test_one_output_unused_and_float64(backend):
     assert torch.count_nonzero(g[..., 16:]) == 0                  # k and v parts
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_tokens(backend):
+    # a packed batch with no real token: empty in, empty out, empty gradients
+    q = torch.randn(0, 4, 8, requires_grad=True)
+    k = torch.randn(0, 2, 8, requires_grad=True)
+    cos, sin = torch.ones(0, 1, 8), torch.zeros(0, 1, 8)
+    yq, yk = llmcore.rope(q, k, cos, sin, backend=backend)
+    assert yq.shape == (0, 4, 8) and yk.shape == (0, 2, 8)
+    gq, gk = torch.autograd.grad((yq.sum() + yk.sum(),), (q, k))
+    assert gq.shape == q.shape and gk.shape == k.shape
+
+
 def test_the_model_runs_rope_on_its_backend():
     from llmcore.models import Transformer, preset
 
