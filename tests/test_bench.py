@@ -339,3 +339,18 @@ def test_train_step_compile_providers_run_on_the_cpu(tmp_path):
     for r in result["records"]:
         assert 0 < r["throughput"] < float("inf")
     torch._dynamo.reset()
+
+
+def test_rope_bench_skips_a_backend_without_rope_kernels_per_case(monkeypatch, fresh_backends):
+    # as on CUDA, where rope's native kernel does not exist but the norms' and cross-entropy's
+    # do: a run that names llmcore_native for them lists rope's native cases as skipped
+    from llmcore.benchmarks import rope as rb
+
+    bench = rb.BENCHES["rope"]
+    monkeypatch.setattr(fresh_backends, "IMPLEMENTED",
+                        {**fresh_backends.IMPLEMENTED, "rope": ("torch", "triton")})
+    assert bench.probe("llmcore_native", "cpu") is None
+    shape = bench.shapes("tiny", "cpu")[0]
+    reason = bench.skip_reason("llmcore_native", shape, "cpu", "fwd+bwd")
+    assert reason and "no native kernels for rope" in reason
+    assert bench.skip_reason("torch", shape, "cpu", "fwd+bwd") is None
