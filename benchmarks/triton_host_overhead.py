@@ -25,6 +25,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import llmcore  # noqa: E402
+from llmcore.benchmarks.rope import _eager_rope  # noqa: E402
 
 
 class _Stub:
@@ -60,10 +61,8 @@ def cases():
     cos, sin = ang.cos(), ang.sin()
 
     def eager_rope():
-        def one(x):
-            x1, x2 = x.chunk(2, dim=-1)
-            return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-        return one(rq).sum() + one(rk).sum()
+        yq, yk = _eager_rope(rq, rk, cos, sin)         # the rope benchmark's eager formula
+        return yq.sum() + yk.sum()
 
     def llmcore_rope():
         yq, yk = llmcore.rope(rq, rk, cos, sin, backend="triton")
