@@ -7,6 +7,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/where.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -371,6 +373,114 @@ Tensor cross_entropy_forward_only(const Tensor& logits, const Tensor& target,
                     softcap).out;
 }
 
+
+// ---------------------------------------------------------------- llmcore::linear_cross_entropy
+// cross_entropy(linear(input, weight, bias), target) with the whole (rows, classes) logits in
+// one piece, autograd in C++: linear_cross_entropy's eager call on the native backend when every
+// row fits one chunk (the small calls, where host overhead is most of the cost; larger calls take
+// the Python chunk loop of llmcore/ops/cross_entropy.py). It does what that loop's one-chunk
+// schedule does, in the same order, so both give bit-identical results:
+//   forward:  logits = input W^T + b (rows, classes), per-row loss and lse, reduced;
+//   backward: dlogits = dloss/dlogits * g written over the kept logits (g = 1/count * grad for
+//             "mean", grad for "sum", grad_i for "none"), then dx = dlogits W,
+//             dW = dlogits^T input, db = sum_rows dlogits (fp32, rounded once).
+// The logits are this op's own buffer: the backward overwrites them (no second (rows, classes)
+// buffer). A second backward (retain_graph) finds them spent and recomputes them.
+
+using RowsSig = Tensor(Tensor&, const Tensor&, const optional<Tensor>&, int64_t, double, double,
+                       double, const Tensor&);
+
+class LinearCrossEntropyFunction
+    : public torch::autograd::Function<LinearCrossEntropyFunction> {
+ public:
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& input,
+                        const Tensor& weight, const optional<Tensor>& bias, const Tensor& target,
+                        int64_t ignore_index, int64_t reduction, double label_smoothing,
+                        double z_loss, double softcap) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    Tensor logits = at::linear(input, weight, bias);  // (rows, classes)
+    CeForward f = ce_forward(logits, target, std::nullopt, ignore_index, reduction,
+                             label_smoothing, z_loss, softcap);
+    // the gradient scale of "mean" is 1/count times grad (the chunk loop's order of operations)
+    const Tensor base = reduction == kMean ? f.den.reciprocal() : Tensor();
+    ctx->save_for_backward({input, weight, bias.value_or(Tensor()), target, base});
+    ctx->saved_data["logits"] = logits;
+    ctx->saved_data["options"] = c10::List<double>({double(ignore_index), double(reduction),
+                                                     label_smoothing, z_loss, softcap});
+    ctx->set_materialize_grads(false);  // no zero-filled gradient when the loss is unused
+    return f.out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    torch::autograd::variable_list out(9);
+    const Tensor& grad = grads[0];
+    const bool want_x = ctx->needs_input_grad(0), want_w = ctx->needs_input_grad(1);
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &input = saved[0], &weight = saved[1], &bias = saved[2], &target = saved[3],
+                 &base = saved[4];
+    const bool want_b = bias.defined() && ctx->needs_input_grad(2);
+    if (!grad.defined() || !(want_x || want_w || want_b)) return out;
+    const auto o = ctx->saved_data["options"].toDoubleList();
+    const auto cdtype = compute_dtype(input);
+    at::AutoDispatchBelowADInplaceOrView below;
+    Tensor logits;
+    if (ctx->saved_data["logits"].isTensor()) {
+      logits = ctx->saved_data["logits"].toTensor();
+      ctx->saved_data["logits"] = c10::IValue();  // overwritten below: spent
+    } else {
+      logits = at::linear(input, weight, bias.defined() ? optional<Tensor>(bias) : std::nullopt);
+    }
+    const Tensor g = to_dtype(grad, cdtype);
+    const Tensor scale = base.defined() ? base.mul(g) : g;  // 0-dim, or (rows,) for "none"
+    static auto rows = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("llmcore::cross_entropy_rows_", "")
+                           .typed<RowsSig>();
+    rows.call(logits, target, std::nullopt, int64_t(o[0]), o[2], o[3], o[4], scale);
+    const Tensor& dlogits = logits;  // (rows, classes), in the input's dtype
+    if (want_x) out[0] = at::mm(dlogits, weight);
+    if (want_w) out[1] = at::mm(dlogits.t(), input);
+    if (want_b) out[2] = to_dtype(dlogits.sum(0, /*keepdim=*/false, cdtype), bias.scalar_type());
+    return out;
+  }
+};
+
+void check_linear_cross_entropy(const Tensor& input, const Tensor& weight,
+                                const optional<Tensor>& bias, const Tensor& target) {
+  check_dim("input", input, 2);
+  check_dim("weight", weight, 2);
+  TORCH_CHECK_VALUE(weight.size(1) == input.size(1), "weight must have shape (V, ",
+                    input.size(1), "), got ", weight.sizes());
+  check_device("weight", weight, input, "input");
+  check_same_dtype("weight", weight, input, "input");
+  if (bias.has_value() && bias->defined()) {
+    check_shape("bias", *bias, {weight.size(0)});
+    check_device("bias", *bias, input, "input");
+    check_same_dtype("bias", *bias, input, "input");
+  }
+  TORCH_CHECK_VALUE(input.size(0) > 0, "input must have at least one row, got shape ",
+                    input.sizes());
+}
+
+Tensor linear_cross_entropy_autograd(const Tensor& input, const Tensor& weight,
+                                     const optional<Tensor>& bias, const Tensor& target,
+                                     int64_t ignore_index, int64_t reduction,
+                                     double label_smoothing, double z_loss, double softcap) {
+  check_linear_cross_entropy(input, weight, bias, target);
+  return LinearCrossEntropyFunction::apply(input, weight, bias, target, ignore_index, reduction,
+                                           label_smoothing, z_loss, softcap);
+}
+
+// Below autograd: forward only, nothing kept.
+Tensor linear_cross_entropy_forward_only(const Tensor& input, const Tensor& weight,
+                                         const optional<Tensor>& bias, const Tensor& target,
+                                         int64_t ignore_index, int64_t reduction,
+                                         double label_smoothing, double z_loss, double softcap) {
+  check_linear_cross_entropy(input, weight, bias, target);
+  return ce_forward(at::linear(input, weight, bias), target, std::nullopt, ignore_index,
+                    reduction, label_smoothing, z_loss, softcap).out;
+}
+
 }  // namespace
 }  // namespace ops
 }  // namespace llmcore
@@ -392,8 +502,10 @@ TORCH_LIBRARY_IMPL(llmcore, CUDA, m) {
 
 TORCH_LIBRARY_IMPL(llmcore, Autograd, m) {
   m.impl("cross_entropy", &llmcore::ops::cross_entropy_autograd);
+  m.impl("linear_cross_entropy", &llmcore::ops::linear_cross_entropy_autograd);
 }
 
 TORCH_LIBRARY_IMPL(llmcore, CompositeExplicitAutograd, m) {
   m.impl("cross_entropy", &llmcore::ops::cross_entropy_forward_only);
+  m.impl("linear_cross_entropy", &llmcore::ops::linear_cross_entropy_forward_only);
 }

@@ -45,6 +45,13 @@ TORCH_LIBRARY(llmcore, m) {
   // llmcore.cross_entropy's one call on the native backend.
   m.def("cross_entropy(Tensor logits, Tensor target, Tensor? weight, int ignore_index,"
         " int reduction, float label_smoothing, float z_loss, float softcap) -> Tensor");
+  // cross_entropy(linear(input, weight, bias), target) for (rows, hidden) input and (classes,
+  // hidden) weight, the logits in one piece (kept for, and overwritten by, the backward):
+  // llmcore.linear_cross_entropy's eager call on the native backend when one chunk holds every
+  // row. Differentiable wrt input, weight and bias by a C++ autograd kernel.
+  m.def("linear_cross_entropy(Tensor input, Tensor weight, Tensor? bias, Tensor target,"
+        " int ignore_index, int reduction, float label_smoothing, float z_loss, float softcap)"
+        " -> Tensor");
   // CPU only: ValueError unless every target is in [0, classes) or ignore_index (the public
   // functions' range check, one call instead of several tensor ops)
   m.def("cross_entropy_check_targets(Tensor target, int classes, int ignore_index) -> ()");
@@ -102,6 +109,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return op.call(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                    softcap);
   });
+  using LinearCrossEntropySig = Tensor(const Tensor&, const Tensor&, OptT, const Tensor&,
+                                       int64_t, int64_t, double, double, double);
+  m.def("linear_cross_entropy",
+        [op = typed_op<LinearCrossEntropySig>("llmcore::linear_cross_entropy")](
+            const Tensor& input, const Tensor& weight, OptT bias, const Tensor& target,
+            int64_t ignore_index, int64_t reduction, double label_smoothing, double z_loss,
+            double softcap) {
+          pybind11::gil_scoped_release no_gil;
+          return op.call(input, weight, bias, target, ignore_index, reduction, label_smoothing,
+                         z_loss, softcap);
+        });
   using CheckTargetsSig = void(const Tensor&, int64_t, int64_t);
   m.def("cross_entropy_check_targets",
         [op = typed_op<CheckTargetsSig>("llmcore::cross_entropy_check_targets")](

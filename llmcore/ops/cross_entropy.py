@@ -118,6 +118,23 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
 
 def _check_linear_cross_entropy(input, weight, target, bias, ignore_index, reduction,
                                 label_smoothing, z_loss, softcap, chunk_size) -> None:
+    # The usual call in one test, as in _check_cross_entropy: (N, H) hidden states, a (V, H)
+    # weight of their dtype, an optional (V,) bias, (N,) int64 targets, plain CPU tensors, float
+    # options in range. Anything else, and every error, takes the detailed checks below.
+    if (softcap is None and chunk_size is None and type(input) is torch.Tensor
+            and type(weight) is torch.Tensor and type(target) is torch.Tensor
+            and input.dtype in _checks.FLOAT_DTYPE_SET and weight.dtype is input.dtype
+            and input.dim() == 2 and weight.dim() == 2 and weight.shape[1] == input.shape[1]
+            and weight.shape[0] > 0 and target.dtype is torch.int64 and target.dim() == 1
+            and target.shape[0] == input.shape[0] and input.is_cpu and weight.is_cpu
+            and target.is_cpu and (bias is None or (
+                type(bias) is torch.Tensor and bias.dtype is input.dtype and bias.dim() == 1
+                and bias.shape[0] == weight.shape[0] and bias.is_cpu))
+            and type(ignore_index) is int and reduction in REDUCTIONS
+            and type(label_smoothing) is float and 0.0 <= label_smoothing <= 1.0
+            and type(z_loss) is float and z_loss >= 0.0):
+        _check_target_range(target, weight.shape[0], ignore_index)
+        return
     _checks.floating("input", input)
     if input.dim() == 0:
         raise ValueError("input must be (..., H) hidden states, got a 0-dim tensor")
@@ -215,15 +232,17 @@ def linear_cross_entropy(input, weight, target, bias=None, ignore_index=-100, re
     _check_linear_cross_entropy(input, weight, target, bias, ignore_index, reduction,
                                 label_smoothing, z_loss, softcap, chunk_size)
     name = backends.resolve("cross_entropy", backend, input.device)
-    hidden = weight.shape[1]
-    x = input.reshape(input.shape[:-1].numel(), hidden)              # (N, H); H may be 0
-    t = target.reshape(-1).long()                                    # (N,) int64
+    if input.dim() == 2:                                             # (N, H) as it is
+        x = input
+    else:                                                            # (N, H); H may be 0
+        x = input.reshape(input.shape[:-1].numel(), weight.shape[1])
+    t = target if target.dim() == 1 and target.dtype is torch.int64 else target.reshape(-1).long()
     if chunk_size is None:
         chunk_size = default_chunk_size(x.shape[0], weight.shape[0], x.element_size())
     out = _LINEAR_CROSS_ENTROPY[name](x, weight, t, bias, ignore_index, reduction,
                                       float(label_smoothing), float(z_loss),
                                       None if softcap is None else float(softcap), chunk_size)
-    return out.reshape(target.shape) if reduction == "none" else out
+    return out.reshape(target.shape) if reduction == "none" and target.dim() != 1 else out
 
 
 def default_chunk_size(n_rows: int, n_classes: int, element_size: int = 4) -> int:
@@ -1008,6 +1027,32 @@ def _native_grad_block(logits, target, lse, col_start, n_classes, ignore_index=-
     return logits
 
 
+def _native_lce_fake(input, weight, bias, target, ignore_index, reduction, label_smoothing,
+                     z_loss, softcap):
+    if reduction == _REDUCTION_CODE["none"]:
+        return input.new_empty((input.shape[0],))
+    return input.new_empty(())
+
+
+def _native_linear_cross_entropy(chunked):
+    """The native backend's linear_cross_entropy: a call whose rows fit one chunk is one C++ op
+    with its autograd in C++ (llmcore::linear_cross_entropy, the one-chunk schedule of the loop
+    above, bit for bit, without its Python); larger calls, and every call under torch.compile,
+    run `chunked`, the Python chunk loop."""
+    torch.library.register_fake("llmcore::linear_cross_entropy")(_native_lce_fake)
+    one_chunk = backends.native_module().linear_cross_entropy
+
+    def run(x, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
+            chunk_size):
+        if 0 < x.shape[0] <= chunk_size and not torch.compiler.is_compiling():
+            return one_chunk(x, weight, bias, target, ignore_index, _REDUCTION_CODE[reduction],
+                             label_smoothing, z_loss, softcap or 0.0)
+        return chunked(x, weight, target, bias, ignore_index, reduction, label_smoothing,
+                       z_loss, softcap, chunk_size)
+    run.chunked = chunked   # for the tests that compare the two routes
+    return run
+
+
 if "native" in _CROSS_ENTROPY:
-    _LINEAR_CROSS_ENTROPY["native"] = chunked_linear_cross_entropy(
-        _native_cross_entropy_rows, _native_rows_lse, _native_grad_block)
+    _LINEAR_CROSS_ENTROPY["native"] = _native_linear_cross_entropy(chunked_linear_cross_entropy(
+        _native_cross_entropy_rows, _native_rows_lse, _native_grad_block))

@@ -249,3 +249,21 @@ def test_every_schedule_compiles_fullgraph(dtype, chunk):
     torch.testing.assert_close(got, want)
     for a, c in zip(torch.autograd.grad(got, [x, w, b]), torch.autograd.grad(want, [x, w, b])):
         torch.testing.assert_close(a, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.skipif("native" not in BACKENDS, reason="llmcore._native is not built")
+def test_one_chunk_holds_one_logits_buffer(dtype):
+    # every row in one chunk (native: the C++ op): the forward keeps the (N, V) logits and the
+    # backward overwrites them with their gradient, so fwd+bwd holds one (N, V) buffer, not two
+    n, h, v = 64, 32, 2048
+    x, w, b, t = _inputs(n, h, v, dtype)
+
+    def ours():
+        llmcore.linear_cross_entropy(x, w, t, b, backend="native").backward()
+
+    got = _peak(ours, [x, w, b, t])
+    size = x.element_size()
+    grads = (v * h + n * h + v) * size                       # dW, dx, db in the input dtype
+    assert got.largest == n * v
+    assert got.peak <= n * v * size + grads + (16 << 10), (got.peak, n * v * size + grads)

@@ -170,3 +170,100 @@ def test_check_targets_op_takes_any_integer_layout():
         torch.ops.llmcore.cross_entropy_check_targets(t32, 7, -100)
     torch.ops.llmcore.cross_entropy_check_targets(t32, 9, -100)
     torch.ops.llmcore.cross_entropy_check_targets(torch.tensor(-100), 9, -100)
+
+
+# ---------------------------------------------------------------- llmcore::linear_cross_entropy
+# The eager one-chunk call (every row in one chunk) is one C++ op with its autograd in C++; the
+# Python chunk loop (what torch.compile traces, and every larger call) must agree with it bit
+# for bit.
+
+def _lce_inputs(n, h, v, dtype, bias):
+    x = torch.randn(n, h, dtype=dtype, requires_grad=True)
+    w = (torch.randn(v, h) / h ** 0.5 * 2).to(dtype).requires_grad_()
+    b = (torch.randn(v) * 0.5).to(dtype).requires_grad_() if bias else None
+    return x, w, b, _target(n, v, ignored=(1, 4))
+
+
+def _lce_both_routes(x, w, b, t, reduction, opts):
+    from llmcore.ops.cross_entropy import _LINEAR_CROSS_ENTROPY
+
+    leaves = [p for p in (x, w, b) if p is not None]
+    results = []
+    for route in ("op", "loop"):
+        if route == "op":
+            out = llmcore.linear_cross_entropy(x, w, t, b, reduction=reduction, backend="native",
+                                               **opts)
+            assert "LinearCrossEntropyFunction" in out.grad_fn.name(), out.grad_fn.name()
+        else:
+            loop = _LINEAR_CROSS_ENTROPY["native"].chunked
+            out = loop(x, w, t, b, -100, reduction, opts.get("label_smoothing", 0.0),
+                       opts.get("z_loss", 0.0), opts.get("softcap"), x.shape[0])
+        torch.manual_seed(0)                          # the same output gradient for both
+        seed = torch.randn(out.shape).to(out.dtype)
+        results.append([out, *torch.autograd.grad(out, leaves, seed)])
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 20.0}],
+                         ids=["plain", "options"])
+def test_linear_cross_entropy_op_equals_the_chunk_loop(dtype, reduction, bias, opts):
+    x, w, b, t = _lce_inputs(9, 24, 301, dtype, bias)
+    op, loop = _lce_both_routes(x, w, b, t, reduction, opts)
+    for got, want in zip(op, loop):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_linear_cross_entropy_op_second_backward_recomputes():
+    # the first backward overwrites the kept logits with their gradient; with retain_graph a
+    # second backward recomputes them and gets the same gradients
+    x, w, b, t = _lce_inputs(6, 16, 97, torch.float32, True)
+    out = llmcore.linear_cross_entropy(x, w, t, b, label_smoothing=0.1, backend="native")
+    first = torch.autograd.grad(out, [x, w, b], retain_graph=True)
+    second = torch.autograd.grad(out, [x, w, b])
+    for a, c in zip(first, second):
+        assert torch.equal(a, c)
+
+
+def test_linear_cross_entropy_op_without_grad():
+    x, w, b, t = _lce_inputs(6, 16, 97, torch.float32, True)
+    with torch.no_grad():
+        got = llmcore.linear_cross_entropy(x, w, t, b, z_loss=1e-3, backend="native")
+    want = llmcore.linear_cross_entropy(x, w, t, b, z_loss=1e-3, backend="native")
+    assert got.grad_fn is None and torch.equal(got, want.detach())
+
+
+def test_linear_cross_entropy_op_grads_only_what_is_asked():
+    x, w, b, t = _lce_inputs(6, 16, 97, torch.float32, True)
+    w.requires_grad_(False)
+    out = llmcore.linear_cross_entropy(x, w, t, b, backend="native")
+    dx, db = torch.autograd.grad(out, [x, b])
+    x2 = x.detach().requires_grad_()
+    b2 = b.detach().requires_grad_()
+    want = F.cross_entropy(F.linear(x2, w, b2), t)
+    torch.testing.assert_close(out, want)
+    for a, c in zip((dx, db), torch.autograd.grad(want, [x2, b2])):
+        torch.testing.assert_close(a, c)
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("dtype,bias", [(torch.float32, True), (torch.bfloat16, False)])
+def test_linear_cross_entropy_opcheck(reduction, dtype, bias):
+    x, w, b, t = _lce_inputs(5, 8, 61, dtype, bias)
+    args = (x, w, b, t, -100, reduction, 0.1, 1e-3, 0.0)
+    torch.library.opcheck(torch.ops.llmcore.linear_cross_entropy.default, args)
+
+
+def test_linear_cross_entropy_op_refuses_bad_shapes():
+    x, w, b, t = _lce_inputs(5, 8, 61, torch.float32, True)
+    op = torch.ops.llmcore.linear_cross_entropy
+    with pytest.raises(ValueError, match=r"weight must have shape \(V, 8\)"):
+        op(x, w[:, :4], b, t, -100, 1, 0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match=r"bias must have shape \[61\]"):
+        op(x, w, b[:3], t, -100, 1, 0.0, 0.0, 0.0)
+    with pytest.raises(TypeError, match="weight must have input's dtype"):
+        op(x, w.double(), b, t, -100, 1, 0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="target values must be in"):
+        op(x, w, b, torch.full((5,), 61), -100, 1, 0.0, 0.0, 0.0)
