@@ -395,6 +395,64 @@ def test_atomic_dq_matches_the_deterministic_path_and_skips_the_dq_kernel(monkey
     assert launched == [A._dq_kernel, A._dkdv_kernel] and dmask.shape == mask.shape
 
 
+def test_the_autotuner_runs_once_per_shape_class(monkeypatch):
+    # on a GPU the first launch of a shape class goes through triton's autotuner and later ones
+    # straight to the JIT kernel with the config it chose (the interpreter has one fixed config,
+    # so the GPU route is driven here with stand-ins that record what they are asked to run)
+    import triton
+
+    class Jit:
+        def __init__(self):
+            self.launches = []
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
+
+    class Autotuned:
+        def __init__(self):
+            self.fn, self.launches, self.best_config = Jit(), [], None
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                config = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2)
+                self.launches.append((grid(config.all_kwargs()), args, kwargs))
+                self.best_config = config
+            return run
+
+    monkeypatch.setattr(A, "_INTERPRET", False)
+    monkeypatch.setattr(A, "_CHOSEN", {})
+    tuned = Autotuned()
+    args, consts = (1, 2.0), {"BLOCK_D": 64}
+    for key in ("a", "a", "a", "b"):
+        A._launch(tuned, lambda meta: A.cdiv(100, meta["BLOCK_M"]), 3, 5, args, consts, key)
+    assert tuned.launches == [((2, 3, 5), args, consts), ((2, 3, 5), args, consts)]
+    chosen = {"BLOCK_D": 64, "BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+    assert len(tuned.fn.launches) == 2
+    for grid, a, kwargs in tuned.fn.launches:
+        assert grid == (2, 3, 5) and a == args
+        assert {k: kwargs[k] for k in chosen} == chosen
+
+
+def test_the_tune_key_holds_the_autotuners_key():
+    # everything the autotuner keys its choice on (A._AUTOTUNE_KEY and the tensors' dtypes)
+    # changes the key the launch cache keeps its choice under
+    def key(q_shape=(1, 2, 40, 64), dv=64, dtype=torch.float16, window=(-1, -1), mask=None,
+            alibi=None):
+        q = torch.empty(q_shape, dtype=dtype)
+        k = torch.empty(q_shape, dtype=dtype)
+        v = torch.empty(q_shape[:3] + (dv,), dtype=dtype)
+        return A._Features(q, k, v, 0.1, window, False, 0.0, alibi, mask, 0.0, None, None,
+                           None, None, None).tune_key
+    base = key()
+    assert key() == base
+    others = [key(q_shape=(1, 2, 40, 128)), key(dv=128), key(dtype=torch.bfloat16),
+              key(window=(-1, 0)), key(q_shape=(1, 2, 300, 64)),
+              key(mask=torch.ones(1, 1, 40, 40, dtype=torch.bool)),
+              key(mask=torch.zeros(1, 1, 40, 40, dtype=torch.float16)),
+              key(alibi=torch.ones(2))]
+    assert len({base, *others}) == len(others) + 1
+
+
 def test_flash_attn_deterministic_flag(monkeypatch):
     # None (the default) and True: the deterministic backward; an explicit False: the atomic
     # one, unless torch.use_deterministic_algorithms is on

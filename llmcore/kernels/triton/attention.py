@@ -628,7 +628,9 @@ def _dropout_mask_kernel(KEEP, SEED, dropout_p, N_Q, N_K,
 # trusts them.
 
 _INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16}
-_AUTOTUNE_KEY = ["BLOCK_D", "HAS_WR", "SEQ_BUCKET"]  # + every tensor's dtype (added by triton)
+# + every tensor's dtype (added by triton). BLOCK_DV too: the pruner picks the head-dim class
+# from max(BLOCK_D, BLOCK_DV), so a config tuned for Dv = 64 must not be reused for Dv = 256
+_AUTOTUNE_KEY = ["BLOCK_D", "BLOCK_DV", "HAS_WR", "SEQ_BUCKET"]
 
 # head-dim class (padded D up to 64, 128, 256) -> [(BLOCK_M, BLOCK_N, num_warps, num_stages)]
 # The 128x128 forward tiles and the lopsided backward tiles (a long outer tile, a short inner
@@ -683,13 +685,31 @@ else:
     _dkdv_atomic_kernel = _autotuned(_attn_bwd_dkdv_kernel, _BWD_TABLE, reset_to_zero=["DQ"])
 
 
-def _launch(kernel, grid_axis0, H, B, args, consts):
-    """grid_axis0(meta) -> programs along axis 0. The interpreter gets the fixed small config."""
+# The autotuner runs once per shape class, not on every call: its run() costs ~30 us of host
+# time a launch on our CI VM (it rebuilds a dict of the kernel's ~60 arguments, scanning the
+# argument-name list for each, and str()s every tensor's dtype for its key), 20x the direct
+# launch's Python around the same kernel (benchmarks/triton_host_overhead.py measures both).
+# Its choice is kept here under a key of our own (_Features.tune_key: the autotuner's key and
+# the dtypes that make up the rest of it), and later calls launch the JIT kernel with it.
+_CHOSEN: dict = {}       # (id(autotuned kernel), tune key) -> (JIT kernel, the config's launch kwargs)
+
+
+def _launch(kernel, grid_axis0, H, B, args, consts, tune_key):
+    """grid_axis0(meta) -> programs along axis 0. The interpreter gets the fixed small config;
+    on a GPU the first call of a shape class goes through the autotuner, later ones straight
+    to the kernel with the config it chose."""
     if _INTERPRET:
         meta = dict(_INTERPRET_CONFIG)
         kernel[(grid_axis0(meta), H, B)](*args, **consts, **meta)
-    else:
+        return
+    key = (id(kernel), tune_key)
+    chosen = _CHOSEN.get(key)
+    if chosen is None:
         kernel[lambda meta: (grid_axis0(meta), H, B)](*args, **consts)
+        _CHOSEN[key] = (kernel.fn, kernel.best_config.all_kwargs())
+        return
+    fn, config = chosen
+    fn[(grid_axis0(config), H, B)](*args, **consts, **config)
 
 
 # ------------------------------------------------------------------------------ launchers
@@ -752,6 +772,11 @@ class _Features:
         self.cu_k = None if cu_seqlens_k is None else cu_seqlens_k.contiguous()
         # fp32 inputs: exact fp32 products (no TF32), so fp32 meets the oracle rule on GPUs too
         self.dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        # what the autotuner's key holds (_AUTOTUNE_KEY, and the dtypes of the tensors the
+        # kernels receive, which these flags and dtypes determine): see _launch
+        self.tune_key = (self.block_d, self.block_dv, self.has_wr, self.seq_bucket, q.dtype,
+                         k.dtype, v.dtype, None if attn_mask is None else attn_mask.dtype,
+                         alibi_slopes is None, self.varlen, self.has_dropout)
 
     def pointers(self, q):
         """(MASK, SLOPES, CU_Q, CU_K, SEED); absent ones point at q and are never read."""
@@ -826,7 +851,7 @@ def attention_fwd(q, k, v, *, scale, window=(-1, -1), bottom_right=False, softca
             *_strides4(out, f.varlen), *f.lse_strides(lse), *f.mask_strides(),
             *f.slope_strides(), *f.sizes(), *f.score_args(), f.seq_bucket)
     _launch(_fwd_kernel, lambda meta: cdiv(f.Nq, meta["BLOCK_M"]), f.H, f.B, args,
-            f.consts())
+            f.consts(), f.tune_key)
     return out, lse
 
 
@@ -870,6 +895,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, *, scale, window=(-1, -1), bottom
               *_strides4(v, f.varlen), *_strides4(grad_out, f.varlen))
     tail = (*f.mask_strides(), *f.slope_strides(), *f.sizes(), f.scale, *f.score_args(),
             f.seq_bucket)
+    tune_key = (*f.tune_key, grad_out.dtype)
     if atomic_dq:
         # fp32 (B, H, Nq, D) accumulator (varlen: (1, H, total, D)), zeroed: rows outside
         # every sequence stay 0, as dq's do on the deterministic path
@@ -878,17 +904,17 @@ def attention_bwd(grad_out, q, k, v, out, lse, *, scale, window=(-1, -1), bottom
                 (q, k, v, grad_out, dk, dv, dq_acc, lse, delta, *common,
                  *_strides4(dk, f.varlen), *_strides4(dv, f.varlen),
                  *_strides4(dq_acc, f.varlen), *lse_strides, *tail),
-                {**f.consts(), "ATOMIC_DQ": True})
+                {**f.consts(), "ATOMIC_DQ": True}, tune_key)
         return dq.copy_(dq_acc), dk, dv, None
     _launch(_dq_kernel, lambda meta: cdiv(f.Nq, meta["BLOCK_M"]), f.H, f.B,
             (q, k, v, grad_out, dq, q if dmask is None else dmask, lse, delta, *common,
              *_strides4(dq, f.varlen), *lse_strides, *tail),
-            {**f.consts(), "MASK_GRAD": mask_grad})
+            {**f.consts(), "MASK_GRAD": mask_grad}, (*tune_key, mask_grad))
     # DQ is not read or written without ATOMIC_DQ: dq stands in
     _launch(_dkdv_kernel, lambda meta: cdiv(f.Nk, meta["BLOCK_N"]), f.Hkv, f.B,
             (q, k, v, grad_out, dk, dv, dq, lse, delta, *common, *_strides4(dk, f.varlen),
              *_strides4(dv, f.varlen), *_strides4(dq, f.varlen), *lse_strides, *tail),
-            {**f.consts(), "ATOMIC_DQ": False})
+            {**f.consts(), "ATOMIC_DQ": False}, tune_key)
     return dq, dk, dv, _reduce_dmask(dmask, attn_mask)
 
 
