@@ -706,7 +706,9 @@ def _launch(kernel, grid_axis0, H, B, args, consts, tune_key):
     chosen = _CHOSEN.get(key)
     if chosen is None:
         kernel[lambda meta: (grid_axis0(meta), H, B)](*args, **consts)
-        _CHOSEN[key] = (kernel.fn, kernel.best_config.all_kwargs())
+        config = getattr(kernel, "best_config", None)
+        if config is not None:    # (a triton whose autotuner says nothing: asked every call)
+            _CHOSEN[key] = (kernel.fn, config.all_kwargs())
         return
     fn, config = chosen
     fn[(grid_axis0(config), H, B)](*args, **consts, **config)
