@@ -29,13 +29,19 @@ from llmcore.benchmarks.rope import _eager_rope  # noqa: E402
 
 
 class _Stub:
-    """Stands in for a @triton.jit kernel: kernel[grid](...) does nothing."""
+    """Stands in for a @triton.jit kernel: kernel[grid](...) does nothing (but tell
+    `on_launch`, when given, the kernel's name)."""
+
+    def __init__(self, name=None, on_launch=None):
+        self.name, self.on_launch = name, on_launch
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+        if self.on_launch is None:
+            return lambda *args, **kwargs: None
+        return lambda *args, **kwargs: self.on_launch(self.name)
 
 
-def stub_kernels() -> int:
+def stub_kernels(on_launch=None) -> int:
     import importlib
 
     n = 0
@@ -43,7 +49,7 @@ def stub_kernels() -> int:
         mod = importlib.import_module(f"llmcore.kernels.triton.{name}")
         for attr, obj in list(vars(mod).items()):
             if hasattr(obj, "run") and hasattr(obj, "__getitem__"):
-                setattr(mod, attr, _Stub())
+                setattr(mod, attr, _Stub(f"{name}.{attr}", on_launch))
                 n += 1
     return n
 
