@@ -995,8 +995,51 @@ def _triton_grad_block(logits, target, lse, col_start, n_classes, ignore_index=-
     return logits
 
 
+# Eager calls launch the chunk kernels directly: through the custom ops above, each launch
+# would also pay the dispatcher's Python custom-op path (tens of microseconds), once per token
+# chunk and once per vocabulary block (50 blocks at N = 8192, V = 50257 in bf16), about the
+# GPU time of a block's two GEMMs. Under torch.compile the custom ops are what dynamo traces.
+
+def _triton_eager_rows(logits, target, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+                       softcap=None, grad_scale=None):
+    if torch.compiler.is_compiling():
+        return _triton_cross_entropy_rows(logits, target, ignore_index, label_smoothing, z_loss,
+                                          softcap, grad_scale)
+    if grad_scale is None:
+        return _launch_ce_fwd(logits, target, None, ignore_index, label_smoothing, z_loss,
+                              softcap)[0], None
+    loss, _lse = _launch_ce_fwd(logits, target, None, ignore_index, label_smoothing, z_loss,
+                                softcap, grad=logits, grad_scale=grad_scale)
+    return loss, logits
+
+
+def _triton_eager_rows_lse(logits, target, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+                           softcap=None, grad_scale=None):
+    if torch.compiler.is_compiling():
+        return _triton_rows_lse(logits, target, ignore_index, label_smoothing, z_loss, softcap,
+                                grad_scale)
+    if grad_scale is None:
+        return (*_launch_ce_fwd(logits, target, None, ignore_index, label_smoothing, z_loss,
+                                softcap), None)
+    loss, lse = _launch_ce_fwd(logits, target, None, ignore_index, label_smoothing, z_loss,
+                               softcap, grad=logits, grad_scale=grad_scale)
+    return loss, lse, logits
+
+
+def _triton_eager_grad_block(logits, target, lse, col_start, n_classes, ignore_index=-100,
+                             label_smoothing=0.0, z_loss=0.0, softcap=None, grad_scale=None):
+    if torch.compiler.is_compiling():
+        return _triton_grad_block(logits, target, lse, col_start, n_classes, ignore_index,
+                                  label_smoothing, z_loss, softcap, grad_scale)
+    from llmcore.kernels.triton import cross_entropy as kernels
+
+    kernels.ce_grad_block(logits, target, lse, grad_scale, col_start, n_classes, ignore_index,
+                          label_smoothing, z_loss, softcap or None, out=logits)
+    return logits
+
+
 _LINEAR_CROSS_ENTROPY["triton"] = chunked_linear_cross_entropy(
-    _triton_cross_entropy_rows, _triton_rows_lse, _triton_grad_block)
+    _triton_eager_rows, _triton_eager_rows_lse, _triton_eager_grad_block)
 
 
 def _native_rows_lse(logits, target, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,

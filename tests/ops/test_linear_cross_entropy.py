@@ -267,3 +267,34 @@ def test_one_chunk_holds_one_logits_buffer(dtype):
     grads = (v * h + n * h + v) * size                       # dW, dx, db in the input dtype
     assert got.largest == n * v
     assert got.peak <= n * v * size + grads + (16 << 10), (got.peak, n * v * size + grads)
+
+
+@pytest.mark.parametrize("dtype, chunk", [(torch.float32, None), (torch.float32, 7),
+                                          (torch.bfloat16, 7)])
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not installed")
+def test_triton_eager_route_launches_directly(dtype, chunk):
+    # eager calls launch the chunk kernels without the llmcore_triton custom ops (what
+    # torch.compile traces), with the same bits as the route through them
+    from llmcore.ops import cross_entropy as ce
+    from llmcore_testing import OpLog
+
+    x, w, b, t = _inputs(20, 8, 37, dtype)
+    opts = dict(label_smoothing=0.1, z_loss=1e-3, softcap=30.0)
+    chunk_size = chunk or 20
+    op_route = ce.chunked_linear_cross_entropy(ce._triton_cross_entropy_rows,
+                                               ce._triton_rows_lse, ce._triton_grad_block)
+    results = []
+    for route in ("eager", "ops"):
+        log = OpLog()
+        with log:
+            if route == "eager":
+                out = llmcore.linear_cross_entropy(x, w, t, b, chunk_size=chunk_size,
+                                                   backend="triton", **opts)
+            else:
+                out = op_route(x, w, t, b, -100, "mean", 0.1, 1e-3, 30.0, chunk_size)
+            grads = torch.autograd.grad(out, [x, w, b])
+        custom = [op for op in log.ops if op.startswith("llmcore_triton.")]
+        assert bool(custom) == (route == "ops"), (route, custom)
+        results.append([out, *grads])
+    for a, c in zip(*results):
+        assert torch.equal(a, c)
