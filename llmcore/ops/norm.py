@@ -104,9 +104,15 @@ def _norm_grads(ctx, dy, dh, norm_bwd):
         return (dh if x_needed else None), (dh if res_needed else None), None, None
     dx, dw, db = norm_bwd(dy, dh, h, weight, mean, rstd, ctx.rms, bool(dw_needed),
                           bool(db_needed))
+    # the eager launchers round dweight/dbias to the parameters' dtypes already (the registered
+    # op returns them in the statistics' dtype): a .to() with nothing to convert still costs
+    # about a microsecond
+    if dw_needed and dw.dtype != ctx.weight_dtype:
+        dw = dw.to(ctx.weight_dtype)
+    if db_needed and db.dtype != ctx.bias_dtype:
+        db = db.to(ctx.bias_dtype)
     return ((dx if x_needed else None), (dx if res_needed else None),
-            dw.to(ctx.weight_dtype) if dw_needed else None,
-            db.to(ctx.bias_dtype) if db_needed else None)
+            dw if dw_needed else None, db if db_needed else None)
 
 
 def _rows_cols(x, dims) -> tuple[int, int]:

@@ -176,31 +176,48 @@ def _norm_bwd_kernel(
 
 
 # dweight[c] = sum over the partial rows p = 0, 1, ... of partials[p, c] (fixed order, fp32),
-# rounded once to the parameter's dtype: the reduction and the cast in one pass.
+# rounded once to the parameter's dtype: the reduction and the cast in one pass. With HAS_Q the
+# same program also sums a second (p, N) partials buffer Q (dbias beside dweight): one launch
+# for both, each column's sum in the same order as alone.
 @triton.jit
-def _partials_sum_kernel(P, Out, n_partials, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+def _partials_sum_kernel(P, Out, Q, OutQ, n_partials, N, HAS_Q: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
     acc = tl.zeros((BLOCK_N,), dtype=P.dtype.element_ty)
+    acc_q = tl.zeros((BLOCK_N,), dtype=P.dtype.element_ty)
     for start in range(0, n_partials, BLOCK_P):
         rows = start + tl.arange(0, BLOCK_P)
         offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-        part = tl.load(P + offs, mask=(rows < n_partials)[:, None] & cmask[None, :], other=0.0)
-        acc += tl.sum(part, axis=0)
+        mask = (rows < n_partials)[:, None] & cmask[None, :]
+        acc += tl.sum(tl.load(P + offs, mask=mask, other=0.0), axis=0)
+        if HAS_Q:
+            acc_q += tl.sum(tl.load(Q + offs, mask=mask, other=0.0), axis=0)
     tl.store(Out + cols, acc.to(Out.dtype.element_ty), mask=cmask)
+    if HAS_Q:
+        tl.store(OutQ + cols, acc_q.to(OutQ.dtype.element_ty), mask=cmask)
 
 
-def _sum_partials(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(p, N) fp32/fp64 partials -> (N,) sums in `dtype`, one kernel."""
+def _sum_partials(part: torch.Tensor, dtype: torch.dtype, part_q=None, dtype_q=None):
+    """(p, N) fp32/fp64 partials -> (N,) sums in `dtype`; with part_q, also its sums in dtype_q
+    (None otherwise). One kernel."""
     p, n = part.shape
     # The Triton interpreter (CPU tests) truncates fp32 -> bf16 casts where the GPU rounds to
     # nearest: there, the sums come out in fp32 and torch rounds them.
-    interp_bf16 = dtype == torch.bfloat16 and part.is_cpu
-    out = part.new_empty(n, dtype=part.dtype if interp_bf16 else dtype)
+    interp = part.is_cpu
+    acc = part.dtype
+    out = part.new_empty(n, dtype=acc if interp and dtype == torch.bfloat16 else dtype)
+    out_q = None
+    if part_q is not None:
+        out_q = part.new_empty(n, dtype=acc if interp and dtype_q == torch.bfloat16 else dtype_q)
     block_n = min(_row_config(n)[0], 256)
-    _partials_sum_kernel[(cdiv(n, block_n),)](part, out, p, n, BLOCK_P=32,
-                                                      BLOCK_N=block_n, num_warps=4)
-    return out.to(dtype) if interp_bf16 else out
+    _partials_sum_kernel[(cdiv(n, block_n),)](part, out, part_q, out_q, p, n,
+                                              HAS_Q=part_q is not None, BLOCK_P=32,
+                                              BLOCK_N=block_n, num_warps=4)
+    if interp:
+        out = out if out.dtype == dtype else out.to(dtype)
+        out_q = out_q if out_q is None or out_q.dtype == dtype_q else out_q.to(dtype_q)
+    return out, out_q
 
 
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:
@@ -277,7 +294,12 @@ def norm_bwd(dy, dh_out, h, weight, mean, rstd, is_rms: bool, weight_grad: bool,
         IS_RMS=is_rms, HAS_DHO=dh_out is not None, HAS_W=weight is not None,
         DW=weight_grad, DB=bias_grad, BLOCK_N=block, num_warps=warps,
     )
-    # the one reduction over the per-program partials: fixed shape, fixed order, one cast
-    dw = _sum_partials(dw_part, weight_dtype or stat) if weight_grad else None
-    db = _sum_partials(db_part, bias_dtype or stat) if bias_grad else None
+    # the one reduction over the per-program partials: fixed shape, fixed order, one cast, one
+    # launch for dweight and dbias together
+    if weight_grad:
+        dw, db = _sum_partials(dw_part, weight_dtype or stat, db_part, bias_dtype or stat)
+    elif bias_grad:
+        dw, db = None, _sum_partials(db_part, bias_dtype or stat)[0]
+    else:
+        dw = db = None
     return dx, dw, db
