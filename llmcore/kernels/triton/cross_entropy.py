@@ -26,6 +26,7 @@ keeps fixed.
 """
 from __future__ import annotations
 
+import functools
 
 import torch
 import triton
@@ -45,6 +46,7 @@ _LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(a) = exp2(a * log2(e))
 _MAX_BLOCK_V = 8192
 
 
+@functools.lru_cache(maxsize=None)  # per vocabulary size: one lookup per launch
 def _block_v(n_classes: int) -> tuple[int, int]:
     block = min(next_power_of_2(n_classes), _MAX_BLOCK_V)  # the host helper: ns, not us
     return block, min(max(block // 512, 1), 16)  # (BLOCK_V, num_warps), untuned (see above)
@@ -253,7 +255,7 @@ def _class_weight_sum(weight, acc, label_smoothing):
 
 
 def _weight_stride(weight) -> int:
-    return 0 if weight is None else weight.stride(0)
+    return 0 if weight is None else weight.stride()[0]
 
 
 def _scale_stride(scale: torch.Tensor, n: int) -> int:
@@ -261,7 +263,7 @@ def _scale_stride(scale: torch.Tensor, n: int) -> int:
         return 0
     if scale.shape != (n,):
         raise ValueError(f"grad_scale must be 0-dim or of shape ({n},), got {tuple(scale.shape)}")
-    return scale.stride(0)
+    return scale.stride()[0]
 
 
 def ce_fwd(logits, target, weight, ignore_index: int, label_smoothing: float, z_loss: float,
@@ -276,18 +278,21 @@ def ce_fwd(logits, target, weight, ignore_index: int, label_smoothing: float, z_
     [0, V) (whose loss is nan too)."""
     n, v = logits.shape
     acc = acc_dtype(logits)
-    loss = torch.empty(n, dtype=acc, device=logits.device)
-    lse = torch.empty(n, dtype=acc, device=logits.device)
-    wt = torch.empty(n, dtype=acc, device=logits.device) if valid_weight else None
+    # new_empty with plain ints: the cheapest allocation call (no device object, no torch.Size)
+    loss = logits.new_empty(n, dtype=acc)
+    lse = logits.new_empty(n, dtype=acc)
+    wt = logits.new_empty(n, dtype=acc) if valid_weight else None
     if n == 0:
         return (loss, lse, wt) if valid_weight else (loss, lse)
     compute_grad = grad is not None
     block, warps = _block_v(v)
+    sx = logits.stride()  # one tuple: stride(i) costs several times more per call
+    sg = grad.stride() if compute_grad else (0, 0)
     _ce_fwd_kernel[(n,)](
-        logits, logits.stride(0), logits.stride(1), target, target.stride(0), weight,
+        logits, sx[0], sx[1], target, target.stride()[0], weight,
         _weight_stride(weight), _class_weight_sum(weight, acc, label_smoothing), z_ratio,
         loss, lse, wt,
-        grad, grad.stride(0) if compute_grad else 0, grad.stride(1) if compute_grad else 0,
+        grad, sg[0], sg[1],
         grad_scale, _scale_stride(grad_scale, n) if compute_grad else 0,
         v, ignore_index,
         HAS_WEIGHT=weight is not None, SMOOTH=label_smoothing > 0,
@@ -303,14 +308,15 @@ def ce_bwd(logits, target, weight, lse, grad_scale, ignore_index: int, label_smo
     """dloss/dlogits * grad_scale as a contiguous (n, V) tensor in logits' dtype, from the lse
     (n,) that ce_fwd returned. grad_scale: 0-dim or (n,), e.g. the gradient of the row losses."""
     n, v = logits.shape
-    dlogits = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
+    dlogits = logits.new_empty(n, v)
     if n == 0:
         return dlogits
     block, warps = _block_v(v)
+    sx = logits.stride()
     _ce_bwd_kernel[(n,)](
-        logits, logits.stride(0), logits.stride(1), target, target.stride(0), weight,
+        logits, sx[0], sx[1], target, target.stride()[0], weight,
         _weight_stride(weight), _class_weight_sum(weight, lse.dtype, label_smoothing), z_ratio,
-        lse, dlogits, dlogits.stride(0), dlogits.stride(1),
+        lse, dlogits, v, 1,  # dlogits' strides: contiguous
         grad_scale, _scale_stride(grad_scale, n),
         v, ignore_index,
         HAS_WEIGHT=weight is not None, SMOOTH=label_smoothing > 0,
