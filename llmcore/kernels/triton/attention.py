@@ -697,7 +697,8 @@ def _launch(kernel, grid_axis0, H, B, args, consts):
 def _strides4(t: torch.Tensor, varlen: bool) -> tuple[int, int, int, int]:
     """(batch, head, seq, dim) strides of a (B, H, N, D) view; packed varlen (1, H, total, D)
     has no batch stride (the sequence offsets come from cu_seqlens)."""
-    return (0 if varlen else t.stride(0)), t.stride(1), t.stride(2), t.stride(3)
+    s = t.stride()  # one tuple: stride(i) costs several times more per call
+    return (0 if varlen else s[0]), s[1], s[2], s[3]
 
 
 def _like_layout(ref: torch.Tensor, shape, dtype=None) -> torch.Tensor:
@@ -705,10 +706,12 @@ def _like_layout(ref: torch.Tensor, shape, dtype=None) -> torch.Tensor:
     a transposed view of such memory (flash-attn layouts), else contiguous (B, H, N, d). Used for
     outputs and gradients, and by the fake impls, so both agree on strides."""
     dtype = ref.dtype if dtype is None else dtype
-    if ref.dim() == 4 and ref.stride(1) < ref.stride(2):  # heads inside sequence positions
+    strides = ref.stride()
+    if len(strides) == 4 and strides[1] < strides[2]:  # heads inside sequence positions
         b, h, n, d = shape
-        return torch.empty((b, n, h, d), dtype=dtype, device=ref.device).transpose(1, 2)
-    return torch.empty(shape, dtype=dtype, device=ref.device)
+        return ref.new_empty((b, n, h, d), dtype=dtype).transpose(1, 2)
+    # new_empty: no device object to build
+    return ref.new_empty(shape, dtype=dtype)
 
 
 class _Features:
@@ -815,7 +818,7 @@ def attention_fwd(q, k, v, *, scale, window=(-1, -1), bottom_right=False, softca
                   dropout_p, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     B, H, Nq = q.shape[:3]
     out = _like_layout(q, (B, H, Nq, f.Dv))
-    lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    lse = q.new_empty((B, H, Nq), dtype=torch.float32)
     if f.varlen:  # rows outside every sequence (none when cu_seqlens end at total) stay defined
         out.zero_()
         lse.fill_(float("inf"))
