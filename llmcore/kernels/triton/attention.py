@@ -769,18 +769,20 @@ class _Features:
         if self.mask is None:
             return 0, 0, 0, 0
         m = self.mask.expand(self.B, self.H, self.Nq, self.Nk)  # broadcast dims -> stride 0
-        return m.stride(0), m.stride(1), m.stride(2), m.stride(3)
+        return m.stride()
 
     def slope_strides(self):
         if self.alibi is None:
             return 0, 0
-        if self.alibi.dim() == 1:  # (H,)
-            return 0, self.alibi.stride(0)
+        s = self.alibi.stride()
+        if len(s) == 1:  # (H,)
+            return 0, s[0]
         # (B or S, H), or (1, H) for every batch row
-        return (0 if self.alibi.shape[0] == 1 else self.alibi.stride(0)), self.alibi.stride(1)
+        return (0 if self.alibi.shape[0] == 1 else s[0]), s[1]
 
     def lse_strides(self, lse):
-        return (0 if self.varlen else lse.stride(0)), lse.stride(1), lse.stride(2)
+        s = lse.stride()
+        return (0 if self.varlen else s[0]), s[1], s[2]
 
     def sizes(self):
         return (self.H, self.group, self.Nq, self.Nk, self.D, self.Dv)
