@@ -587,9 +587,11 @@ def _reduce(loss, den, reduction, dtype):
 # ---------------------------------------------------------------------------- triton backend
 # The kernels of llmcore/kernels/triton/cross_entropy.py. Eager mode: _TritonCrossEntropy, a
 # plain autograd.Function that launches them directly (the custom_op + register_autograd route
-# costs ~130 us of host time per fwd+bwd). Under torch.compile: the same kernels as
-# torch.library ops in namespace llmcore_triton (custom_ops, opaque to torch.compile, not
-# triton_ops: see llmcore/ops/norm.py), with the reduction as plain torch on top. Both reach
+# costs ~130 us of host time per fwd+bwd); with nothing to differentiate, its forward
+# (_triton_ce_eager_fwd) alone, without the Function's bookkeeping. Under torch.compile: the
+# same kernels as torch.library ops in namespace llmcore_triton (custom_ops, opaque to
+# torch.compile, not triton_ops: see llmcore/ops/norm.py), with the reduction as plain torch on
+# top. Both reach
 # the backward kernel through _triton_ce_grad. In the op schemas softcap = 0.0 means none.
 #   cross_entropy_fwd   logits -> (loss (n,), lse (n,));  autograd via cross_entropy_bwd
 #   cross_entropy_rows_ loss (n,), and overwrites `logits` with dloss/dlogits * grad_scale (a
@@ -610,8 +612,8 @@ def _triton_kernels():
 
 def _launch_ce_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap,
                    z_ratio=None, **kwargs):
-    return _triton_kernels().ce_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss,
-                          softcap or None, z_ratio=z_ratio, **kwargs)
+    return _triton_kernels().ce_fwd(logits, target, weight, ignore_index, label_smoothing,
+                                    z_loss, softcap or None, z_ratio=z_ratio, **kwargs)
 
 
 def _assert_targets(wt_sum, n_classes, ignore_index):

@@ -181,9 +181,10 @@ if _register_native():
 # ---------------------------------------------------------------------------- triton backend
 # Eager calls go through _TritonNorm, a plain autograd.Function that launches the kernels of
 # llmcore/kernels/triton/norm.py directly: the host cost of a call is the launches and little
-# else. torch.compile sees the same kernels as two torch.library custom ops,
-# llmcore_triton::norm_fwd / norm_bwd (opaque to dynamo; fake impls for tracing), whose
-# autograd is the same _norm_save / _norm_grads. custom_ops rather than triton_ops: triton_op
+# else; with nothing to differentiate, the forward kernel alone (no Function, no statistics).
+# torch.compile sees the same kernels as two torch.library custom ops, llmcore_triton::norm_fwd
+# / norm_bwd (opaque to dynamo; fake impls for tracing), whose autograd is the same _norm_save /
+# _norm_grads. custom_ops rather than triton_ops: triton_op
 # traces its body with FakeTensors, which the Triton interpreter that runs these kernels on CPU
 # tensors cannot take. The kernel module is imported on first call, so importing llmcore never
 # imports triton. Outputs are always contiguous.
