@@ -10,7 +10,9 @@ the launches: checks, backend choice, allocations, autograd. On a GPU, Triton's 
 adds its per-launch cost on top (a few microseconds per kernel). Each op is timed on tiny
 inputs next to its torch.nn.functional / SDPA twin, interleaved round by round; the table gives
 the median of the rounds' per-call means and the ratio llmcore / torch (target on CUDA: <= 2x,
-issue "GPU speed I").
+issue "GPU speed I"). Modes: "fwd" (inputs that require grad, grad mode on: the forward of a
+training step), "fwd no_grad" (under torch.no_grad(): evaluation and inference) and "fwd+bwd"
+(`out.sum().backward()`). `PYTHONPATH=<tree>` times another checkout with this script.
 """
 from __future__ import annotations
 
@@ -106,10 +108,15 @@ def main() -> None:
     print("| op | mode | torch us | llmcore triton (host) us | ratio |")
     print("|---|---|---|---|---|")
     for name, (eager, ours) in cases().items():
-        for mode in ("fwd", "fwd+bwd"):
+        for mode in ("fwd", "fwd no_grad", "fwd+bwd"):
             def run(f, mode=mode):
                 if mode == "fwd":
                     return f
+                if mode == "fwd no_grad":
+                    def no_grad():
+                        with torch.no_grad():
+                            f()
+                    return no_grad
                 return lambda: f().sum().backward()
             fe, fo = run(eager), run(ours)
             for f in (fe, fo):  # warm up

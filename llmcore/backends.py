@@ -131,9 +131,11 @@ def resolve(family: str, backend: str, device: torch.device | str) -> str:
         backend = os.environ.get("LLMCORE_BACKEND", "auto") or "auto"
     # the answer depends on nothing else that changes while the process runs (TRITON_INTERPRET
     # aside, which is part of the key): cached, so a call costs about a dict lookup.
-    # TRITON_INTERPRET matters only to the Triton backend asked for by name ("auto" never picks
-    # Triton for CPU tensors): read only then, as an environment read costs a microsecond
-    return _resolve(family, backend, device_type, backend == "triton" and _interpret())
+    # TRITON_INTERPRET matters only to the Triton backend asked for by name for CPU tensors
+    # ("auto" never picks Triton for them): read only then, as an environment read costs a
+    # microsecond
+    return _resolve(family, backend, device_type,
+                    backend == "triton" and device_type == "cpu" and _interpret())
 
 
 @functools.lru_cache(maxsize=None)

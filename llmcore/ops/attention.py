@@ -398,9 +398,16 @@ def _flash_attn_core(q, k, v, *, scale, window, bottom_right, softcap, attn_mask
 # ints (window left, window right, bottom_right, max_seqlen_q, max_seqlen_k, deterministic; 0
 # for the max lengths when not varlen).
 
+_triton_attention_kernels = None  # llmcore.kernels.triton.attention, once imported
+
+
 def _triton_kernels():
-    from llmcore.kernels.triton import attention as kernels
-    return kernels
+    # a module global after the first call: an import statement costs a microsecond per call
+    global _triton_attention_kernels
+    if _triton_attention_kernels is None:
+        from llmcore.kernels.triton import attention as kernels
+        _triton_attention_kernels = kernels
+    return _triton_attention_kernels
 
 
 def _triton_kwargs(attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, floats, ints):
@@ -536,8 +543,15 @@ def _triton_core(q, k, v, *, scale, window, bottom_right, softcap, attn_mask, al
              int(bool(deterministic))])
     if torch.compiler.is_compiling():
         out, lse = _triton_attention_fwd(*args)
-    else:
+    elif torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad
+            or (attn_mask is not None and attn_mask.requires_grad)
+            or (alibi_slopes is not None and alibi_slopes.requires_grad)):
         out, lse = _TritonAttention.apply(*args)
+    else:
+        # nothing to differentiate (inference, evaluation): the kernel alone, without an
+        # autograd node (an autograd.Function call costs several microseconds)
+        out, lse = _triton_kernels().attention_fwd(q, k, v, **_triton_kwargs(*args[3:]))
     return out, (lse if return_lse else None)
 
 

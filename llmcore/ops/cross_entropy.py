@@ -598,35 +598,41 @@ def _mean_denominator(target, weight, ignore_index, dtype, count=False):
 
 
 def _reduce(loss, den, reduction, dtype):
-    if reduction == "none":
-        return loss.to(dtype)
-    total = loss.sum()
-    return (total if reduction == "sum" else total / den).to(dtype)
-
-
-def _row_grad(grad, den, reduction):
-    """The gradient of each row's loss: (n,) for "none", else 0-dim (the kernels broadcast)."""
-    return grad / den if reduction == "mean" else grad
+    out = loss if reduction == "none" else loss.sum() if reduction == "sum" else loss.sum() / den
+    # a .to() that has nothing to convert still costs about a microsecond
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 # ---------------------------------------------------------------------------- triton backend
 # The kernels of llmcore/kernels/triton/cross_entropy.py. Eager mode: _TritonCrossEntropy, a
 # plain autograd.Function that launches them directly (the custom_op + register_autograd route
-# costs ~130 us of host time per fwd+bwd). Under torch.compile: the same kernels as
-# torch.library ops in namespace llmcore_triton (custom_ops, opaque to torch.compile, not
-# triton_ops: see llmcore/ops/norm.py), with the reduction as plain torch on top. Both reach
+# costs ~130 us of host time per fwd+bwd); with nothing to differentiate, its forward
+# (_triton_ce_eager_fwd) alone, without the Function's bookkeeping. Under torch.compile: the
+# same kernels as torch.library ops in namespace llmcore_triton (custom_ops, opaque to
+# torch.compile, not triton_ops: see llmcore/ops/norm.py), with the reduction as plain torch on
+# top. Both reach
 # the backward kernel through _triton_ce_grad. In the op schemas softcap = 0.0 means none.
 #   cross_entropy_fwd   logits -> (loss (n,), lse (n,));  autograd via cross_entropy_bwd
 #   cross_entropy_rows_ loss (n,), and overwrites `logits` with dloss/dlogits * grad_scale (a
 #                       mutation declared in the schema): linear_cross_entropy's per-chunk step
 #                       and the in-place-gradient option, which saves the (n, V) gradient buffer.
 
+_triton_ce_kernels = None  # llmcore.kernels.triton.cross_entropy, once imported
+
+
+def _triton_kernels():
+    # a module global after the first call: an import statement costs a microsecond per call
+    global _triton_ce_kernels
+    if _triton_ce_kernels is None:
+        from llmcore.kernels.triton import cross_entropy as kernels
+        _triton_ce_kernels = kernels
+    return _triton_ce_kernels
+
+
 def _launch_ce_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap,
                    z_ratio=None, **kwargs):
-    from llmcore.kernels.triton import cross_entropy as kernels
-
-    return kernels.ce_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss,
-                          softcap or None, z_ratio=z_ratio, **kwargs)
+    return _triton_kernels().ce_fwd(logits, target, weight, ignore_index, label_smoothing,
+                                    z_loss, softcap or None, z_ratio=z_ratio, **kwargs)
 
 
 def _assert_targets(wt_sum, n_classes, ignore_index):
@@ -638,11 +644,10 @@ def _assert_targets(wt_sum, n_classes, ignore_index):
 
 
 def _launch_ce_bwd(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing, z_loss,
-                   softcap, z_ratio=None):
-    from llmcore.kernels.triton import cross_entropy as kernels
-
-    return kernels.ce_bwd(logits, target, weight, lse, grad_loss, ignore_index, label_smoothing,
-                          z_loss, softcap or None, z_ratio=z_ratio)
+                   softcap, z_ratio=None, den=None):
+    return _triton_kernels().ce_bwd(logits, target, weight, lse, grad_loss, ignore_index,
+                                    label_smoothing, z_loss, softcap or None, z_ratio=z_ratio,
+                                    den=den)
 
 
 @torch.library.custom_op("llmcore_triton::cross_entropy_fwd", mutates_args=())
@@ -676,13 +681,13 @@ def _(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing, z_l
     return logits.new_empty(logits.shape)
 
 
-def _triton_ce_grad(saved, options, grad_loss, bwd):
+def _triton_ce_grad(saved, options, grad_loss, bwd, **kwargs):
     """The backward shared by both routes: dlogits from the saved (logits, target, weight, lse,
     z_ratio), the options (ignore_index, label_smoothing, z_loss, softcap) and the gradient of
     each row's loss, through `bwd` (the launcher in eager mode, the registered op under
-    torch.compile)."""
+    torch.compile); kwargs go to `bwd` (the eager launcher's den)."""
     logits, target, weight, lse, z_ratio = saved[:5]
-    return bwd(grad_loss, logits, target, weight, lse, *options, z_ratio)
+    return bwd(grad_loss, logits, target, weight, lse, *options, z_ratio, **kwargs)
 
 
 def _triton_ce_setup_context(ctx, inputs, output):
@@ -701,6 +706,26 @@ def _triton_ce_backward(ctx, grad_loss, _grad_lse):
 _triton_ce_fwd.register_autograd(_triton_ce_backward, setup_context=_triton_ce_setup_context)
 
 
+def _triton_ce_eager_fwd(logits, target, weight, config):
+    """The eager route's forward: the kernel, the reduction and the target check. Returns the
+    reduced loss and what backward needs: (out, lse, z_ratio, den). config: (ignore_index,
+    reduction, label_smoothing, z_loss, softcap) as plain values."""
+    ignore_index, reduction, label_smoothing, z_loss, softcap = config
+    den = z_ratio = None
+    if reduction == "mean" and weight is not None and z_loss > 0:
+        # the z-term's scale den / n_valid is an input of the kernel: den comes first
+        den, z_ratio = _mean_denominator(target, weight, ignore_index, _acc_dtype(logits),
+                                         count=True)
+    loss, lse, wt = _launch_ce_fwd(logits, target, weight, ignore_index, label_smoothing,
+                                   z_loss, softcap, z_ratio, valid_weight=True)
+    if reduction == "mean" and den is None:
+        den = wt.sum()                             # sum of w[t] over the valid rows
+    if not target.is_cpu:
+        _assert_targets(den if z_ratio is None and den is not None else wt.sum(),
+                        logits.shape[1], ignore_index)
+    return _reduce(loss, den, reduction, logits.dtype), lse, z_ratio, den
+
+
 class _TritonCrossEntropy(torch.autograd.Function):
     """The eager route: the kernels launched directly, the reduction in forward, and backward
     scaled per the reduction. config: (ignore_index, reduction, label_smoothing, z_loss,
@@ -708,32 +733,24 @@ class _TritonCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, weight, config):
+        out, lse, z_ratio, den = _triton_ce_eager_fwd(logits, target, weight, config)
         ignore_index, reduction, label_smoothing, z_loss, softcap = config
-        den = z_ratio = None
-        if reduction == "mean" and weight is not None and z_loss > 0:
-            # the z-term's scale den / n_valid is an input of the kernel: den comes first
-            den, z_ratio = _mean_denominator(target, weight, ignore_index, _acc_dtype(logits),
-                                             count=True)
-        loss, lse, wt = _launch_ce_fwd(logits, target, weight, ignore_index, label_smoothing,
-                                       z_loss, softcap, z_ratio, valid_weight=True)
-        if reduction == "mean" and den is None:
-            den = wt.sum()                         # sum of w[t] over the valid rows
-        if target.device.type != "cpu":
-            _assert_targets(den if z_ratio is None and den is not None else wt.sum(),
-                            logits.shape[1], ignore_index)
         ctx.options = (ignore_index, label_smoothing, z_loss, softcap)
         ctx.reduction = reduction
         ctx.save_for_backward(logits, target, weight, lse, z_ratio, den)
         ctx.set_materialize_grads(False)
-        return _reduce(loss, den, reduction, logits.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         if grad is None or not ctx.needs_input_grad[0]:
             return None, None, None, None
         saved = ctx.saved_tensors
-        g = _row_grad(grad, saved[5], ctx.reduction)
-        return _triton_ce_grad(saved, ctx.options, g, _launch_ce_bwd), None, None, None
+        # the gradient of each row's loss: grad (0-dim "sum", (n,) "none"), or grad / den for
+        # "mean", which the kernel divides itself (den is None but for "mean"): one torch op
+        # fewer per backward, the same bits as the compiled route's division
+        return (_triton_ce_grad(saved, ctx.options, grad, _launch_ce_bwd, den=saved[5]),
+                None, None, None)
 
 
 def _triton_cross_entropy_compiled(logits, target, weight, ignore_index, reduction,
@@ -754,11 +771,9 @@ def _triton_ce_rows_(logits: torch.Tensor, target: torch.Tensor, weight: Optiona
                      grad_scale: torch.Tensor, z_ratio: Optional[torch.Tensor] = None
                      ) -> torch.Tensor:
     # grad_scale 0-dim or (n,); logits (n, V) is overwritten with its gradient
-    from llmcore.kernels.triton import cross_entropy as kernels
-
-    loss, _lse = kernels.ce_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss,
-                                softcap or None, grad=logits, grad_scale=grad_scale,
-                                z_ratio=z_ratio)
+    loss, _lse = _triton_kernels().ce_fwd(logits, target, weight, ignore_index, label_smoothing,
+                                          z_loss, softcap or None, grad=logits,
+                                          grad_scale=grad_scale, z_ratio=z_ratio)
     return loss
 
 
@@ -838,8 +853,13 @@ def _triton_cross_entropy(input, target, weight, ignore_index, reduction, label_
         out = _TritonCrossEntropyInplace.apply(logits, t, weight, config)
     elif torch.compiler.is_compiling():
         out = _triton_cross_entropy_compiled(logits, t, weight, *config)
-    else:
+    elif torch.is_grad_enabled() and (
+            logits.requires_grad or (weight is not None and weight.requires_grad)):
         out = _TritonCrossEntropy.apply(logits, t, weight, config)
+    else:
+        # nothing to differentiate (evaluation): the forward alone, without an autograd node
+        # (an autograd.Function call costs about as much as the rest of the op)
+        out = _triton_ce_eager_fwd(logits, t, weight, config)[0]
     return out.reshape(target.shape) if reduction == "none" and target.dim() != 1 else out
 
 

@@ -104,9 +104,15 @@ def _norm_grads(ctx, dy, dh, norm_bwd):
         return (dh if x_needed else None), (dh if res_needed else None), None, None
     dx, dw, db = norm_bwd(dy, dh, h, weight, mean, rstd, ctx.rms, bool(dw_needed),
                           bool(db_needed))
+    # the eager launchers round dweight/dbias to the parameters' dtypes already (the registered
+    # op returns them in the statistics' dtype): a .to() with nothing to convert still costs
+    # about a microsecond
+    if dw_needed and dw.dtype != ctx.weight_dtype:
+        dw = dw.to(ctx.weight_dtype)
+    if db_needed and db.dtype != ctx.bias_dtype:
+        db = db.to(ctx.bias_dtype)
     return ((dx if x_needed else None), (dx if res_needed else None),
-            dw.to(ctx.weight_dtype) if dw_needed else None,
-            db.to(ctx.bias_dtype) if db_needed else None)
+            dw if dw_needed else None, db if db_needed else None)
 
 
 def _rows_cols(x, dims) -> tuple[int, int]:
@@ -175,16 +181,24 @@ if _register_native():
 # ---------------------------------------------------------------------------- triton backend
 # Eager calls go through _TritonNorm, a plain autograd.Function that launches the kernels of
 # llmcore/kernels/triton/norm.py directly: the host cost of a call is the launches and little
-# else. torch.compile sees the same kernels as two torch.library custom ops,
-# llmcore_triton::norm_fwd / norm_bwd (opaque to dynamo; fake impls for tracing), whose
-# autograd is the same _norm_save / _norm_grads. custom_ops rather than triton_ops: triton_op
+# else; with nothing to differentiate, the forward kernel alone (no Function, no statistics).
+# torch.compile sees the same kernels as two torch.library custom ops, llmcore_triton::norm_fwd
+# / norm_bwd (opaque to dynamo; fake impls for tracing), whose autograd is the same _norm_save /
+# _norm_grads. custom_ops rather than triton_ops: triton_op
 # traces its body with FakeTensors, which the Triton interpreter that runs these kernels on CPU
 # tensors cannot take. The kernel module is imported on first call, so importing llmcore never
 # imports triton. Outputs are always contiguous.
 
+_triton_norm_kernels = None  # llmcore.kernels.triton.norm, once imported
+
+
 def _triton_kernels():
-    from llmcore.kernels.triton import norm as kernels
-    return kernels
+    # a module global after the first call: an import statement costs a microsecond per call
+    global _triton_norm_kernels
+    if _triton_norm_kernels is None:
+        from llmcore.kernels.triton import norm as kernels
+        _triton_norm_kernels = kernels
+    return _triton_norm_kernels
 
 
 class _TritonNorm(torch.autograd.Function):
@@ -260,21 +274,40 @@ _triton_norm_fwd.register_autograd(_triton_norm_op_backward, setup_context=_trit
 
 
 def _triton_norm(x, dims, weight, bias, eps, residual, rms):
-    rows, cols = _rows_cols(x, dims)
+    kernels = _triton_kernels()
+    # the usual call, (rows, cols) input over one normalised dim, runs on the tensors as given:
+    # each reshape or view is an op (and an autograd node) of about a microsecond
+    flat = x.dim() != 2 or len(dims) != 1
+    if flat:
+        rows, cols = _rows_cols(x, dims)
+    else:
+        rows, cols = x.shape
     # before any tracing or launch: rows longer than the kernels hold raise a clear error
-    _triton_kernels().check_row_size(cols, x.dtype, "rms_norm" if rms else "layer_norm")
-    # views when possible; (rows, cols) spelled out, as reshape(-1, 0) cannot infer rows
-    x2 = x.reshape(rows, cols)
-    r2 = None if residual is None else residual.reshape(rows, cols)
-    w1 = None if weight is None else weight.reshape(cols)
-    b1 = None if bias is None else bias.reshape(cols)
+    kernels.check_row_size(cols, x.dtype, "rms_norm" if rms else "layer_norm")
+    if flat:
+        # views when possible; (rows, cols) spelled out, as reshape(-1, 0) cannot infer rows
+        x2 = x.reshape(rows, cols)
+        r2 = None if residual is None else residual.reshape(rows, cols)
+        w1 = None if weight is None else weight.reshape(cols)
+        b1 = None if bias is None else bias.reshape(cols)
+    else:
+        x2, r2, w1, b1 = x, residual, weight, bias
     if torch.compiler.is_compiling():
         y, h, _mean, _rstd = _triton_norm_fwd(x2, r2, w1, b1, eps, rms)
-    else:
+    elif torch.is_grad_enabled() and (
+            x.requires_grad or (residual is not None and residual.requires_grad)
+            or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad)):
         y, h = _TritonNorm.apply(x2, r2, w1, b1, eps, rms)
-    # view_as: a view to a torch.Size costs several times more host time than this
-    y = y.view_as(x)
-    return y if residual is None else (y, h.view_as(x))
+    else:
+        # nothing to differentiate (inference, evaluation): the kernel alone, with no autograd
+        # node (an autograd.Function call costs more than the rest of the op) and no statistics
+        y, h, _mean, _rstd = kernels.norm_fwd(x2, r2, w1, b1, eps, rms, stats=False)
+    if flat:
+        # view_as: a view to a torch.Size costs several times more host time than this
+        y = y.view_as(x)
+        h = None if h is None else h.view_as(x)
+    return y if residual is None else (y, h)
 
 
 def _triton_layer_norm(x, dims, weight, bias, eps, residual):

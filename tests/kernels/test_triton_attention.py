@@ -490,6 +490,23 @@ def test_backward_is_deterministic_with_gqa():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+def test_no_grad_route_equals_the_autograd_route():
+    # with nothing to differentiate the kernel runs without the autograd.Function: the same
+    # bits (flash-attn layout, GQA, a mask, dropout from the same torch seed), nothing attached
+    q = torch.randn(1, 19, 4, 16, device=DEVICE)
+    k, v = (torch.randn(1, 23, 2, 16, device=DEVICE) for _ in range(2))
+    for kw in (dict(causal=True), dict(window_size=(5, 2), softcap=3.0, dropout_p=0.3)):
+        def run(*tensors):
+            torch.manual_seed(0)
+            return llmcore.flash_attn_func(*tensors, backend="triton", **kw)
+        want = run(q.clone().requires_grad_(), k, v)
+        with torch.no_grad():
+            no_grad = run(q.clone().requires_grad_(), k, v)
+        for got in (no_grad, run(q, k, v)):
+            assert not got.requires_grad and got.stride() == want.stride()
+            assert torch.equal(got, want)
+
+
 def test_rejects_what_it_cannot_run():
     q = torch.randn(1, 1, 4, 272, device=DEVICE)
     with pytest.raises(ValueError, match="head dims up to 256"):

@@ -120,6 +120,27 @@ def test_float64_is_exact(kind):
         torch.testing.assert_close(a, e, rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_no_grad_route_equals_the_autograd_route(kind, dtype):
+    # without anything to differentiate the kernel runs without the autograd.Function and
+    # without storing statistics: the same bits, and nothing attached to the graph
+    x = torch.randn(3, 7, 45, dtype=dtype, requires_grad=True)
+    r = torch.randn(3, 7, 45, dtype=dtype)
+    w = torch.rand(45, dtype=dtype) + 0.5
+    b = torch.randn(45, dtype=dtype) if kind == "layer" else None
+    for res in (None, r):
+        with_grad = _run(kind, x, w, b, res)
+        with torch.no_grad():
+            no_grad = _run(kind, x, w, b, res)
+        frozen = _run(kind, x.detach(), w, b, res)                   # grad mode, no leaf
+        for got in (no_grad, frozen):
+            pairs = zip(got, with_grad) if res is not None else [(got, with_grad)]
+            for a, e in pairs:
+                assert not a.requires_grad and a.shape == e.shape
+                assert torch.equal(a, e)
+
+
 def test_row_size_cap():
     # 64 KB per row: 16384 fp32 / 32768 bf16 features are the largest allowed
     ok = torch.randn(2, 32768, dtype=torch.bfloat16)

@@ -719,7 +719,8 @@ def _launch(kernel, grid_axis0, H, B, args, consts, tune_key):
 def _strides4(t: torch.Tensor, varlen: bool) -> tuple[int, int, int, int]:
     """(batch, head, seq, dim) strides of a (B, H, N, D) view; packed varlen (1, H, total, D)
     has no batch stride (the sequence offsets come from cu_seqlens)."""
-    return (0 if varlen else t.stride(0)), t.stride(1), t.stride(2), t.stride(3)
+    s = t.stride()  # one tuple: stride(i) costs several times more per call
+    return (0 if varlen else s[0]), s[1], s[2], s[3]
 
 
 def _like_layout(ref: torch.Tensor, shape, dtype=None) -> torch.Tensor:
@@ -727,10 +728,12 @@ def _like_layout(ref: torch.Tensor, shape, dtype=None) -> torch.Tensor:
     a transposed view of such memory (flash-attn layouts), else contiguous (B, H, N, d). Used for
     outputs and gradients, and by the fake impls, so both agree on strides."""
     dtype = ref.dtype if dtype is None else dtype
-    if ref.dim() == 4 and ref.stride(1) < ref.stride(2):  # heads inside sequence positions
+    strides = ref.stride()
+    if len(strides) == 4 and strides[1] < strides[2]:  # heads inside sequence positions
         b, h, n, d = shape
-        return torch.empty((b, n, h, d), dtype=dtype, device=ref.device).transpose(1, 2)
-    return torch.empty(shape, dtype=dtype, device=ref.device)
+        return ref.new_empty((b, n, h, d), dtype=dtype).transpose(1, 2)
+    # new_empty: no device object to build
+    return ref.new_empty(shape, dtype=dtype)
 
 
 class _Features:
@@ -793,18 +796,20 @@ class _Features:
         if self.mask is None:
             return 0, 0, 0, 0
         m = self.mask.expand(self.B, self.H, self.Nq, self.Nk)  # broadcast dims -> stride 0
-        return m.stride(0), m.stride(1), m.stride(2), m.stride(3)
+        return m.stride()
 
     def slope_strides(self):
         if self.alibi is None:
             return 0, 0
-        if self.alibi.dim() == 1:  # (H,)
-            return 0, self.alibi.stride(0)
+        s = self.alibi.stride()
+        if len(s) == 1:  # (H,)
+            return 0, s[0]
         # (B or S, H), or (1, H) for every batch row
-        return (0 if self.alibi.shape[0] == 1 else self.alibi.stride(0)), self.alibi.stride(1)
+        return (0 if self.alibi.shape[0] == 1 else s[0]), s[1]
 
     def lse_strides(self, lse):
-        return (0 if self.varlen else lse.stride(0)), lse.stride(1), lse.stride(2)
+        s = lse.stride()
+        return (0 if self.varlen else s[0]), s[1], s[2]
 
     def sizes(self):
         return (self.H, self.group, self.Nq, self.Nk, self.D, self.Dv)
@@ -842,7 +847,7 @@ def attention_fwd(q, k, v, *, scale, window=(-1, -1), bottom_right=False, softca
                   dropout_p, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     B, H, Nq = q.shape[:3]
     out = _like_layout(q, (B, H, Nq, f.Dv))
-    lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    lse = q.new_empty((B, H, Nq), dtype=torch.float32)
     if f.varlen:  # rows outside every sequence (none when cu_seqlens end at total) stay defined
         out.zero_()
         lse.fill_(float("inf"))

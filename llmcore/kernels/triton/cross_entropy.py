@@ -26,6 +26,7 @@ keeps fixed.
 """
 from __future__ import annotations
 
+import functools
 
 import torch
 import triton
@@ -45,6 +46,7 @@ _LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(a) = exp2(a * log2(e))
 _MAX_BLOCK_V = 8192
 
 
+@functools.lru_cache(maxsize=None)  # per vocabulary size: one lookup per launch
 def _block_v(n_classes: int) -> tuple[int, int]:
     block = min(next_power_of_2(n_classes), _MAX_BLOCK_V)  # the host helper: ns, not us
     return block, min(max(block // 512, 1), 16)  # (BLOCK_V, num_warps), untuned (see above)
@@ -207,11 +209,11 @@ def _ce_fwd_kernel(
 @triton.jit
 def _ce_bwd_kernel(
     X, stride_xn, stride_xv, T, stride_t, Wc, stride_w, Wsum, ZRatio, Lse,
-    DX, stride_dn, stride_dv, Scale, stride_s,
+    DX, stride_dn, stride_dv, Scale, stride_s, Den,
     V, ignore_index,
     HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     SMOOTHING: tl.constexpr, Z_LOSS: tl.constexpr, SOFTCAP: tl.constexpr,
-    HAS_Z_RATIO: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_Z_RATIO: tl.constexpr, HAS_DEN: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # the gradient pass alone, from the lse saved by the forward
     acc_ty = Lse.dtype.element_ty  # fp32, fp64 for fp64 logits
@@ -233,7 +235,17 @@ def _ce_bwd_kernel(
         w_t = 1.0
     w_sum = _weight_sum(Wsum, V, HAS_WEIGHT, SMOOTH)
     w_t = tl.where(valid, w_t, 0.0)
-    scale = tl.where(valid, tl.load(Scale + row * stride_s).to(acc_ty), 0.0)
+    scale = tl.load(Scale + row * stride_s).to(acc_ty)
+    if HAS_DEN:
+        # "mean": the row's scale is grad_out / den, divided here instead of by a torch op
+        # before the launch, and rounded as torch rounds it (Triton's fp32 "/" is approximate
+        # on GPUs; div_rn is the IEEE division, fp32 only; fp64 "/" is IEEE already)
+        den = tl.load(Den).to(acc_ty)
+        if acc_ty == tl.float64:
+            scale = scale / den
+        else:
+            scale = tl.math.div_rn(scale, den)
+    scale = tl.where(valid, scale, 0.0)
     lse = tl.load(Lse + row)
     _ce_grad_row(X + row * stride_xn, stride_xv, DX + row * stride_dn, stride_dv, Wc, stride_w,
                  t, lse, w_t, w_sum, scale, V, smoothing, z_loss, softcap,
@@ -253,7 +265,7 @@ def _class_weight_sum(weight, acc, label_smoothing):
 
 
 def _weight_stride(weight) -> int:
-    return 0 if weight is None else weight.stride(0)
+    return 0 if weight is None else weight.stride()[0]
 
 
 def _scale_stride(scale: torch.Tensor, n: int) -> int:
@@ -261,7 +273,7 @@ def _scale_stride(scale: torch.Tensor, n: int) -> int:
         return 0
     if scale.shape != (n,):
         raise ValueError(f"grad_scale must be 0-dim or of shape ({n},), got {tuple(scale.shape)}")
-    return scale.stride(0)
+    return scale.stride()[0]
 
 
 def ce_fwd(logits, target, weight, ignore_index: int, label_smoothing: float, z_loss: float,
@@ -276,18 +288,21 @@ def ce_fwd(logits, target, weight, ignore_index: int, label_smoothing: float, z_
     [0, V) (whose loss is nan too)."""
     n, v = logits.shape
     acc = acc_dtype(logits)
-    loss = torch.empty(n, dtype=acc, device=logits.device)
-    lse = torch.empty(n, dtype=acc, device=logits.device)
-    wt = torch.empty(n, dtype=acc, device=logits.device) if valid_weight else None
+    # new_empty with plain ints: the cheapest allocation call (no device object, no torch.Size)
+    loss = logits.new_empty(n, dtype=acc)
+    lse = logits.new_empty(n, dtype=acc)
+    wt = logits.new_empty(n, dtype=acc) if valid_weight else None
     if n == 0:
         return (loss, lse, wt) if valid_weight else (loss, lse)
     compute_grad = grad is not None
     block, warps = _block_v(v)
+    sx = logits.stride()  # one tuple: stride(i) costs several times more per call
+    sg = grad.stride() if compute_grad else (0, 0)
     _ce_fwd_kernel[(n,)](
-        logits, logits.stride(0), logits.stride(1), target, target.stride(0), weight,
+        logits, sx[0], sx[1], target, target.stride()[0], weight,
         _weight_stride(weight), _class_weight_sum(weight, acc, label_smoothing), z_ratio,
         loss, lse, wt,
-        grad, grad.stride(0) if compute_grad else 0, grad.stride(1) if compute_grad else 0,
+        grad, sg[0], sg[1],
         grad_scale, _scale_stride(grad_scale, n) if compute_grad else 0,
         v, ignore_index,
         HAS_WEIGHT=weight is not None, SMOOTH=label_smoothing > 0,
@@ -299,24 +314,27 @@ def ce_fwd(logits, target, weight, ignore_index: int, label_smoothing: float, z_
 
 
 def ce_bwd(logits, target, weight, lse, grad_scale, ignore_index: int, label_smoothing: float,
-           z_loss: float, softcap: float | None, z_ratio=None):
+           z_loss: float, softcap: float | None, z_ratio=None, den=None):
     """dloss/dlogits * grad_scale as a contiguous (n, V) tensor in logits' dtype, from the lse
-    (n,) that ce_fwd returned. grad_scale: 0-dim or (n,), e.g. the gradient of the row losses."""
+    (n,) that ce_fwd returned. grad_scale: 0-dim or (n,), e.g. the gradient of the row losses.
+    den: None, or a 0-dim tensor in lse's dtype that divides grad_scale (a "mean"'s
+    denominator), with the bits of torch's grad_scale / den."""
     n, v = logits.shape
-    dlogits = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
+    dlogits = logits.new_empty(n, v)
     if n == 0:
         return dlogits
     block, warps = _block_v(v)
+    sx = logits.stride()
     _ce_bwd_kernel[(n,)](
-        logits, logits.stride(0), logits.stride(1), target, target.stride(0), weight,
+        logits, sx[0], sx[1], target, target.stride()[0], weight,
         _weight_stride(weight), _class_weight_sum(weight, lse.dtype, label_smoothing), z_ratio,
-        lse, dlogits, dlogits.stride(0), dlogits.stride(1),
-        grad_scale, _scale_stride(grad_scale, n),
+        lse, dlogits, v, 1,  # dlogits' strides: contiguous
+        grad_scale, _scale_stride(grad_scale, n), den,
         v, ignore_index,
         HAS_WEIGHT=weight is not None, SMOOTH=label_smoothing > 0,
         HAS_SOFTCAP=softcap is not None, SMOOTHING=float(label_smoothing),
         Z_LOSS=float(z_loss), SOFTCAP=float(softcap or 1.0), HAS_Z_RATIO=z_ratio is not None,
-        BLOCK_V=block, num_warps=warps,
+        HAS_DEN=den is not None, BLOCK_V=block, num_warps=warps,
     )
     return dlogits
 

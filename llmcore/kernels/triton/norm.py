@@ -43,20 +43,29 @@ def _num_warps(block: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
+def _row_config(n: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) for rows of n features: one cached lookup per launch."""
+    block = next_power_of_2(n)
+    return block, _num_warps(block)
+
+
+@functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _num_partials(m: int, n: int, device: torch.device) -> int:
+def _num_partials(m: int, n: int, cuda_index: int) -> int:
     """Programs of the backward kernel = rows of the weight-gradient partials: a few hundred,
     not one per input row. Each program walks a contiguous block of rows, one at a time, so the
     SMs are kept busy by running several programs each: about 32 warps per SM (2 programs of
     16 warps at hidden 4096-8192, 8 of 4 warps at hidden 1024; 264 to 1056 partial rows on an
     H200). Depends only on M, N and the device, so the reduction order (hence every bit of
-    dweight) is reproducible. Untuned: no H200 measurement of this choice yet."""
-    if device.type == "cuda":
-        per_sm = max(2, 32 // _num_warps(next_power_of_2(n)))
-        return max(1, min(m, per_sm * _sm_count(device.index if device.index is not None else 0)))
+    dweight) is reproducible. Untuned: no H200 measurement of this choice yet.
+    cuda_index: the CUDA device's index, -1 for the CPU (tensor.get_device(), which builds no
+    device object)."""
+    if cuda_index >= 0:
+        per_sm = max(2, 32 // _row_config(n)[1])
+        return max(1, min(m, per_sm * _sm_count(cuda_index)))
     return max(1, min(m, 4))  # the interpreter: few programs, many rows each
 
 
@@ -66,8 +75,10 @@ def _norm_fwd_kernel(
     N, stride_xm, stride_xn, stride_rm, stride_rn, stride_w, stride_b, stride_ym, stride_hm,
     eps,
     IS_RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    STATS: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # ACC: the arithmetic's dtype, fp32 (fp64 for fp64 inputs); STATS: store mean and rstd (not
+    # when nothing will differentiate y: then Mean and Rstd are None)
     # one program per row; offsets in int64 (a row or column stride times an index may pass
     # 2**31 elements), the mask on the int32 column index
     row = tl.program_id(0).to(tl.int64)
@@ -78,25 +89,26 @@ def _norm_fwd_kernel(
     if HAS_RES:
         r = tl.load(R + row * stride_rm + c64 * stride_rn, mask=mask, other=0.0)
         # h = x + residual, rounded to the input dtype: the norm is taken of the returned h
-        h = (x.to(Rstd.dtype.element_ty) + r.to(Rstd.dtype.element_ty)).to(H.dtype.element_ty)
+        h = (x.to(ACC) + r.to(ACC)).to(H.dtype.element_ty)
         tl.store(H + row * stride_hm + c64, h, mask=mask)
         x = h
-    acc_ty = Rstd.dtype.element_ty  # fp32, fp64 for fp64 inputs
-    x = x.to(acc_ty)
+    x = x.to(ACC)
     if IS_RMS:
         xc = x
     else:
         mean = tl.sum(x, axis=0) / N
-        tl.store(Mean + row, mean)
+        if STATS:
+            tl.store(Mean + row, mean)
         xc = tl.where(mask, x - mean, 0.0)
     var = tl.sum(xc * xc, axis=0) / N
     rstd = 1.0 / tl.sqrt(var + eps)
-    tl.store(Rstd + row, rstd)
+    if STATS:
+        tl.store(Rstd + row, rstd)
     y = xc * rstd
     if HAS_W:
-        y = y * tl.load(W + c64 * stride_w, mask=mask, other=0.0).to(acc_ty)
+        y = y * tl.load(W + c64 * stride_w, mask=mask, other=0.0).to(ACC)
     if HAS_B:
-        y = y + tl.load(B + c64 * stride_b, mask=mask, other=0.0).to(acc_ty)
+        y = y + tl.load(B + c64 * stride_b, mask=mask, other=0.0).to(ACC)
     tl.store(Y + row * stride_ym + c64, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -164,66 +176,88 @@ def _norm_bwd_kernel(
 
 
 # dweight[c] = sum over the partial rows p = 0, 1, ... of partials[p, c] (fixed order, fp32),
-# rounded once to the parameter's dtype: the reduction and the cast in one pass.
+# rounded once to the parameter's dtype: the reduction and the cast in one pass. With HAS_Q the
+# same program also sums a second (p, N) partials buffer Q (dbias beside dweight): one launch
+# for both, each column's sum in the same order as alone.
 @triton.jit
-def _partials_sum_kernel(P, Out, n_partials, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+def _partials_sum_kernel(P, Out, Q, OutQ, n_partials, N, HAS_Q: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
     acc = tl.zeros((BLOCK_N,), dtype=P.dtype.element_ty)
+    acc_q = tl.zeros((BLOCK_N,), dtype=P.dtype.element_ty)
     for start in range(0, n_partials, BLOCK_P):
         rows = start + tl.arange(0, BLOCK_P)
         offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-        part = tl.load(P + offs, mask=(rows < n_partials)[:, None] & cmask[None, :], other=0.0)
-        acc += tl.sum(part, axis=0)
+        mask = (rows < n_partials)[:, None] & cmask[None, :]
+        acc += tl.sum(tl.load(P + offs, mask=mask, other=0.0), axis=0)
+        if HAS_Q:
+            acc_q += tl.sum(tl.load(Q + offs, mask=mask, other=0.0), axis=0)
     tl.store(Out + cols, acc.to(Out.dtype.element_ty), mask=cmask)
+    if HAS_Q:
+        tl.store(OutQ + cols, acc_q.to(OutQ.dtype.element_ty), mask=cmask)
 
 
-def _sum_partials(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(p, N) fp32/fp64 partials -> (N,) sums in `dtype`, one kernel."""
+def _sum_partials(part: torch.Tensor, dtype: torch.dtype, part_q=None, dtype_q=None):
+    """(p, N) fp32/fp64 partials -> (N,) sums in `dtype`; with part_q, also its sums in dtype_q
+    (None otherwise). One kernel."""
     p, n = part.shape
     # The Triton interpreter (CPU tests) truncates fp32 -> bf16 casts where the GPU rounds to
     # nearest: there, the sums come out in fp32 and torch rounds them.
-    interp_bf16 = dtype == torch.bfloat16 and part.device.type == "cpu"
-    out = torch.empty(n, dtype=part.dtype if interp_bf16 else dtype, device=part.device)
-    block_n = min(next_power_of_2(n), 256)
-    _partials_sum_kernel[(cdiv(n, block_n),)](part, out, p, n, BLOCK_P=32,
-                                                      BLOCK_N=block_n, num_warps=4)
-    return out.to(dtype) if interp_bf16 else out
+    interp = part.is_cpu
+    acc = part.dtype
+    out = part.new_empty(n, dtype=acc if interp and dtype == torch.bfloat16 else dtype)
+    out_q = None
+    if part_q is not None:
+        out_q = part.new_empty(n, dtype=acc if interp and dtype_q == torch.bfloat16 else dtype_q)
+    block_n = min(_row_config(n)[0], 256)
+    _partials_sum_kernel[(cdiv(n, block_n),)](part, out, part_q, out_q, p, n,
+                                              HAS_Q=part_q is not None, BLOCK_P=32,
+                                              BLOCK_N=block_n, num_warps=4)
+    if interp:
+        out = out if out.dtype == dtype else out.to(dtype)
+        out_q = out_q if out_q is None or out_q.dtype == dtype_q else out_q.to(dtype_q)
+    return out, out_q
 
 
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def norm_fwd(x, residual, weight, bias, eps: float, is_rms: bool):
+def norm_fwd(x, residual, weight, bias, eps: float, is_rms: bool, stats: bool = True):
     """x, residual: (M, N), any strides; weight, bias: (N,) with any stride, or None.
 
     Returns y (M, N), h = x + residual (M, N) or None without residual, mean (M,) or None for
-    rms, rstd (M,); statistics in fp32 (fp64 for fp64 x). Outputs are contiguous."""
+    rms, rstd (M,); statistics in fp32 (fp64 for fp64 x). Outputs are contiguous.
+    stats=False, for a y that nothing will differentiate: no statistics (mean and rstd None)."""
     m, n = x.shape
     check_row_size(n, x.dtype, "rms_norm" if is_rms else "layer_norm")
     stat = _stat_dtype(x)
+    # new_empty with plain ints: the cheapest allocation call (no device object, no torch.Size)
     y = x.new_empty(m, n)
     h = x.new_empty(m, n) if residual is not None else None
-    mean = None if is_rms else x.new_empty(m, dtype=stat)
-    rstd = x.new_empty(m, dtype=stat)
+    mean = None if is_rms or not stats else x.new_empty(m, dtype=stat)
+    rstd = x.new_empty(m, dtype=stat) if stats else None
     if m == 0 or n == 0:
         # nothing to normalise; zero-width rows have no statistics (0/0): left at 0
         for t in (mean, rstd):
             if t is not None:
                 t.zero_()
         return y, h, mean, rstd
-    block = next_power_of_2(n)
+    block, warps = _row_config(n)
     r = residual
+    sx = x.stride()  # one tuple: stride(i) costs several times more per call
+    sr = r.stride() if r is not None else (0, 0)
     _norm_fwd_kernel[(m,)](
         x, r, weight, bias, y, h, mean, rstd,
-        n, x.stride(0), x.stride(1),
-        r.stride(0) if r is not None else 0, r.stride(1) if r is not None else 0,
-        weight.stride(0) if weight is not None else 0, bias.stride(0) if bias is not None else 0,
-        y.stride(0), h.stride(0) if h is not None else 0,
+        n, sx[0], sx[1], sr[0], sr[1],
+        weight.stride()[0] if weight is not None else 0,
+        bias.stride()[0] if bias is not None else 0,
+        n, n,  # y's and h's row strides: both contiguous
         eps,
         IS_RMS=is_rms, HAS_RES=r is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-        BLOCK_N=block, num_warps=_num_warps(block),
+        STATS=stats, ACC=tl.float64 if stat is torch.float64 else tl.float32,
+        BLOCK_N=block, num_warps=warps,
     )
     return y, h, mean, rstd
 
@@ -244,23 +278,28 @@ def norm_bwd(dy, dh_out, h, weight, mean, rstd, is_rms: bool, weight_grad: bool,
         return (dx, torch.zeros(n, dtype=weight_dtype or stat, device=h.device)
                 if weight_grad else None,
                 torch.zeros(n, dtype=bias_dtype or stat, device=h.device) if bias_grad else None)
-    p = _num_partials(m, n, h.device)
+    p = _num_partials(m, n, h.get_device())
     # every program writes its whole partial row (zeros when it has no rows): no zero-fill
-    dw_part = torch.empty((p, n), dtype=stat, device=h.device) if weight_grad else None
-    db_part = torch.empty((p, n), dtype=stat, device=h.device) if bias_grad else None
-    block = next_power_of_2(n)
+    dw_part = h.new_empty(p, n, dtype=stat) if weight_grad else None
+    db_part = h.new_empty(p, n, dtype=stat) if bias_grad else None
+    block, warps = _row_config(n)
+    sdy, sh = dy.stride(), h.stride()
+    sdh = dh_out.stride() if dh_out is not None else (0, 0)
     _norm_bwd_kernel[(p,)](
         dy, dh_out, h, weight, mean, rstd, dx, dw_part, db_part,
         m, n, cdiv(m, p),
-        dy.stride(0), dy.stride(1),
-        dh_out.stride(0) if dh_out is not None else 0,
-        dh_out.stride(1) if dh_out is not None else 0,
-        h.stride(0), h.stride(1), weight.stride(0) if weight is not None else 0,
-        dx.stride(0),
+        sdy[0], sdy[1], sdh[0], sdh[1], sh[0], sh[1],
+        weight.stride()[0] if weight is not None else 0,
+        n,  # dx's row stride: contiguous
         IS_RMS=is_rms, HAS_DHO=dh_out is not None, HAS_W=weight is not None,
-        DW=weight_grad, DB=bias_grad, BLOCK_N=block, num_warps=_num_warps(block),
+        DW=weight_grad, DB=bias_grad, BLOCK_N=block, num_warps=warps,
     )
-    # the one reduction over the per-program partials: fixed shape, fixed order, one cast
-    dw = _sum_partials(dw_part, weight_dtype or stat) if weight_grad else None
-    db = _sum_partials(db_part, bias_dtype or stat) if bias_grad else None
+    # the one reduction over the per-program partials: fixed shape, fixed order, one cast, one
+    # launch for dweight and dbias together
+    if weight_grad:
+        dw, db = _sum_partials(dw_part, weight_dtype or stat, db_part, bias_dtype or stat)
+    elif bias_grad:
+        dw, db = None, _sum_partials(db_part, bias_dtype or stat)[0]
+    else:
+        dw = db = None
     return dx, dw, db
