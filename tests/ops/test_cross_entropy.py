@@ -402,7 +402,8 @@ def test_linear_equals_unfused_float64(backend, reduction):
 
 
 class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any aten op produces while active."""
+    """Records the largest tensor any aten op produces while active, in bytes (the Triton
+    interpreter moves a kernel's arguments as byte views of their storage)."""
 
     def __init__(self):
         super().__init__()
@@ -412,7 +413,7 @@ class _LargestTensor(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for o in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(o, torch.Tensor):
-                self.largest = max(self.largest, o.numel())
+                self.largest = max(self.largest, o.numel() * o.element_size())
         return out
 
 
@@ -435,10 +436,10 @@ def test_linear_never_holds_all_logits(backend, reduction):
         out = llmcore.linear_cross_entropy(x, w, t, b, reduction=reduction, z_loss=1e-3,
                                            softcap=5.0, chunk_size=chunk, backend=backend)
         out.sum().backward()
-    # bounded by one chunk of logits or the weight itself, far below N * V
+    # bounded by one chunk of fp32 logits or the weight itself, far below N * V
     bound = max(chunk * n_classes, n_classes * hidden)
     assert max(saved) <= n_classes * hidden, saved
-    assert probe.largest <= bound < n_rows * n_classes // 4, probe.largest
+    assert probe.largest <= 4 * bound and bound < n_rows * n_classes // 4, probe.largest
     assert x.grad.shape == x.shape and w.grad.shape == w.shape and b.grad.shape == b.shape
 
 

@@ -688,7 +688,7 @@ else:
 # The autotuner runs once per shape class, not on every call: its run() costs ~30 us of host
 # time a launch on our CI VM (it rebuilds a dict of the kernel's ~60 arguments, scanning the
 # argument-name list for each, and str()s every tensor's dtype for its key), 20x the direct
-# launch's Python around the same kernel (benchmarks/triton_host_overhead.py measures both).
+# launch's Python around the same kernel (benchmarks/triton_autotune_overhead.py measures both).
 # Its choice is kept here under a key of our own (_Features.tune_key: the autotuner's key and
 # the dtypes that make up the rest of it), and later calls launch the JIT kernel with it.
 _CHOSEN: dict = {}       # (id(autotuned kernel), tune key) -> (JIT kernel, the config's launch kwargs)
