@@ -91,17 +91,18 @@ def _bwd_fake(dy, x):
     return x.new_empty(x.shape)
 
 
-def _kernel_swiglu(x, fwd, bwd, fwd_op, bwd_op):
-    two_f = x.shape[-1]
-    # (rows, 2F): a view unless the leading dims cannot be merged
-    x2 = x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)
+def _kernel_swiglu(x, fwd, bwd, fwd_op):
+    if x.dim() == 2:
+        x2 = x
+    else:               # (rows, 2F): a view unless the leading dims cannot be merged
+        x2 = x.flatten(0, -2) if x.dim() > 2 else x.unsqueeze(0)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if torch.compiler.is_compiling():
         y = fwd_op(x2)
     else:
         y = _SwiGLU.apply(x2, fwd, bwd)
-    return y.view(*x.shape[:-1], two_f // 2)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
 
 # triton: kernels imported on first use (importing llmcore never imports triton)
@@ -132,30 +133,35 @@ _triton_fwd_op.register_autograd(lambda ctx, dy: _swiglu_grad(ctx, dy, _triton_b
 
 
 def _triton_swiglu(x):
-    return _kernel_swiglu(x, _triton_fwd, _triton_bwd, _triton_fwd_op, _triton_bwd_op)
+    return _kernel_swiglu(x, _triton_fwd, _triton_bwd, _triton_fwd_op)
 
 
 # native: llmcore::swiglu_fwd / swiglu_bwd (csrc/torch/swiglu_ops.cpp, CPU), their fakes and
-# autograd registered here when the extension is loaded (an older build: no native swiglu)
-def _native_fwd(x):
+# autograd registered here when the extension is loaded (an older build: no native swiglu).
+# Eager calls reach them through llmcore._native's entry points (the same dispatcher call
+# without torch.ops' boxed argument parsing); torch.compile traces torch.ops.llmcore.*.
+def _native_fwd_op(x):
     return torch.ops.llmcore.swiglu_fwd.default(x)
 
 
-def _native_bwd(dy, x):
+def _native_bwd_op(dy, x):
     return torch.ops.llmcore.swiglu_bwd.default(dy, x)
 
 
 def _native_swiglu(x):
-    return _kernel_swiglu(x, _native_fwd, _native_bwd, _native_fwd, _native_bwd)
+    return _kernel_swiglu(x, _native.swiglu_fwd, _native.swiglu_bwd, _native_fwd_op)
+
+
+_native = backends.native_module()             # loading it registers the C++ ops
 
 
 def _register_native() -> bool:
-    if backends.native_module() is None or not hasattr(torch.ops.llmcore, "swiglu_fwd"):
+    if _native is None or not hasattr(_native, "swiglu_fwd"):
         return False
     torch.library.register_fake("llmcore::swiglu_fwd")(_fwd_fake)
     torch.library.register_fake("llmcore::swiglu_bwd")(_bwd_fake)
     torch.library.register_autograd("llmcore::swiglu_fwd",
-                                    lambda ctx, dy: _swiglu_grad(ctx, dy, _native_bwd),
+                                    lambda ctx, dy: _swiglu_grad(ctx, dy, _native_bwd_op),
                                     setup_context=_op_setup)
     return True
 
