@@ -1,5 +1,5 @@
-"""llmcore: fused attention, layer/RMS norm, cross-entropy and rotary kernels for transformer training,
-drop-in nn layers, a transformer model family, and a lean MLM/CLM trainer.
+"""llmcore: fused attention, layer/RMS norm, cross-entropy, rotary and SwiGLU kernels for
+transformer training, drop-in nn layers, a transformer model family, and a lean MLM/CLM trainer.
 
 The functional API mirrors torch.nn.functional; every op takes a keyword-only `backend`
 ("auto", "triton", "native", "torch", and for attention "flash_attn"). Importing llmcore
@@ -10,6 +10,7 @@ from llmcore.ops.attention import attention, flash_attn_func, flash_attn_varlen_
 from llmcore.ops.cross_entropy import cross_entropy, linear_cross_entropy
 from llmcore.ops.norm import layer_norm, rms_norm
 from llmcore.ops.rope import rope
+from llmcore.ops.swiglu import swiglu
 from llmcore.patch import patch
 
 __version__ = "0.1.0"
@@ -17,6 +18,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "layer_norm", "rms_norm", "cross_entropy", "linear_cross_entropy", "attention",
-    "flash_attn_func", "flash_attn_varlen_func", "rope", "available_backends", "patch",
+    "flash_attn_func", "flash_attn_varlen_func", "rope", "swiglu", "available_backends", "patch",
     "BackendUnavailableError", "__version__",
 ]

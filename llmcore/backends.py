@@ -18,7 +18,7 @@ import os
 
 import torch
 
-FAMILIES = ("norm", "cross_entropy", "attention", "rope")
+FAMILIES = ("norm", "cross_entropy", "attention", "rope", "swiglu")
 BACKENDS = ("triton", "native", "torch", "flash_attn")
 
 # Which backends implement each op family. A backend is listed here once its kernels and
@@ -28,10 +28,11 @@ IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "cross_entropy": ("torch", "triton", "native"),
     "attention": ("torch", "flash_attn", "triton", "native"),
     "rope": ("torch", "triton", "native"),
+    "swiglu": ("torch", "triton", "native"),
 }
 
 # Families whose native kernels exist for the CPU only (csrc/cpu, no csrc/cuda kernel yet).
-_NATIVE_CPU_ONLY = ("attention", "rope")
+_NATIVE_CPU_ONLY = ("attention", "rope", "swiglu")
 
 _AUTO_ORDER = {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")}
 

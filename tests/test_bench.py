@@ -126,7 +126,8 @@ def test_overhead_op_times_every_public_op_per_call(tmp_path):
     result = harness.run(cfg)
     assert result["errors"] == []
     recs = result["records"]
-    variants = {"layer_norm", "rms_norm", "cross_entropy", "linear_ce", "attention", "rope"}
+    variants = {"layer_norm", "rms_norm", "cross_entropy", "linear_ce", "attention", "rope",
+                "swiglu"}
     for provider in cfg.providers:
         for mode in ("fwd", "fwd+bwd"):
             got = {r["variant"] for r in recs if (r["provider"], r["mode"]) == (provider, mode)}
@@ -193,6 +194,28 @@ def test_rope_bench_providers_compute_the_same_rotation():
                 torch.testing.assert_close(got, w, msg=f"{p} vs eager")
         elems = shape["B"] * shape["N"] * (shape["Hq"] + shape["Hkv"]) * shape["D"]
         assert bench.work(shape, torch.float32, "fwd+bwd") == 4 * elems * 4
+
+
+def test_swiglu_bench_providers_compute_the_same_activation(fresh_backends, monkeypatch):
+    """The swiglu benchmark's providers agree with the eager formula, its byte count is the
+    x / y / dy / dx traffic of the op, and a backend without swiglu kernels is skipped per case
+    (as native is on CUDA)."""
+    from llmcore import backends
+    from llmcore.benchmarks import swiglu as sb
+
+    bench = sb.BENCHES["swiglu"]
+    for shape in bench.shapes("tiny", "cpu"):
+        inp = bench.inputs(shape, torch.float32, "cpu", 0)
+        want = bench.function("torch", shape)(**inp)
+        if backends.native_module() is not None:
+            got = bench.function("llmcore_native", shape)(**inp)
+            torch.testing.assert_close(got, want, msg="llmcore_native vs eager")
+        assert bench.work(shape, torch.float32, "fwd+bwd") == 8 * shape["N"] * shape["F"] * 4
+    monkeypatch.setattr(fresh_backends, "IMPLEMENTED",
+                        {**fresh_backends.IMPLEMENTED, "swiglu": ("torch", "triton")})
+    fresh_backends.clear_cache()                 # the calls above cached native's answer
+    reason = bench.skip_reason("llmcore_native", bench.shapes("tiny", "cpu")[0], "cpu", "fwd")
+    assert reason and "no native kernels for swiglu" in reason
 
 
 # ---------------------------------------------------------------------------- the train step

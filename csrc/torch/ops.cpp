@@ -138,4 +138,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return op.call(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, floats,
                    ints);
   });
+  // swiglu's kernel ops (csrc/torch/swiglu_ops.cpp): its autograd is Python's (ops/swiglu.py)
+  using SwigluFwdSig = Tensor(const Tensor&);
+  m.def("swiglu_fwd", [op = typed_op<SwigluFwdSig>("llmcore::swiglu_fwd")](const Tensor& x) {
+    pybind11::gil_scoped_release no_gil;
+    return op.call(x);
+  });
+  using SwigluBwdSig = Tensor(const Tensor&, const Tensor&);
+  m.def("swiglu_bwd", [op = typed_op<SwigluBwdSig>("llmcore::swiglu_bwd")](const Tensor& dy,
+                                                                         const Tensor& x) {
+    pybind11::gil_scoped_release no_gil;
+    return op.call(dy, x);
+  });
 }

@@ -8,6 +8,7 @@ OP_MODULES = {
     "attention": "attention", "attention_varlen": "attention",
     "attention_features": "attention_features",
     "rope": "rope",
+    "swiglu": "swiglu",
     "train_step": "train_step",
     "overhead": "overhead",
 }

@@ -8,6 +8,7 @@ Variants (each the op as a user calls it, next to its torch.nn.functional / SDPA
   linear_ce       hidden (4, 32), weight (100, 32), target (4,)   (torch: F.linear + F.cross_entropy)
   attention       q, k, v (1, 2, 8, 16), causal                    (torch: SDPA)
   rope            q, k (1, 8, 2, 16), tables (8, 1, 16)            (torch: the eager formula)
+  swiglu          x (8, 64) = [gate | up]                          (torch: F.silu(gate) * up)
 
 Timing: each call is timed alone, without L2 flushes or input rotation. `ms` is the wall time
 of the call (on CUDA up to a synchronize after it); `cpu_ms` is the process CPU time the call
@@ -24,7 +25,8 @@ from llmcore.benchmarks.harness import OpBench, Rand
 from llmcore.benchmarks.providers import LLMCORE_BACKEND
 
 _FAMILY = {"layer_norm": "norm", "rms_norm": "norm", "cross_entropy": "cross_entropy",
-           "linear_ce": "cross_entropy", "attention": "attention", "rope": "rope"}
+           "linear_ce": "cross_entropy", "attention": "attention", "rope": "rope",
+           "swiglu": "swiglu"}
 
 
 class OverheadBench(OpBench):
@@ -72,6 +74,8 @@ class OverheadBench(OpBench):
             return {"q": rnd.normal(1, 8, 2, 16, dtype=dtype, requires_grad=True),
                     "k": rnd.normal(1, 8, 2, 16, dtype=dtype, requires_grad=True),
                     "cos": ang.cos(), "sin": ang.sin()}
+        if v == "swiglu":
+            return {"x": rnd.normal(8, 64, dtype=dtype, requires_grad=True)}
         return {k: rnd.normal(1, 2, 8, 16, dtype=dtype, requires_grad=True) for k in "qkv"}
 
     def work(self, shape, dtype, mode):
@@ -88,6 +92,7 @@ class OverheadBench(OpBench):
                 "attention": lambda q, k, v: F.scaled_dot_product_attention(q, k, v,
                                                                            is_causal=True),
                 "rope": _eager_rope,
+                "swiglu": _eager_swiglu,
             }[v]
         import llmcore
 
@@ -103,12 +108,18 @@ class OverheadBench(OpBench):
                                                                                 backend=b),
             "attention": lambda q, k, v: llmcore.attention(q, k, v, is_causal=True, backend=b),
             "rope": lambda q, k, cos, sin: llmcore.rope(q, k, cos, sin, backend=b),
+            "swiglu": lambda x: llmcore.swiglu(x, backend=b),
         }[v]
 
 
 def _eager_rope(q, k, cos, sin):
     from llmcore.benchmarks.rope import _eager_rope as formula
     return formula(q, k, cos, sin)
+
+
+def _eager_swiglu(x):
+    from llmcore.benchmarks.swiglu import _eager_swiglu as formula
+    return formula(x)
 
 
 def _eager_rms_residual(x, weight, residual):

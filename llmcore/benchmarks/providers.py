@@ -10,7 +10,7 @@ A provider is a name for one implementation of an op:
   llmcore_auto    llmcore with backend="auto": per op family what "auto" picks on the device
                   (train step only: the model as a user gets it)
   flash_attn      the flash-attn package (attention only)
-  liger           Liger-Kernel (norms and cross-entropy)
+  liger           Liger-Kernel (norms, cross-entropy and SwiGLU)
   llmcore_compile the llmcore model (backend "auto") under llmcore.models.compile_model
                   (train step only)
   hf              the Hugging Face transformers model (train step only)

@@ -36,6 +36,7 @@ from llmcore.models.config import TransformerConfig
 from llmcore.nn import LayerNorm, RMSNorm
 from llmcore.ops.attention import flash_attn_func, flash_attn_varlen_func
 from llmcore.ops.rope import rope
+from llmcore.ops.swiglu import swiglu
 
 
 @dataclass
@@ -140,7 +141,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GELU/ReLU: fc2(act(fc1 x)). SwiGLU: fc2(silu(gate) * up), [gate | up] = fc1 x."""
+    """GELU/ReLU: fc2(act(fc1 x)). SwiGLU: fc2(silu(gate) * up), [gate | up] = fc1 x, in one
+    op (llmcore.swiglu: one kernel each way, only fc1's output kept for the backward)."""
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -148,12 +150,12 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(cfg.dim, cfg.ffn_dim * (2 if self.gated else 1), bias=cfg.mlp_bias)
         self.fc2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
         self.act = activation(cfg.mlp)
+        self.backend = cfg.backend
 
     def forward(self, x):
         h = self.fc1(x)
         if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            return self.fc2(self.act(gate) * up)
+            return self.fc2(swiglu(h, backend=self.backend))
         return self.fc2(self.act(h))
 
 
@@ -251,6 +253,8 @@ class Transformer(nn.Module):
             elif isinstance(m, Attention):
                 m.backend = pick("attention")
                 m.rope_backend = pick("rope")
+            elif isinstance(m, MLP):
+                m.backend = pick("swiglu")
             elif isinstance(m, heads.Head):
                 m.backend = pick("cross_entropy")
 

@@ -1,0 +1,171 @@
+"""swiglu: the gated activation of a fused [gate | up] projection, and backend dispatch.
+
+    y = llmcore.swiglu(x)          # x (..., 2F) -> (..., F) = silu(gate) * up
+
+x holds the two halves [gate | up] along its last dim, the layout of llmcore's fused fc1
+projection (and of Liger / Hugging Face fused gate_up_proj weights); silu(g) = g sigmoid(g).
+The kernel backends compute in float32 (float64 for float64) and round once to x's dtype;
+"torch" is the eager formula F.silu(gate) * up through chunk, exactly what the model ran
+before this op existed.
+
+Eager, that formula launches a silu and a multiply forward and saves silu(gate) for the
+backward (an (N, F) activation per layer, ~32 MB per layer in bf16 at N = 8192, F = 2048);
+its backward runs ~4 elementwise kernels and concatenates the two half gradients. The kernels
+here are one launch each way: the backward reads x and dy, recomputes the sigmoid and writes
+both halves of x's gradient into one (..., 2F) tensor; only x is saved.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from llmcore import backends
+from llmcore.ops import _checks
+
+
+def _check(x) -> None:
+    _checks.floating("x", x)
+    if x.dim() == 0 or x.shape[-1] % 2:
+        raise ValueError(f"x must be (..., 2F): the [gate | up] halves along an even last dim, "
+                         f"got shape {tuple(x.shape)}")
+
+
+def swiglu(x, *, backend="auto"):
+    """silu(gate) * up for x (..., 2F) = [gate | up]; see the module docstring."""
+    _check(x)
+    name = backends.resolve("swiglu", backend, x.device)
+    impl = _SWIGLU.get(name)
+    if impl is None:              # "native" from a build of llmcore._native older than swiglu
+        raise backends.BackendUnavailableError(
+            "this build of llmcore._native has no swiglu kernel; rebuild it (pip install -e .)")
+    return impl(x)
+
+
+def _torch_swiglu(x):
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+# ---------------------------------------------------------------------------- kernel backends
+# One autograd for both kernel backends: a backend supplies fwd(x) -> y and bwd(dy, x) -> dx on
+# (rows, 2F) / (rows, F) matrices with a unit column stride. Eager calls go through _SwiGLU, a
+# plain autograd.Function that launches directly; under torch.compile each backend's registered
+# ops (llmcore_triton::swiglu_fwd/_bwd, custom ops; llmcore::swiglu_fwd/_bwd from the C++
+# extension) with fake impls and this same backward as the forward op's autograd.
+
+def _swiglu_save(ctx, x):
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x)                     # only x: the backward recomputes the sigmoid
+
+
+def _swiglu_grad(ctx, dy, bwd):
+    if dy is None:
+        return None
+    x, = ctx.saved_tensors
+    return bwd(dy if dy.stride(-1) == 1 else dy.contiguous(), x)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, fwd, bwd):
+        _swiglu_save(ctx, x)
+        ctx.bwd = bwd
+        return fwd(x)
+
+    @staticmethod
+    @once_differentiable                  # the kernels' gradient has no graph of its own
+    def backward(ctx, dy):
+        return _swiglu_grad(ctx, dy, ctx.bwd), None, None
+
+
+def _op_setup(ctx, inputs, output):
+    _swiglu_save(ctx, inputs[0])
+
+
+def _fwd_fake(x):
+    return x.new_empty((x.shape[0], x.shape[1] // 2))               # contiguous, as the kernels
+
+
+def _bwd_fake(dy, x):
+    return x.new_empty(x.shape)
+
+
+def _kernel_swiglu(x, fwd, bwd, fwd_op):
+    if x.dim() == 2:
+        x2 = x
+    else:               # (rows, 2F): a view unless the leading dims cannot be merged
+        x2 = x.flatten(0, -2) if x.dim() > 2 else x.unsqueeze(0)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if torch.compiler.is_compiling():
+        y = fwd_op(x2)
+    else:
+        y = _SwiGLU.apply(x2, fwd, bwd)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+
+
+# triton: kernels imported on first use (importing llmcore never imports triton)
+def _triton_fwd(x):
+    from llmcore.kernels.triton import swiglu as kernels
+    return kernels.swiglu_fwd(x)
+
+
+def _triton_bwd(dy, x):
+    from llmcore.kernels.triton import swiglu as kernels
+    return kernels.swiglu_bwd(dy, x)
+
+
+@torch.library.custom_op("llmcore_triton::swiglu_fwd", mutates_args=())
+def _triton_fwd_op(x: torch.Tensor) -> torch.Tensor:
+    return _triton_fwd(x)
+
+
+@torch.library.custom_op("llmcore_triton::swiglu_bwd", mutates_args=())
+def _triton_bwd_op(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return _triton_bwd(dy, x)
+
+
+_triton_fwd_op.register_fake(_fwd_fake)
+_triton_bwd_op.register_fake(_bwd_fake)
+_triton_fwd_op.register_autograd(lambda ctx, dy: _swiglu_grad(ctx, dy, _triton_bwd_op),
+                                 setup_context=_op_setup)
+
+
+def _triton_swiglu(x):
+    return _kernel_swiglu(x, _triton_fwd, _triton_bwd, _triton_fwd_op)
+
+
+# native: llmcore::swiglu_fwd / swiglu_bwd (csrc/torch/swiglu_ops.cpp, CPU), their fakes and
+# autograd registered here when the extension is loaded (an older build: no native swiglu).
+# Eager calls reach them through llmcore._native's entry points (the same dispatcher call
+# without torch.ops' boxed argument parsing); torch.compile traces torch.ops.llmcore.*.
+def _native_fwd_op(x):
+    return torch.ops.llmcore.swiglu_fwd.default(x)
+
+
+def _native_bwd_op(dy, x):
+    return torch.ops.llmcore.swiglu_bwd.default(dy, x)
+
+
+def _native_swiglu(x):
+    return _kernel_swiglu(x, _native.swiglu_fwd, _native.swiglu_bwd, _native_fwd_op)
+
+
+_native = backends.native_module()             # loading it registers the C++ ops
+
+
+def _register_native() -> bool:
+    if _native is None or not hasattr(_native, "swiglu_fwd"):
+        return False
+    torch.library.register_fake("llmcore::swiglu_fwd")(_fwd_fake)
+    torch.library.register_fake("llmcore::swiglu_bwd")(_bwd_fake)
+    torch.library.register_autograd("llmcore::swiglu_fwd",
+                                    lambda ctx, dy: _swiglu_grad(ctx, dy, _native_bwd_op),
+                                    setup_context=_op_setup)
+    return True
+
+
+_SWIGLU = {"torch": _torch_swiglu, "triton": _triton_swiglu}
+if _register_native():
+    _SWIGLU["native"] = _native_swiglu
