@@ -47,7 +47,7 @@ def stub_kernels(on_launch=None) -> int:
     import importlib
 
     n = 0
-    for name in ("norm", "cross_entropy", "attention", "rope"):
+    for name in ("norm", "cross_entropy", "attention", "rope", "swiglu"):
         mod = importlib.import_module(f"llmcore.kernels.triton.{name}")
         for attr, obj in list(vars(mod).items()):
             if hasattr(obj, "run") and hasattr(obj, "__getitem__"):
