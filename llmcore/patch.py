@@ -12,8 +12,11 @@ One generic mechanism, by module type, plus small tables of known Hugging Face c
 - loss: Hugging Face models get `loss_function` = llmcore cross-entropy; the causal LMs of
   `_FUSED_CAUSAL_LM` (logits = lm_head(h), nothing else) compute the loss with
   `linear_cross_entropy` from the hidden states when labels are given, so the (tokens, V) logits
-  are never built (`logits` is None in that output). `torch.nn.CrossEntropyLoss` modules of any
-  model become llmcore.nn.CrossEntropyLoss.
+  are never built (`logits` is None in that output). Where HF's loss upcasts half-precision
+  logits to float32, that copy is the loss's own: the Triton backend writes the gradient into
+  it (`inplace_backward`), one (tokens, V) float32 buffer fewer. `torch.nn.CrossEntropyLoss`
+  modules of any model become llmcore.nn.CrossEntropyLoss (those a forward creates on the fly,
+  as BERT's MLM and token-classification heads do, stay torch's).
 
 transformers is imported lazily: `import llmcore` never imports it.
 """
@@ -143,13 +146,23 @@ def _reduce(loss_sum_or_mean, num_items_in_batch):
     return loss_sum_or_mean / num_items_in_batch
 
 
-def _ce(logits, labels, num_items_in_batch, ignore_index, backend):
+def _ce(logits, labels, num_items_in_batch, ignore_index, backend, private=False):
     """HF's fixed_cross_entropy on llmcore: mean, or sum / num_items_in_batch when the Trainer
-    accumulates gradients over several batches."""
+    accumulates gradients over several batches. private: `logits` is a buffer of the loss's
+    own (HF's float32 upcast of half-precision logits), which nothing reads after the loss, so
+    a kernel backend may write the gradient into it (inplace_backward: one (tokens, V) fp32
+    buffer fewer, 4 bytes per logit)."""
     reduction = "sum" if num_items_in_batch is not None else "mean"
     loss = cross_entropy(logits, labels.to(logits.device), ignore_index=ignore_index,
-                         reduction=reduction, backend=backend)
+                         reduction=reduction, inplace_backward=private, backend=backend)
     return _reduce(loss, num_items_in_batch)
+
+
+def _upcast(logits, n_classes):
+    """(the logits as float32 (rows, n_classes), whether that is a copy of our own): HF's
+    losses upcast; the model's own logits (float32 already) are the caller's to read."""
+    up = logits.float()
+    return up.reshape(-1, n_classes), up is not logits
 
 
 def _next_token_targets(labels, shift_labels, ignore_index):
@@ -165,17 +178,18 @@ def _hf_losses(backend):
     def causal_lm(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100,
                   shift_labels=None, **kwargs):
         target = _next_token_targets(labels, shift_labels, ignore_index)
-        return _ce(logits.float().reshape(-1, vocab_size), target.reshape(-1),
-                   num_items_in_batch, ignore_index, backend)
+        rows, private = _upcast(logits, vocab_size)
+        return _ce(rows, target.reshape(-1), num_items_in_batch, ignore_index, backend, private)
 
     def masked_lm(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100,
                   **kwargs):
-        return _ce(logits.float().reshape(-1, vocab_size), labels.reshape(-1),
-                   num_items_in_batch, ignore_index, backend)
+        rows, private = _upcast(logits, vocab_size)
+        return _ce(rows, labels.reshape(-1), num_items_in_batch, ignore_index, backend, private)
 
     def token_classification(logits, labels, config, **kwargs):
-        return _ce(logits.float().reshape(-1, config.num_labels), labels.reshape(-1),
-                   kwargs.get("num_items_in_batch"), kwargs.get("ignore_index", -100), backend)
+        rows, private = _upcast(logits, config.num_labels)
+        return _ce(rows, labels.reshape(-1), kwargs.get("num_items_in_batch"),
+                   kwargs.get("ignore_index", -100), backend, private)
 
     def sequence_classification(labels, pooled_logits, config, **kwargs):
         hf_loss = LOSS_MAPPING["ForSequenceClassification"]

@@ -207,3 +207,40 @@ def test_hf_trainer_runs_patched():
     plain = example.main(args + ["--no-patch"])
     assert len(patched) == 3
     assert patched == pytest.approx(plain, rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_upcast_logits_take_the_gradient_in_place(monkeypatch, dtype):
+    # HF's losses upcast half-precision logits to float32: that copy is the loss's own, so the
+    # patched loss lets a kernel backend write the gradient into it; float32 logits are the
+    # model's output, which the caller may read, and are left alone
+    import sys
+
+    from llmcore_testing import kernel_backends
+
+    patch_module = sys.modules["llmcore.patch"]     # (llmcore.patch is also the function)
+    seen, force = [], {}
+    real = patch_module.cross_entropy
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["inplace_backward"])
+        return real(*args, **{**kwargs, **force})
+
+    monkeypatch.setattr(patch_module, "cross_entropy", spy)
+    backend = "triton" if "triton" in kernel_backends("cross_entropy") else "auto"
+    T = transformers
+    # a causal LM whose loss goes through HF's loss_function over its logits (no fused head)
+    model = T.OPTForCausalLM(T.OPTConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, ffn_dim=40,
+                                         max_position_embeddings=32, word_embed_proj_dim=32))
+    model = llmcore.patch(model.to(dtype).eval(), backend=backend)    # eval: no dropout
+    ids, _, labels = _batch("gpt2", padded=False)
+    results = []
+    for forced in ({}, {"inplace_backward": False}):
+        force.clear()
+        force.update(forced)
+        loss = model(input_ids=ids, labels=labels).loss
+        results.append([loss, *torch.autograd.grad(loss, list(model.parameters()))])
+    assert seen == [dtype != torch.float32, dtype != torch.float32]
+    for a, b in zip(*results):                         # the same loss and gradients either way
+        torch.testing.assert_close(a, b)
