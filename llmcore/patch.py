@@ -15,13 +15,15 @@ One generic mechanism, by module type, plus small tables of known Hugging Face c
   are never built (`logits` is None in that output). Where HF's loss upcasts half-precision
   logits to float32, that copy is the loss's own: the Triton backend writes the gradient into
   it (`inplace_backward`), one (tokens, V) float32 buffer fewer. `torch.nn.CrossEntropyLoss`
-  modules of any model become llmcore.nn.CrossEntropyLoss (those a forward creates on the fly,
-  as BERT's MLM and token-classification heads do, stay torch's).
+  modules of any model become llmcore.nn.CrossEntropyLoss; the heads of `_INLINE_CE_HEADS`
+  (BERT's and RoBERTa's MLM and token classification), whose forward creates one on the fly,
+  get their loss from llmcore over their logits.
 
 transformers is imported lazily: `import llmcore` never imports it.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 
@@ -38,6 +40,12 @@ _HF_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNo
 # HF causal LMs whose logits are exactly lm_head(last_hidden_state): fused loss allowed.
 _FUSED_CAUSAL_LM = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                     "Qwen3ForCausalLM", "Phi3ForCausalLM", "GPT2LMHeadModel")
+# HF heads whose forward creates torch's CrossEntropyLoss on the fly (no module there for
+# _patch_loss_modules to switch) over (…, n_classes) logits: class -> the config field holding
+# n_classes. Their loss is computed by llmcore from the logits instead (_logits_loss_forward).
+_INLINE_CE_HEADS = {"BertForMaskedLM": "vocab_size", "RobertaForMaskedLM": "vocab_size",
+                    "BertForTokenClassification": "num_labels",
+                    "RobertaForTokenClassification": "num_labels"}
 
 
 def patch(model, *, norm=True, attention=True, loss=True, backend="auto"):
@@ -213,8 +221,36 @@ def _patch_hf_loss(model, backend):
     losses = _hf_losses(backend)
     if loss_type in losses:
         model.loss_function = losses[loss_type]
-    if type(model).__name__ in _FUSED_CAUSAL_LM:
+    name = type(model).__name__
+    if name in _FUSED_CAUSAL_LM:
         model.forward = _fused_causal_lm_forward(model, backend)
+    elif name in _INLINE_CE_HEADS:
+        n_classes = getattr(model.config, _INLINE_CE_HEADS[name])
+        model.forward = _logits_loss_forward(model, backend, n_classes)
+
+
+def _logits_loss_forward(model, backend, n_classes):
+    """With labels: the model's own forward without them, then llmcore's cross-entropy over its
+    logits, exactly as the HF head computes it (mean over the labels != -100); the output is
+    the model's, with that loss. Without labels: the model's own forward."""
+    original = model.forward
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        kwargs = _by_name(signature, args, kwargs)
+        labels = kwargs.pop("labels", None)
+        out = original(**kwargs)
+        if labels is None:
+            return out
+        logits = out[0] if isinstance(out, tuple) else out.logits
+        loss = cross_entropy(logits.reshape(-1, n_classes),
+                             labels.to(logits.device).reshape(-1), backend=backend)
+        if isinstance(out, tuple):                   # return_dict=False: (loss, logits, ...)
+            return (loss, *out)
+        return dataclasses.replace(out, loss=loss)
+
+    return forward
 
 
 def _by_name(signature, args, kwargs) -> dict:

@@ -244,3 +244,32 @@ def test_upcast_logits_take_the_gradient_in_place(monkeypatch, dtype):
     assert seen == [dtype != torch.float32, dtype != torch.float32]
     for a, b in zip(*results):                         # the same loss and gradients either way
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", ["bert-mlm", "bert-tok"])
+def test_heads_with_an_inline_loss_use_llmcore(monkeypatch, name):
+    # BERT's MLM and token-classification heads build torch's CrossEntropyLoss inside forward:
+    # the patched model computes that loss with llmcore from the logits (the values are checked
+    # against the unpatched model in test_patched_hf_matches_unpatched), as a dict or a tuple
+    import sys
+
+    patch_module = sys.modules["llmcore.patch"]
+    calls = []
+    real = patch_module.cross_entropy
+    monkeypatch.setattr(patch_module, "cross_entropy",
+                        lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    eager = _hf(name).eval()
+    patched = llmcore.patch(copy.deepcopy(eager))
+    ids, mask, labels = _batch(name, padded=True)
+    got = patched(input_ids=ids, attention_mask=mask, labels=labels)
+    want = eager(input_ids=ids, attention_mask=mask, labels=labels)
+    n_classes = eager.config.vocab_size if name == "bert-mlm" else eager.config.num_labels
+    assert calls == [(ids.numel(), n_classes)]
+    assert list(got.keys()) == list(want.keys())
+    torch.testing.assert_close(got.loss, want.loss)
+    torch.testing.assert_close(got.logits, want.logits)
+    as_tuple = patched(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == len(want.to_tuple())
+    torch.testing.assert_close(as_tuple[0], want.loss)
+    torch.testing.assert_close(as_tuple[1], want.logits)
+    assert patched(input_ids=ids, attention_mask=mask).loss is None
