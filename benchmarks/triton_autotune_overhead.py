@@ -16,11 +16,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
+import sys
 
 os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors reach the launcher; nothing is launched
 
 import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from triton_host_overhead import per_call_us  # noqa: E402
 
 from llmcore.kernels.triton import attention as A  # noqa: E402
 
@@ -54,13 +57,6 @@ def forward_launch():
         A._fwd_kernel = real
     consts = {n: x for n, x in seen["kwargs"].items() if n not in A._INTERPRET_CONFIG}
     return seen["args"], consts
-
-
-def per_call_us(fn, reps: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) / reps * 1e6
 
 
 def main() -> None:

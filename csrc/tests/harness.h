@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "llmcore/dtype.h"
+
 namespace llmcore_test {
 
 struct Case {
@@ -39,6 +41,14 @@ inline std::vector<double> randn(size_t n, uint32_t seed, double scale = 1.0, do
   std::vector<double> v(n);
   for (auto& x : v) x = dist(gen) * scale + shift;
   return v;
+}
+
+// v rounded to the element type T (through its compute type, as the kernels round).
+template <typename T>
+std::vector<T> cast(const std::vector<double>& v) {
+  std::vector<T> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = llmcore::narrow<T>(llmcore::compute_t<T>(v[i]));
+  return out;
 }
 
 }  // namespace llmcore_test

@@ -11,12 +11,7 @@ namespace {
 
 using llmcore::DType;
 
-template <typename T>
-std::vector<T> cast(const std::vector<double>& v) {
-  std::vector<T> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) out[i] = llmcore::narrow<T>(llmcore::compute_t<T>(v[i]));
-  return out;
-}
+using llmcore_test::cast;
 
 template <typename T>
 double at(const std::vector<T>& v, int64_t i) {

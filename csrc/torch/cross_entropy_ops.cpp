@@ -316,6 +316,16 @@ CeForward ce_forward(const Tensor& logits, const Tensor& target, const optional<
   return f;
 }
 
+// What the autograd Functions below keep for their backward besides tensors: the options, as
+// doubles (ignore_index and the reduction code are exact in them); and no zero-filled gradient
+// is made up when the loss is unused.
+void save_options(torch::autograd::AutogradContext* ctx, int64_t ignore_index, int64_t reduction,
+                  double label_smoothing, double z_loss, double softcap) {
+  ctx->saved_data["options"] = c10::List<double>({double(ignore_index), double(reduction),
+                                                   label_smoothing, z_loss, softcap});
+  ctx->set_materialize_grads(false);
+}
+
 class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunction> {
  public:
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& logits,
@@ -326,9 +336,7 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
     CeForward f = ce_forward(logits, target, weight, ignore_index, reduction, label_smoothing,
                              z_loss, softcap);
     ctx->save_for_backward({logits, target, f.weight, f.lse, f.den, f.z_ratio});
-    ctx->saved_data["options"] = c10::List<double>({double(ignore_index), double(reduction),
-                                                     label_smoothing, z_loss, softcap});
-    ctx->set_materialize_grads(false);  // no zero-filled gradient when the loss is unused
+    save_options(ctx, ignore_index, reduction, label_smoothing, z_loss, softcap);
     return f.out;
   }
 
@@ -405,9 +413,7 @@ class LinearCrossEntropyFunction
     const Tensor base = reduction == kMean ? f.den.reciprocal() : Tensor();
     ctx->save_for_backward({input, weight, bias.value_or(Tensor()), target, base});
     ctx->saved_data["logits"] = logits;
-    ctx->saved_data["options"] = c10::List<double>({double(ignore_index), double(reduction),
-                                                     label_smoothing, z_loss, softcap});
-    ctx->set_materialize_grads(false);  // no zero-filled gradient when the loss is unused
+    save_options(ctx, ignore_index, reduction, label_smoothing, z_loss, softcap);
     return f.out;
   }
 
