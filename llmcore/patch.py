@@ -42,7 +42,7 @@ _FUSED_CAUSAL_LM = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"
                     "Qwen3ForCausalLM", "Phi3ForCausalLM", "GPT2LMHeadModel")
 # HF heads whose forward creates torch's CrossEntropyLoss on the fly (no module there for
 # _patch_loss_modules to switch) over (…, n_classes) logits: class -> the config field holding
-# n_classes. Their loss is computed by llmcore from the logits instead (_logits_loss_forward).
+# n_classes. Their loss is computed by llmcore from the logits instead (_logits_loss).
 _INLINE_CE_HEADS = {"BertForMaskedLM": "vocab_size", "RobertaForMaskedLM": "vocab_size",
                     "BertForTokenClassification": "num_labels",
                     "RobertaForTokenClassification": "num_labels"}
@@ -223,16 +223,17 @@ def _patch_hf_loss(model, backend):
         model.loss_function = losses[loss_type]
     name = type(model).__name__
     if name in _FUSED_CAUSAL_LM:
-        model.forward = _fused_causal_lm_forward(model, backend)
+        model.forward = _forward_with_loss(model, functools.partial(_fused_causal_lm_loss,
+                                                                     model, backend))
     elif name in _INLINE_CE_HEADS:
         n_classes = getattr(model.config, _INLINE_CE_HEADS[name])
-        model.forward = _logits_loss_forward(model, backend, n_classes)
+        model.forward = _forward_with_loss(model, functools.partial(_logits_loss, backend,
+                                                                     n_classes))
 
 
-def _logits_loss_forward(model, backend, n_classes):
-    """With labels: the model's own forward without them, then llmcore's cross-entropy over its
-    logits, exactly as the HF head computes it (mean over the labels != -100); the output is
-    the model's, with that loss. Without labels: the model's own forward."""
+def _forward_with_loss(model, loss_forward):
+    """model.forward, except that a call with labels returns loss_forward(original forward,
+    the other arguments by name, labels): the model's own forward without labels."""
     original = model.forward
     signature = inspect.signature(original)
 
@@ -240,15 +241,9 @@ def _logits_loss_forward(model, backend, n_classes):
     def forward(*args, **kwargs):
         kwargs = _by_name(signature, args, kwargs)
         labels = kwargs.pop("labels", None)
-        out = original(**kwargs)
         if labels is None:
-            return out
-        logits = out[0] if isinstance(out, tuple) else out.logits
-        loss = cross_entropy(logits.reshape(-1, n_classes),
-                             labels.to(logits.device).reshape(-1), backend=backend)
-        if isinstance(out, tuple):                   # return_dict=False: (loss, logits, ...)
-            return (loss, *out)
-        return dataclasses.replace(out, loss=loss)
+            return original(**kwargs)
+        return loss_forward(original, kwargs, labels)
 
     return forward
 
@@ -262,34 +257,36 @@ def _by_name(signature, args, kwargs) -> dict:
     return dict(bound)
 
 
-def _fused_causal_lm_forward(model, backend):
-    """With labels: base model -> hidden states -> linear_cross_entropy against lm_head's
-    weight (no logits). Without labels: the model's own forward."""
+def _logits_loss(backend, n_classes, original, kwargs, labels):
+    """The model's own forward without labels, then llmcore's cross-entropy over its logits,
+    exactly as the HF head computes it (mean over the labels != -100); the output is the
+    model's, with that loss."""
+    out = original(**kwargs)
+    logits = out[0] if isinstance(out, tuple) else out.logits
+    loss = cross_entropy(logits.reshape(-1, n_classes), labels.to(logits.device).reshape(-1),
+                         backend=backend)
+    if isinstance(out, tuple):                       # return_dict=False: (loss, logits, ...)
+        return (loss, *out)
+    return dataclasses.replace(out, loss=loss)
+
+
+def _fused_causal_lm_loss(model, backend, original, kwargs, labels):
+    """base model -> hidden states -> linear_cross_entropy against lm_head's weight (no
+    logits)."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    original = model.forward
-    signature = inspect.signature(original)
-
-    @functools.wraps(original)
-    def forward(*args, **kwargs):
-        kwargs = _by_name(signature, args, kwargs)
-        labels = kwargs.pop("labels", None)
-        if labels is None:
-            return original(**kwargs)
-        num_items = kwargs.pop("num_items_in_batch", None)
-        shift_labels = kwargs.pop("shift_labels", None)
-        kwargs.pop("logits_to_keep", None)
-        kwargs.pop("return_dict", None)
-        out = model.base_model(**kwargs)
-        h = out.last_hidden_state                                       # (B, N, E)
-        head = model.get_output_embeddings()
-        target = _next_token_targets(labels, shift_labels, -100).to(h.device)
-        loss = linear_cross_entropy(h.reshape(-1, h.shape[-1]), head.weight, target.reshape(-1),
-                                    head.bias, reduction="sum" if num_items is not None else "mean",
-                                    backend=backend)
-        return CausalLMOutputWithPast(loss=_reduce(loss, num_items), logits=None,
-                                      past_key_values=getattr(out, "past_key_values", None),
-                                      hidden_states=getattr(out, "hidden_states", None),
-                                      attentions=getattr(out, "attentions", None))
-
-    return forward
+    num_items = kwargs.pop("num_items_in_batch", None)
+    shift_labels = kwargs.pop("shift_labels", None)
+    kwargs.pop("logits_to_keep", None)
+    kwargs.pop("return_dict", None)
+    out = model.base_model(**kwargs)
+    h = out.last_hidden_state                                           # (B, N, E)
+    head = model.get_output_embeddings()
+    target = _next_token_targets(labels, shift_labels, -100).to(h.device)
+    loss = linear_cross_entropy(h.reshape(-1, h.shape[-1]), head.weight, target.reshape(-1),
+                                head.bias, reduction="sum" if num_items is not None else "mean",
+                                backend=backend)
+    return CausalLMOutputWithPast(loss=_reduce(loss, num_items), logits=None,
+                                  past_key_values=getattr(out, "past_key_values", None),
+                                  hidden_states=getattr(out, "hidden_states", None),
+                                  attentions=getattr(out, "attentions", None))
