@@ -691,7 +691,7 @@ else:
 # launch's Python around the same kernel (benchmarks/triton_autotune_overhead.py measures both).
 # Its choice is kept here under a key of our own (_Features.tune_key: the autotuner's key and
 # the dtypes that make up the rest of it), and later calls launch the JIT kernel with it.
-_CHOSEN: dict = {}       # (id(autotuned kernel), tune key) -> (JIT kernel, the config's launch kwargs)
+_CHOSEN: dict = {}  # (id(autotuned kernel), tune key) -> (JIT kernel, its config's launch kwargs)
 
 
 def _launch(kernel, grid_axis0, H, B, args, consts, tune_key):
