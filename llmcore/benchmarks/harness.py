@@ -99,6 +99,9 @@ class OpBench:
 
     name: str = ""
     families: tuple[str, ...] = ()      # llmcore op families the llmcore_* providers need
+    # families checked per case instead (skip_reason): a backend without their kernels on this
+    # device (native rope and swiglu are CPU-only) lists its cases as skipped, not failed
+    case_families: tuple[str, ...] = ()
     providers: tuple[str, ...] = ()     # the providers that implement this op, baseline first
     modes: tuple[str, ...] = ("fwd", "bwd", "fwd+bwd")
     unit: str = "GB/s"                  # "GB/s", "TFLOP/s" or "tokens/s"
@@ -120,7 +123,9 @@ class OpBench:
     def skip_reason(self, provider: str, shape: dict, device: str, mode: str) -> str | None:
         """Why `provider` cannot run this one shape in this mode here (None: it can); such
         cases are listed as skipped, not failed."""
-        return None
+        if not self.case_families or provider not in _providers.LLMCORE_BACKEND:
+            return None
+        return _providers.probe(provider, self.case_families, device)
 
     def inputs(self, shape: dict, dtype: torch.dtype, device: str, seed: int) -> dict:
         """Keyword arguments of `function`; tensors that get gradients require grad."""

@@ -39,19 +39,12 @@ def _eager_rope(q, k, cos, sin):
 
 class RopeBench(OpBench):
     name = "rope"
-    # rope's native kernel is CPU-only: checked per case (skip_reason), so a run that names
-    # llmcore_native for the other ops on CUDA lists rope's native cases as skipped, not failed
-    families = ()
+    # the native kernel is CPU-only: checked per case, so a run that names llmcore_native for
+    # the other ops on CUDA lists rope's native cases as skipped, not failed
+    case_families = ("rope",)
     providers = ("torch", "torch_compile", "llmcore_triton", "llmcore_native")
     unit = "GB/s"
     x_key = "N"
-
-    def skip_reason(self, provider, shape, device, mode):
-        from llmcore.benchmarks import providers
-
-        if provider not in LLMCORE_BACKEND:
-            return None
-        return providers.probe(provider, ("rope",), device)
 
     def shapes(self, size_set, device):
         return [{"variant": f"d{d} heads {hq}/{hkv}", "B": b, "N": n, "Hq": hq, "Hkv": hkv,
