@@ -33,7 +33,8 @@
 # Environment: PYTHON (default python3); GPU_CHECK_DRY_RUN=1 on a machine without CUDA runs
 # what the CPU can (the build, pytest -m gpu, which then skips everything, the suites with the
 # tiny sizes on the CPU, a CPU profile) to check the script itself.
-# Writes: gpu_check.log (the summary), build.log, pytest_gpu.log, info.txt, overhead/, ops/,
+# Writes: gpu_check.log (the summary), build.log, pytest_gpu.log, info.txt,
+# attention_tuning.jsonl (each attention autotune choice and its candidates' times), overhead/, ops/,
 # steps/, compile/, attention/, features/
 # (results.json, results.md, bench.log each), profile_*.txt. Exit status: 0 when every stage
 # passed, 1 when one failed, 2 when there is no CUDA device (and no dry run).
@@ -60,6 +61,8 @@ pack() {  # everything so far into the archive (if any), replaced whole, and the
 }
 failed=0
 export PYTHONUNBUFFERED=1
+# every attention autotune choice, with each candidate's time: the data to prune the tables with
+export LLMCORE_TUNING_LOG="$out/attention_tuning.jsonl"
 
 say "output: $out; stages: $stages; commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
 if ls .whl/liger_kernel-*.whl >/dev/null 2>&1; then

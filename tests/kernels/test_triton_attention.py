@@ -132,6 +132,25 @@ def test_head_dims_and_lengths(shape):
     _check([(b, hq, nq, d), (b, hkv, nk, d), (b, hkv, nk, dv)], torch.float32, kernel, ref)
 
 
+@pytest.mark.parametrize("scale", [8.0, -8.0, 0.0], ids=["positive", "negative", "zero"])
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0)], ids=["full", "causal"])
+def test_any_scale_sign(scale, window):
+    # interior tiles take the running max on the raw q.k and fold the scale into one fma: the
+    # row max of scale * q.k is scale * min(q.k) for a negative scale, and 0 for a zero one.
+    # A scale this large makes exp2 overflow (nan) if the shift is not the true max. 70 x 90
+    # keys spans interior and boundary tiles of the interpreter's 32 x 16 config.
+    shapes = [(1, 2, 70, 24), (1, 2, 90, 24), (1, 2, 90, 24)]
+    kernel, ref = _kw(24, scale=scale, window=window)
+    q, k, v = (t.detach() for t in _leaves(shapes, torch.float32))
+    out, _ = A.attention_fwd(q, k, v, **kernel)
+    oracle = _reference(q.double(), k.double(), v.double(), **ref)
+    assert_close_to_oracle(out, _reference(q, k, v, **ref), oracle, name="out")
+    # the gradients too, at a scale of the same sign small enough for the backward's
+    # recomputation from lse to stay within the rule (its error grows with |scale q.k|)
+    kernel, ref = _kw(24, scale=scale / 25, window=window)
+    _check(shapes, torch.float32, kernel, ref)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # fp16: masks, dropout
 @pytest.mark.parametrize("case", [
     dict(),                                                   # plain
@@ -433,14 +452,59 @@ def test_the_autotuner_runs_once_per_shape_class(monkeypatch):
         assert {k: kwargs[k] for k in chosen} == chosen
 
 
+def test_tuning_log_records_each_choice_with_every_candidates_time(monkeypatch, tmp_path):
+    # LLMCORE_TUNING_LOG (set by benchmarks/gpu_check.sh): one JSON line per shape class tuned,
+    # with the chosen config and the time of each candidate; later launches add nothing
+    import json
+
+    import triton
+
+    best = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2)
+    other = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)
+
+    def kernel_fn(*args, **kwargs):
+        pass
+
+    class Jit:
+        __name__ = "_attn_fwd_kernel"
+
+        def __getitem__(self, grid):
+            return kernel_fn
+
+    class Autotuned:
+        fn, best_config, bench_time = Jit(), None, 1.5
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                self.best_config = best
+                self.configs_timings = {best: [0.25, 0.24, 0.26], other: [0.5, 0.49, 0.51]}
+            return run
+
+    log = tmp_path / "tuning.jsonl"
+    monkeypatch.setattr(A, "_INTERPRET", False)
+    monkeypatch.setattr(A, "_CHOSEN", {})
+    monkeypatch.setattr(A, "_TUNING_LOG", str(log))
+    tuned = Autotuned()
+    for key in ("a", "a", "b"):
+        A._launch(tuned, lambda meta: 1, 3, 5, (), {}, (key, torch.bfloat16))
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["key"] for r in records] == [["a", "torch.bfloat16"], ["b", "torch.bfloat16"]]
+    first = records[0]
+    assert first["kernel"] == "_attn_fwd_kernel" and first["tuning_s"] == 1.5
+    assert first["best"] == {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+    assert sorted((t["BLOCK_M"], t["ms"]) for t in first["timings_ms"]) == [(64, 0.25),
+                                                                             (128, 0.5)]
+
+
 def test_the_tune_key_holds_the_autotuners_key():
     # everything the autotuner keys its choice on (A._AUTOTUNE_KEY and the tensors' dtypes)
     # changes the key the launch cache keeps its choice under
     def key(q_shape=(1, 2, 40, 64), dv=64, dtype=torch.float16, window=(-1, -1), mask=None,
-            alibi=None):
+            alibi=None, kv_heads=None):
         q = torch.empty(q_shape, dtype=dtype)
-        k = torch.empty(q_shape, dtype=dtype)
-        v = torch.empty(q_shape[:3] + (dv,), dtype=dtype)
+        k_shape = q_shape if kv_heads is None else (q_shape[0], kv_heads) + q_shape[2:]
+        k = torch.empty(k_shape, dtype=dtype)
+        v = torch.empty(k_shape[:3] + (dv,), dtype=dtype)
         return A._Features(q, k, v, 0.1, window, False, 0.0, alibi, mask, 0.0, None, None,
                            None, None, None).tune_key
     base = key()
@@ -449,7 +513,7 @@ def test_the_tune_key_holds_the_autotuners_key():
               key(window=(-1, 0)), key(q_shape=(1, 2, 300, 64)),
               key(mask=torch.ones(1, 1, 40, 40, dtype=torch.bool)),
               key(mask=torch.zeros(1, 1, 40, 40, dtype=torch.float16)),
-              key(alibi=torch.ones(2))]
+              key(alibi=torch.ones(2)), key(kv_heads=1)]
     assert len({base, *others}) == len(others) + 1
 
 

@@ -41,6 +41,9 @@ K/V heads are shared by GROUP = Hq // Hkv query heads. v may have its own head d
 """
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -182,14 +185,23 @@ def _fwd_tile(start_n, q, m_i, l_i, acc, k_base, v_base, mask_base, seed, rng_ba
     kT = tl.load(_ptrs(k_base, offs_n[None, :], skn, offs_d[:, None], skd),
                  mask=n_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)  # (D, BLOCK_N)
     qk = _dot(q, kT, None, DOT_PREC)  # (BLOCK_M, BLOCK_N) fp32
-    s, t = _scores(qk, offs_m[:, None], offs_n[None, :], Lq, Lk, diag, mask_base, smm, smn,
-                   slope2, qk_scale2, cap_scale, softcap2, window_left, window_right,
-                   HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, BOUNDARY)
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # a row that has seen no key yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
+    if not BOUNDARY and not HAS_SOFTCAP and not HAS_ALIBI and MASK_KIND == 0:
+        # plain interior tile, s = c qk with c = qk_scale2 >= 0 (attention_fwd makes it so):
+        # the max is taken on the raw qk, max_j s = c max_j qk, and exp2(c qk - m) is one fma
+        # per score, where a scaled copy of qk costs a multiply per score. Every row sees every
+        # key here, so m is finite.
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale2)
+        p = tl.exp2(qk * qk_scale2 - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+    else:
+        s, t = _scores(qk, offs_m[:, None], offs_n[None, :], Lq, Lk, diag, mask_base, smm,
+                       smn, slope2, qk_scale2, cap_scale, softcap2, window_left, window_right,
+                       HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, BOUNDARY)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row that has seen no key yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if HAS_DROPOUT:
@@ -619,32 +631,46 @@ def _dropout_mask_kernel(KEEP, SEED, dropout_p, N_Q, N_K,
 
 # ------------------------------------------------------------------------------ launch configs
 # Under the interpreter one small config keeps CPU tests fast (BLOCK_M != BLOCK_N on purpose, so
-# the tile-skipping bounds are exercised with unequal tiles). On CUDA: a fixed heuristic per
-# head-dim class (the first entry of each list: 128x64 tiles up to D = 128, with 8 warps at
-# D = 128; smaller tiles above, where K/V tiles and the dk/dv accumulators fill shared memory
-# and registers), plus two alternatives, autotuned per (head-dim block, causal/window, dtype,
-# sequence bucket). NOT YET TUNED ON A GPU (no H100/H200 was available when this was written):
-# the lists follow the usual FlashAttention-2 Triton choices and must be measured before anyone
-# trusts them.
+# the tile-skipping bounds are exercised with unequal tiles). On CUDA: a short list of
+# candidates per kernel and head-dim class, autotuned per (head-dim block, causal/window, dtype,
+# sequence bucket).
+# NOT YET TIMED ON A GPU: the lists below were checked by compiling for sm_90 (no spills, they
+# fit), not by measuring; the first GPU check's tuning log says which to keep.
 
 _INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16}
 # + every tensor's dtype (added by triton). BLOCK_DV too: the pruner picks the head-dim class
 # from max(BLOCK_D, BLOCK_DV), so a config tuned for Dv = 64 must not be reused for Dv = 256
-_AUTOTUNE_KEY = ["BLOCK_D", "BLOCK_DV", "HAS_WR", "SEQ_BUCKET"]
+# GROUP: a dK/dV program loops over its GQA group's query heads, which costs registers (a
+# candidate that fits MHA may spill with GQA), so each group size is tuned on its own
+_AUTOTUNE_KEY = ["BLOCK_D", "BLOCK_DV", "HAS_WR", "SEQ_BUCKET", "GROUP"]
 
-# head-dim class (padded D up to 64, 128, 256) -> [(BLOCK_M, BLOCK_N, num_warps, num_stages)]
-# The 128x128 forward tiles and the lopsided backward tiles (a long outer tile, a short inner
-# loop: 32 x 128 for dK/dV, 128 x 32 for dQ; the two kernels are tuned separately) are the
-# shapes the Triton fused-attention tutorial settles on for Hopper; added 2026-11-30 as
-# candidates, unmeasured (no H200 in that session).
-_FWD_TABLE = {64: [(128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 3)],
-              128: [(128, 64, 8, 3), (128, 64, 4, 2), (64, 64, 4, 3), (128, 128, 8, 3)],
-              256: [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)]}
-_BWD_TABLE = {64: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 3),
-                   (128, 32, 4, 3)],
-              128: [(64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (32, 128, 8, 2),
-                    (128, 32, 8, 2)],
-              256: [(32, 32, 4, 1), (32, 32, 8, 1), (16, 32, 4, 1)]}
+# head-dim class (padded D up to 64, 128, 256) -> [(BLOCK_M, BLOCK_N, num_warps, num_stages)].
+# BLOCK_M counts queries and BLOCK_N keys in every kernel: the forward and dQ programs own BLOCK_M
+# queries and loop over BLOCK_N-key tiles, the dK/dV programs own BLOCK_N keys and loop over
+# BLOCK_M-query tiles. Each kernel has its own list: what fits one does not fit the other.
+# Chosen 2026-11-30 without a GPU, from an sm_90 compile of every kernel over a sweep of tile
+# shapes, warps and stages (python -m llmcore.kernels.triton.aot; Triton 3.6, the H200
+# machine's, and 3.9): every entry compiles without register spills and fits an SM's shared
+# memory, D = 64 / 128 / 256, causal. The lists they replace had spilling entries, among them
+# every dK/dV candidate at D = 128 that the first H200 run (2026-11-29) tuned from (24-296
+# bytes per thread), and 128x64 / 4-warp forward tiles. Kept: 8 warps (two warpgroups for
+# wgmma) in most entries, a long outer tile with a short inner loop in the backward (the
+# Triton tutorial's Hopper shapes: 32 x 128 for dK/dV, 128 x 32 for dQ), and an entry with
+# 16 resident warps per SM. Out at D = 128: 128x128 forward tiles (255 registers a thread,
+# spilling under Triton 3.9). Which is fastest is unmeasured: LLMCORE_TUNING_LOG records the
+# autotuner's timings of every candidate on the GPU check.
+_FWD_TABLE = {64: [(128, 64, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 3)],
+              128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 3)],
+              256: [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 32, 8, 2)]}
+_DQ_TABLE = {64: [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 2), (128, 64, 8, 2)],
+             128: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2), (128, 64, 8, 2)],
+             256: [(32, 32, 8, 2), (64, 16, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2)]}
+# also the deterministic=False kernel's, which holds a dQ tile more. GQA and dropout cost the
+# dK/dV kernel registers too: at D <= 128 the last entries are spill-free with them as well
+# (the first ones are not, and lose the tuning there)
+_DKDV_TABLE = {64: [(64, 64, 8, 2), (32, 128, 8, 2), (64, 32, 8, 2), (32, 64, 8, 1)],
+               128: [(32, 128, 8, 2), (16, 128, 8, 2), (64, 32, 8, 1), (32, 32, 8, 2)],
+               256: [(32, 32, 8, 2), (16, 32, 8, 2), (32, 16, 8, 1), (64, 32, 8, 1)]}
 
 
 def _configs(table):
@@ -655,14 +681,15 @@ def _configs(table):
 
 def _pruner(table):
     def prune(configs, named_args, **kwargs):
-        """Keep the head-dim class's entries, minus query tiles longer than the sequence."""
+        """Keep the head-dim class's entries, minus query tiles longer than the sequence (the
+        shortest one when none is that short)."""
         d = max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"])
         wanted = table[64 if d <= 64 else 128 if d <= 128 else 256]
         def key(c):
             return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
         mine = sorted((c for c in configs if key(c) in wanted), key=lambda c: wanted.index(key(c)))
         fits = [c for c in mine if c.kwargs["BLOCK_M"] <= max(named_args["SEQ_BUCKET"], 16)]
-        return fits or mine[-1:]
+        return fits or [min(mine, key=lambda c: c.kwargs["BLOCK_M"])]
     return prune
 
 
@@ -678,11 +705,11 @@ if _INTERPRET:
     _dkdv_atomic_kernel = _attn_bwd_dkdv_kernel
 else:
     _fwd_kernel = _autotuned(_attn_fwd_kernel, _FWD_TABLE)
-    _dq_kernel = _autotuned(_attn_bwd_dq_kernel, _BWD_TABLE)
-    _dkdv_kernel = _autotuned(_attn_bwd_dkdv_kernel, _BWD_TABLE)
+    _dq_kernel = _autotuned(_attn_bwd_dq_kernel, _DQ_TABLE)
+    _dkdv_kernel = _autotuned(_attn_bwd_dkdv_kernel, _DKDV_TABLE)
     # its own tuning cache, and the dq accumulator zeroed before each timed try (the tries add
     # into it) and again before the real run
-    _dkdv_atomic_kernel = _autotuned(_attn_bwd_dkdv_kernel, _BWD_TABLE, reset_to_zero=["DQ"])
+    _dkdv_atomic_kernel = _autotuned(_attn_bwd_dkdv_kernel, _DKDV_TABLE, reset_to_zero=["DQ"])
 
 
 # The autotuner runs once per shape class, not on every call: its run() costs ~30 us of host
@@ -692,6 +719,23 @@ else:
 # Its choice is kept here under a key of our own (_Features.tune_key: the autotuner's key and
 # the dtypes that make up the rest of it), and later calls launch the JIT kernel with it.
 _CHOSEN: dict = {}  # (id(autotuned kernel), tune key) -> (JIT kernel, its config's launch kwargs)
+# LLMCORE_TUNING_LOG=path: each choice is appended there as a JSON line, with the time of every
+# candidate the autotuner tried (benchmarks/gpu_check.sh sets it): the data to prune the tables
+# below with, per GPU.
+_TUNING_LOG = os.environ.get("LLMCORE_TUNING_LOG")
+
+
+def _log_choice(kernel, tune_key, config):
+    timings = getattr(kernel, "configs_timings", None) or {}
+    def cfg(c):
+        return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+    record = dict(kernel=kernel.fn.__name__, key=[str(k) for k in tune_key], best=cfg(config),
+                  device=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                  triton=triton.__version__, tuning_s=getattr(kernel, "bench_time", None),
+                  timings_ms=[dict(cfg(c), ms=(t[0] if isinstance(t, (list, tuple)) else t))
+                              for c, t in timings.items()])
+    with open(_TUNING_LOG, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def _launch(kernel, grid_axis0, H, B, args, consts, tune_key):
@@ -709,6 +753,8 @@ def _launch(kernel, grid_axis0, H, B, args, consts, tune_key):
         config = getattr(kernel, "best_config", None)
         if config is not None:    # (a triton whose autotuner says nothing: asked every call)
             _CHOSEN[key] = (kernel.fn, config.all_kwargs())
+            if _TUNING_LOG:
+                _log_choice(kernel, tune_key, config)
         return
     fn, config = chosen
     fn[(grid_axis0(config), H, B)](*args, **consts, **config)
@@ -779,7 +825,8 @@ class _Features:
         self.dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
         # what the autotuner's key holds (_AUTOTUNE_KEY, and the dtypes of the tensors the
         # kernels receive, which these flags and dtypes determine): see _launch
-        self.tune_key = (self.block_d, self.block_dv, self.has_wr, self.seq_bucket, q.dtype,
+        self.tune_key = (self.block_d, self.block_dv, self.has_wr, self.seq_bucket, self.group,
+                         q.dtype,
                          k.dtype, v.dtype, None if attn_mask is None else attn_mask.dtype,
                          alibi_slopes is None, self.varlen, self.has_dropout)
 
@@ -843,6 +890,11 @@ def attention_fwd(q, k, v, *, scale, window=(-1, -1), bottom_right=False, softca
     out: (B, Hq, Nq, Dv) in q's dtype, in q's memory order (see _like_layout). lse: fp32
     (B, Hq, Nq) natural-log logsumexp of the scores, +inf on rows that see no key (out = 0).
     No input checks beyond what the kernels need: llmcore.ops checks."""
+    if scale < 0:
+        # the kernel takes its row max on the raw q.k, which needs scale >= 0: scale q.k =
+        # |scale| (-q).k, a negated copy of q (exact, same memory order) for this odd call;
+        # the backward recomputes scale q.k as it is
+        q, scale = torch.neg(q), -scale
     f = _Features(q, k, v, scale, window, bottom_right, softcap, alibi_slopes, attn_mask,
                   dropout_p, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     B, H, Nq = q.shape[:3]
