@@ -649,11 +649,12 @@ _AUTOTUNE_KEY = ["BLOCK_D", "BLOCK_DV", "HAS_WR", "SEQ_BUCKET", "GROUP"]
 # queries and loop over BLOCK_N-key tiles, the dK/dV programs own BLOCK_N keys and loop over
 # BLOCK_M-query tiles. Each kernel has its own list: what fits one does not fit the other.
 # Chosen 2026-11-30 without a GPU, from an sm_90 compile of every kernel over a sweep of tile
-# shapes, warps and stages (python -m llmcore.kernels.triton.aot; Triton 3.6, the H200
-# machine's, and 3.9): every entry compiles without register spills and fits an SM's shared
-# memory, D = 64 / 128 / 256, causal. The lists they replace had spilling entries, among them
-# every dK/dV candidate at D = 128 that the first H200 run (2026-11-29) tuned from (24-296
-# bytes per thread), and 128x64 / 4-warp forward tiles. Kept: 8 warps (two warpgroups for
+# shapes, warps and stages (python -m llmcore.kernels.triton.aot): under Triton 3.6, the H200
+# machine's, every entry compiles without register spills and fits an SM's shared memory at
+# D = 64 / 128 / 256, causal MHA (under 3.9, one D = 64 dK/dV entry spills 8 bytes). The lists
+# they replace had spilling entries, among them every dK/dV candidate at D = 128 that the first
+# H200 run (2026-11-29) tuned from (24-296 bytes per thread), and 128x64 / 4-warp forward
+# tiles. Kept: 8 warps (two warpgroups for
 # wgmma) in most entries, a long outer tile with a short inner loop in the backward (the
 # Triton tutorial's Hopper shapes: 32 x 128 for dK/dV, 128 x 32 for dQ), and an entry with
 # 16 resident warps per SM. Out at D = 128: 128x128 forward tiles (255 registers a thread,
@@ -666,8 +667,8 @@ _DQ_TABLE = {64: [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 2), (128, 64, 8, 
              128: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2), (128, 64, 8, 2)],
              256: [(32, 32, 8, 2), (64, 16, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2)]}
 # also the deterministic=False kernel's, which holds a dQ tile more. GQA and dropout cost the
-# dK/dV kernel registers too: at D <= 128 the last entries are spill-free with them as well
-# (the first ones are not, and lose the tuning there)
+# dK/dV kernel registers too: with them, under 3.6, only the first D = 128 entry spills (and
+# should lose the tuning there)
 _DKDV_TABLE = {64: [(64, 64, 8, 2), (32, 128, 8, 2), (64, 32, 8, 2), (32, 64, 8, 1)],
                128: [(32, 128, 8, 2), (16, 128, 8, 2), (64, 32, 8, 1), (32, 32, 8, 2)],
                256: [(32, 32, 8, 2), (16, 32, 8, 2), (32, 16, 8, 1), (64, 32, 8, 1)]}
