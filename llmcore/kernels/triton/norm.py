@@ -198,6 +198,19 @@ def _partials_sum_kernel(P, Out, Q, OutQ, n_partials, N, HAS_Q: tl.constexpr,
         tl.store(OutQ + cols, acc_q.to(OutQ.dtype.element_ty), mask=cmask)
 
 
+@functools.lru_cache(maxsize=None)
+def _partials_config(n: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_P) of the partials reduction: columns per program, rows per step. One
+    program per BLOCK_N columns walks all the partial rows, so narrow rows need narrow column
+    blocks to spread over the SMs: at hidden 1024 the 256 columns a program took before made 4
+    programs for 1056 partial rows (2 x 1 MiB read by 4 SMs, a third of the backward's time in
+    a bandwidth model). Now about 128 programs, with column blocks of 32-256 fp32 (whole 128-byte
+    lines) and 4096-element steps (8 vector loads in flight per thread and buffer). Untimed
+    (no GPU yet); the column sums' order is fixed by the shape, so the bits are reproducible."""
+    block_n = max(32, min(256, next_power_of_2(cdiv(n, 128))))
+    return block_n, 4096 // block_n
+
+
 def _sum_partials(part: torch.Tensor, dtype: torch.dtype, part_q=None, dtype_q=None):
     """(p, N) fp32/fp64 partials -> (N,) sums in `dtype`; with part_q, also its sums in dtype_q
     (None otherwise). One kernel."""
@@ -210,9 +223,9 @@ def _sum_partials(part: torch.Tensor, dtype: torch.dtype, part_q=None, dtype_q=N
     out_q = None
     if part_q is not None:
         out_q = part.new_empty(n, dtype=acc if interp and dtype_q == torch.bfloat16 else dtype_q)
-    block_n = min(_row_config(n)[0], 256)
+    block_n, block_p = _partials_config(n)
     _partials_sum_kernel[(cdiv(n, block_n),)](part, out, part_q, out_q, p, n,
-                                              HAS_Q=part_q is not None, BLOCK_P=32,
+                                              HAS_Q=part_q is not None, BLOCK_P=block_p,
                                               BLOCK_N=block_n, num_warps=4)
     if interp:
         out = out if out.dtype == dtype else out.to(dtype)
