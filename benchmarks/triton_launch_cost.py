@@ -79,10 +79,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, triton {triton.__version__}, 1 thread; Triton's host "
           f"cost per launch before the driver call (median of {args.rounds} rounds of "
           f"{args.reps})")
-    from triton.runtime.driver import driver
-    previous = driver._active
-    driver.set_active(aot._TargetDriver(90))
-    try:
+    with aot.target(90):
         for name, kernel, a, kw in launches:
             def call():
                 kernel.run(*a, grid=(1, 1, 1), warmup=True, **kw)
@@ -95,8 +92,6 @@ def main() -> None:
                 rounds.append((time.perf_counter() - t0) / args.reps * 1e6)
             n_args = len(a) + len(kw)
             print(f"  {name:28s} {n_args:3d} arguments  {statistics.median(rounds):6.1f} us")
-    finally:
-        driver._active = previous
 
 
 if __name__ == "__main__":

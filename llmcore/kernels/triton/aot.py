@@ -158,6 +158,20 @@ class _TargetDriver:
         return 0
 
 
+@contextlib.contextmanager
+def target(arch: int = 90):
+    """Inside: Triton's active driver is the stand-in for sm_<arch>, so `JITFunction.run(...,
+    warmup=True)` compiles (or finds in its cache) without a GPU."""
+    from triton.runtime.driver import driver
+
+    previous = driver._active  # None until something asked: reset_active would probe for a GPU
+    driver.set_active(_TargetDriver(arch))
+    try:
+        yield
+    finally:
+        driver._active = previous
+
+
 def _short_config(kwargs: dict) -> dict:
     """The constexprs and options worth reporting: drop pointers, tensors and Triton's
     internal options."""
@@ -181,7 +195,6 @@ def compile_for(arch: int = 90, attention_configs="all"):
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("compile_for needs the compiled kernels: unset TRITON_INTERPRET "
                            "before llmcore's Triton modules are imported")
-    from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
 
     from llmcore.kernels.triton import attention
@@ -206,16 +219,14 @@ def compile_for(arch: int = 90, attention_configs="all"):
         for config in configs:
             kernel.fn.run(*args, grid=(1, 1, 1), warmup=True, **consts, **config.all_kwargs())
 
-    previous = driver._active  # None until something asked: reset_active would probe for a GPU
-    driver.set_active(_TargetDriver(arch))
     JITFunction.run = run
     real_launch, attention._launch = attention._launch, launch
     try:
-        yield compiled
+        with target(arch):
+            yield compiled
     finally:
         attention._launch = real_launch
         JITFunction.run = real_run
-        driver._active = previous
 
 
 # ------------------------------------------------------------------------------ the report
