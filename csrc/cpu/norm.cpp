@@ -21,17 +21,6 @@ namespace {
 
 constexpr int64_t kFoldRows = 16;  // rows summed in C before the fp64 weight-gradient partials
 
-// Ask for row r + kAhead of a (rows, n) matrix while row r is worked on: the row loops are
-// bound by memory, and a row's passes do not keep enough loads in flight to hide DRAM latency.
-constexpr int64_t kAhead = 2;
-template <typename T>
-LLMCORE_ALWAYS_INLINE inline void prefetch_row(const T* base, int64_t r, int64_t rows, int64_t n) {
-  if (base == nullptr || r + kAhead >= rows) return;
-  const char* p = reinterpret_cast<const char*>(base + (r + kAhead) * n);
-  const int64_t bytes = n * int64_t(sizeof(T));
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 2);
-}
-
 // buf = widen(x + residual); with a residual, the sum is rounded to T (it is the h the caller
 // gets back) and stored in h, and the norm is taken of that rounded h.
 template <typename T, typename C>
@@ -62,8 +51,6 @@ LLMCORE_ALWAYS_INLINE inline void fwd_rows(const NormFwdParams& p, int64_t r0, i
   std::vector<C> buf(kInPlace && res == nullptr ? 0 : n);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t off = r * n;
-    prefetch_row(x, r, r1, n);
-    prefetch_row(res, r, r1, n);
     const C* hb;
     if constexpr (kInPlace) {
       if (res == nullptr) {
@@ -135,9 +122,6 @@ LLMCORE_ALWAYS_INLINE inline void bwd_rows(const NormBwdParams& p, int64_t r0, i
   const int64_t whole = n - n % kL;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t off = r * n;
-    prefetch_row(h, r, r1, n);
-    prefetch_row(dy, r, r1, n);
-    prefetch_row(dhout, r, r1, n);
     const C mu = p.rms ? C(0) : mean[r];
     const C rstd = rstd_in[r];
     const T* hr = h + off;

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "output_alloc.h"
 #include "llmcore/attention.h"
 
 namespace llmcore {
@@ -178,8 +179,8 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
   AttentionParams& p = r.p;
   // out in (B, Nq, Hq, Dv) memory, returned as a (B, Hq, Nq, Dv) view: the flash layouts'
   // final .contiguous() is then free
-  Tensor out = at::empty({p.batch, p.seqlen_q, p.heads_q, p.head_dim_v},
-                         q.options().dtype(r.cdtype)).transpose(1, 2);
+  Tensor out = empty_output({p.batch, p.seqlen_q, p.heads_q, p.head_dim_v},
+                            q.options().dtype(r.cdtype)).transpose(1, 2);
   Tensor lse = at::empty({p.batch, p.heads_q, p.seqlen_q}, q.options().dtype(r.cdtype));
   p.out = out.mutable_data_ptr();
   set_strides(p.out_stride, out);
@@ -209,9 +210,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
   const Tensor go = as_kernel(grad_out, r.cdtype), o = as_kernel(out, r.cdtype);
   const Tensor lse_c = lse.contiguous();
   const auto opts = q.options().dtype(r.cdtype);
-  Tensor dq = at::zeros(q.sizes(), opts), dk = at::zeros(k.sizes(), opts);
-  Tensor dv = at::zeros(v.sizes(), opts);
-  Tensor dscores = mask_grad ? at::zeros({p.batch, p.heads_q, p.seqlen_q, p.seqlen_k}, opts)
+  Tensor dq = zeros_output(q.sizes(), opts), dk = zeros_output(k.sizes(), opts);
+  Tensor dv = zeros_output(v.sizes(), opts);
+  Tensor dscores = mask_grad ? zeros_output({p.batch, p.heads_q, p.seqlen_q, p.seqlen_k}, opts)
                              : at::empty({0}, opts);
   p.out = const_cast<void*>(o.const_data_ptr());  // read only in the backward
   set_strides(p.out_stride, o);

@@ -7,7 +7,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/linear.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/where.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
@@ -18,6 +18,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "output_alloc.h"
 #include "llmcore/cross_entropy.h"
 
 #ifdef LLMCORE_WITH_CUDA
@@ -155,7 +156,7 @@ Tensor cross_entropy_bwd(const Tensor& dloss_in, const Tensor& logits_in, const 
   const Tensor dloss_c = to_dtype(dloss_in, cdtype);
   const Tensor dloss = one ? dloss_c : dloss_c.contiguous();
   const Tensor lse = to_dtype(lse_in, cdtype).contiguous();
-  Tensor dlogits = at::empty_like(keep.logits);
+  Tensor dlogits = empty_output_like(keep.logits);
   p.dloss = dloss.const_data_ptr();
   p.dloss_stride = one ? 0 : 1;
   p.lse = const_cast<void*>(lse.const_data_ptr());  // read-only in the backward
@@ -395,6 +396,14 @@ Tensor cross_entropy_forward_only(const Tensor& logits, const Tensor& target,
 // The logits are this op's own buffer: the backward overwrites them (no second (rows, classes)
 // buffer). A second backward (retain_graph) finds them spent and recomputes them.
 
+// at::linear(input, weight, bias) for a 2-D input (its addmm / mm, the same bits) into an
+// empty_output buffer: the logits are the op's largest tensor.
+Tensor linear_logits(const Tensor& input, const Tensor& weight, const optional<Tensor>& bias) {
+  Tensor out = empty_output({input.size(0), weight.size(0)}, input.options());
+  if (bias.has_value() && bias->defined()) return at::addmm_out(out, *bias, input, weight.t());
+  return at::mm_out(out, input, weight.t());
+}
+
 using RowsSig = Tensor(Tensor&, const Tensor&, const optional<Tensor>&, int64_t, double, double,
                        double, const Tensor&);
 
@@ -406,7 +415,7 @@ class LinearCrossEntropyFunction
                         int64_t ignore_index, int64_t reduction, double label_smoothing,
                         double z_loss, double softcap) {
     at::AutoDispatchBelowADInplaceOrView below;
-    Tensor logits = at::linear(input, weight, bias);  // (rows, classes)
+    Tensor logits = linear_logits(input, weight, bias);  // (rows, classes)
     CeForward f = ce_forward(logits, target, std::nullopt, ignore_index, reduction,
                              label_smoothing, z_loss, softcap);
     // the gradient scale of "mean" is 1/count times grad (the chunk loop's order of operations)
@@ -435,7 +444,7 @@ class LinearCrossEntropyFunction
       logits = ctx->saved_data["logits"].toTensor();
       ctx->saved_data["logits"] = c10::IValue();  // overwritten below: spent
     } else {
-      logits = at::linear(input, weight, bias.defined() ? optional<Tensor>(bias) : std::nullopt);
+      logits = linear_logits(input, weight, bias.defined() ? optional<Tensor>(bias) : std::nullopt);
     }
     const Tensor g = to_dtype(grad, cdtype);
     const Tensor scale = base.defined() ? base.mul(g) : g;  // 0-dim, or (rows,) for "none"
@@ -483,7 +492,7 @@ Tensor linear_cross_entropy_forward_only(const Tensor& input, const Tensor& weig
                                          int64_t ignore_index, int64_t reduction,
                                          double label_smoothing, double z_loss, double softcap) {
   check_linear_cross_entropy(input, weight, bias, target);
-  return ce_forward(at::linear(input, weight, bias), target, std::nullopt, ignore_index,
+  return ce_forward(linear_logits(input, weight, bias), target, std::nullopt, ignore_index,
                     reduction, label_smoothing, z_loss, softcap).out;
 }
 

@@ -17,6 +17,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "output_alloc.h"
 #include "llmcore/norm.h"
 
 #ifdef LLMCORE_WITH_CUDA
@@ -63,8 +64,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd(const Tensor& x_in,
 
   const Tensor x = x_in.contiguous();
   const auto stat_opts = x.options().dtype(compute_dtype(x));
-  Tensor y = at::empty_like(x);
-  Tensor h = res.defined() ? at::empty_like(x) : at::empty({0}, x.options());
+  Tensor y = empty_output_like(x);
+  Tensor h = res.defined() ? empty_output_like(x) : at::empty({0}, x.options());
   Tensor mean = at::empty({rms ? 0 : rows}, stat_opts);
   Tensor rstd = at::empty({rows}, stat_opts);
 
@@ -125,7 +126,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& dy_in, const optional<
   const Tensor dy = dy_in.contiguous(), h = h_in.contiguous();
   const Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   const auto grad_opts = h.options().dtype(cdtype);
-  Tensor dx = at::empty_like(h);
+  Tensor dx = empty_output_like(h);
   Tensor dw = at::empty({weight_grad ? cols : 0}, grad_opts);
   Tensor db = at::empty({bias_grad ? cols : 0}, grad_opts);
 

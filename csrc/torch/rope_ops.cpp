@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "output_alloc.h"
 #include "llmcore/rope.h"
 
 namespace llmcore {
@@ -47,8 +48,8 @@ std::tuple<Tensor, Tensor> rope_rotate(const Tensor& q, const Tensor& k, const T
   p.half = d / 2;
   p.heads_q = q.size(1);
   p.heads_k = k.size(1);
-  Tensor out_q = at::empty({tokens, p.heads_q, d}, q.options());
-  Tensor out_k = at::empty({tokens, p.heads_k, d}, k.options());
+  Tensor out_q = empty_output({tokens, p.heads_q, d}, q.options());
+  Tensor out_k = empty_output({tokens, p.heads_k, d}, k.options());
   const auto table_type = compute_dtype(q);
   Tensor c = cos.to(table_type).contiguous(), s = sin.to(table_type).contiguous();
   p.rows = c.size(0);

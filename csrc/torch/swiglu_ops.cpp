@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "output_alloc.h"
 #include "llmcore/swiglu.h"
 
 namespace llmcore {
@@ -38,7 +39,7 @@ SwigluParams params(const Tensor& x, int64_t f) {
 
 Tensor swiglu_fwd(const Tensor& x) {
   const int64_t f = check_x(x);
-  Tensor y = at::empty({x.size(0), f}, x.options());
+  Tensor y = empty_output({x.size(0), f}, x.options());
   SwigluParams p = params(x, f);
   p.out = y.mutable_data_ptr();
   swiglu_cpu(p);
@@ -52,7 +53,7 @@ Tensor swiglu_bwd(const Tensor& dy, const Tensor& x) {
   check_shape("dy", dy, {x.size(0), f});
   TORCH_CHECK_VALUE(dy.numel() == 0 || dy.stride(1) == 1, "dy needs a unit stride on its last "
                     "dim, got strides ", dy.strides());
-  Tensor dx = at::empty({x.size(0), 2 * f}, x.options());
+  Tensor dx = empty_output({x.size(0), 2 * f}, x.options());
   SwigluParams p = params(x, f);
   p.backward = true;
   p.dy = dy.const_data_ptr();
