@@ -9,6 +9,7 @@
 // partials that are reduced in thread order, so the result is deterministic for a given thread
 // count. The row loops are compiled per x86 ISA level (LLMCORE_CPU_CLONES).
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -81,6 +82,29 @@ LLMCORE_ALWAYS_INLINE inline void fwd_rows(const NormFwdParams& p, int64_t r0, i
   }
 }
 
+// kSumLanes values of C as one GCC vector (split into each ISA clone's registers), and a load
+// of kSumLanes consecutive T into it, widened.
+template <typename C> struct Lanes;
+template <> struct Lanes<float> {
+  typedef float type __attribute__((vector_size(cpu::kSumLanes * sizeof(float))));
+};
+template <> struct Lanes<double> {
+  typedef double type __attribute__((vector_size(cpu::kSumLanes * sizeof(double))));
+};
+template <typename C>
+using LanesOf = typename Lanes<C>::type;
+
+template <typename C, typename T>
+LLMCORE_ALWAYS_INLINE inline void load_lanes(LanesOf<C>& v, const T* p) {
+  if constexpr (std::is_same<T, C>::value) {
+    std::memcpy(&v, p, sizeof v);
+  } else {
+    C tmp[cpu::kSumLanes];
+    for (int l = 0; l < cpu::kSumLanes; ++l) tmp[l] = widen(p[l]);
+    std::memcpy(&v, tmp, sizeof v);
+  }
+}
+
 // Backward of rows [r0, r1). With xhat = (h - mean) * rstd (rms: xhat = h * rstd) and
 // y = xhat * w + b, let g = dy * w (the gradient reaching xhat). Through mean and rstd:
 //   layer: dh = rstd * (g - mean_j(g) - xhat * mean_j(g * xhat))
@@ -136,27 +160,32 @@ LLMCORE_ALWAYS_INLINE inline void bwd_rows(const NormBwdParams& p, int64_t r0, i
     double lane_a[kL] = {}, lane_c[kL] = {};
     for (int64_t j = 0; j < whole; j += cpu::kFoldLen * kL) {
       const int64_t end = std::min<int64_t>(j + cpu::kFoldLen * kL, whole);
-      C pa[kL] = {}, pc[kL] = {};
+      // the lane sums as GCC vectors, so they stay in registers across the steps (as arrays
+      // GCC kept them on the stack: a store-to-load round trip per step, the loop's bound)
+      LanesOf<C> pa = {}, pc = {};
       for (int64_t t = j; t < end; t += kL) {
         if (hn != nullptr) {
           __builtin_prefetch(hn + t, 0, 3);
           __builtin_prefetch(dyn + t, 0, 3);
         }
-#pragma omp simd  // the lanes are independent (GCC's own alias checks give up on 8 streams)
-        for (int l = 0; l < kL; ++l) {
-          const int64_t k = t + l;
-          const C dv = widen(dyr[k]);
-          const C xv = (widen(hr[k]) - mu) * rstd;
-          const C gv = dv * wv[k];
-          if constexpr (!kInPlace) {
-            xh[k] = xv;
-            g[k] = gv;
-          }
-          pa[l] += gv;
-          pc[l] += gv * xv;
-          sw[k] += dv * xv;
-          sb[k] += dv;
+        LanesOf<C> dv, hv, wl, swl, sbl;
+        load_lanes<C>(dv, dyr + t);
+        load_lanes<C>(hv, hr + t);
+        load_lanes<C>(wl, wv + t);
+        load_lanes<C>(swl, sw + t);
+        load_lanes<C>(sbl, sb + t);
+        const LanesOf<C> xv = (hv - mu) * rstd;
+        const LanesOf<C> gv = dv * wl;
+        if constexpr (!kInPlace) {
+          std::memcpy(xh + t, &xv, sizeof xv);
+          std::memcpy(g + t, &gv, sizeof gv);
         }
+        pa += gv;
+        pc += gv * xv;
+        swl += dv * xv;
+        sbl += dv;
+        std::memcpy(sw + t, &swl, sizeof swl);
+        std::memcpy(sb + t, &sbl, sizeof sbl);
       }
       for (int l = 0; l < kL; ++l) {
         lane_a[l] += double(pa[l]);

@@ -3,6 +3,7 @@
 in /proc/self/smaps), its partial last 2 MiB page does not, smaller ones are plain at::empty,
 and LLMCORE_CPU_HUGEPAGES=0 turns it off. The tensors behave as any other: values, resize_,
 serialisation, numpy views, and their memory is returned on release."""
+import copy
 import inspect
 import io
 import os
@@ -157,7 +158,12 @@ def test_outputs_behave_as_tensors_and_are_released():
     y.numpy()[0, 0] = 123.0
     assert y[0, 0].item() == 123.0
     y[0, 0] = ref[0, 0]
-    del ref
+    # copies and sharing between processes (share_memory_ moves it to a shared segment)
+    assert torch.equal(copy.deepcopy(y), ref)
+    z = llmcore.layer_norm(x, COLS, backend="native")
+    z.share_memory_()
+    assert z.is_shared() and torch.equal(z, ref)
+    del ref, z
     # the memory goes back to the system when the last reference goes
     before = _rss_kib()
     del y
