@@ -331,6 +331,22 @@ def _row_scale(base, grad_out, dtype):
     return g if base is None else base * g
 
 
+def _linear_into(xc, weight, bias, buf):
+    """F.linear(xc, weight, bias) for a 2-D chunk, written into the first rows of `buf`: the
+    same GEMM (addmm with a bias, mm without, as F.linear calls them), so the same bits. A chunk
+    loop reuses one logits buffer instead of allocating one per chunk, which on the CPU meant
+    fresh pages, and a page fault per 4 KiB, for every chunk of 32 MiB or more."""
+    out = buf[: xc.shape[0]]
+    if bias is None:
+        return torch.mm(xc, weight.t(), out=out)
+    return torch.addmm(bias, xc, weight.t(), out=out)
+
+
+def _logits_buffer(x, weight, chunk_size):
+    """The (rows, V) buffer the token-chunk loops compute each chunk's logits into."""
+    return x.new_empty((max(1, min(chunk_size, x.shape[0])), weight.shape[0]))
+
+
 def _token_pass(x, weight, bias, target, rows_fn, options, chunk_size, scale, want, losses=None):
     """fp32/fp64 schedule: one pass over token chunks. Fills `losses` (N,) when given; with
     `scale` (0-dim or (N,)) also returns (dx, dW, db) for the flags in `want`."""
@@ -342,10 +358,11 @@ def _token_pass(x, weight, bias, target, rows_fn, options, chunk_size, scale, wa
     if n_rows == 0:
         return dx, None if dweight is None else dweight.zero_(), \
             None if dbias is None else dbias.zero_()
+    buf = _logits_buffer(x, weight, chunk_size)
     for start in range(0, n_rows, chunk_size):
         end = min(start + chunk_size, n_rows)
         xc = x[start:end]                                             # (n, H)
-        logits = F.linear(xc, weight, bias)                           # (n, V)
+        logits = _linear_into(xc, weight, bias, buf)                  # (n, V)
         rows_scale = None if scale is None else (scale if scale.dim() == 0 else scale[start:end])
         loss, dlogits = rows_fn(logits, target[start:end], *options, grad_scale=rows_scale)
         if losses is not None:
@@ -375,9 +392,10 @@ def _rows_lse_pass(x, weight, bias, target, rows_lse_fn, options, chunk_size, sc
     """bf16/fp16 schedule, forward: token chunks fill losses (N,) and lse (N,); with `scale`
     and want_dx also returns dx (N, H) = dlogits W, one GEMM over all V per chunk."""
     dx = x.new_empty(x.shape) if want_dx and scale is not None else None
+    buf = _logits_buffer(x, weight, chunk_size)
     for start in range(0, x.shape[0], chunk_size):
         end = min(start + chunk_size, x.shape[0])
-        logits = F.linear(x[start:end], weight, bias)                 # (n, V)
+        logits = _linear_into(x[start:end], weight, bias, buf)        # (n, V)
         loss, row_lse, dlogits = rows_lse_fn(logits, target[start:end], *options,
                                              grad_scale=scale if dx is not None else None)
         losses[start:end] = loss
@@ -392,9 +410,10 @@ def _dx_pass(x, weight, bias, target, lse, grad_block_fn, options, chunk_size, s
     """bf16/fp16 schedule, backward of "none" (or a second backward): dx from the saved lse."""
     n_classes = weight.shape[0]
     dx = x.new_empty(x.shape)                                         # (N, H)
+    buf = _logits_buffer(x, weight, chunk_size)
     for start in range(0, x.shape[0], chunk_size):
         end = min(start + chunk_size, x.shape[0])
-        logits = F.linear(x[start:end], weight, bias)                 # (n, V) recomputed
+        logits = _linear_into(x[start:end], weight, bias, buf)        # (n, V) recomputed
         rows_scale = scale if scale.dim() == 0 else scale[start:end]
         dlogits = grad_block_fn(logits, target[start:end], lse[start:end], 0, n_classes,
                                 *options, grad_scale=rows_scale)
