@@ -11,14 +11,22 @@
 #include <cstdlib>
 #include <cstring>
 
+// Only where the kernel takes the advice (Linux, MADV_HUGEPAGE); elsewhere empty_output is
+// at::empty.
 #if defined(__linux__)
 #include <sys/mman.h>
+#endif
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+#define LLMCORE_HUGE_OUTPUTS 1
+#else
+#define LLMCORE_HUGE_OUTPUTS 0
 #endif
 
 namespace llmcore {
 namespace ops {
 namespace {
 
+#if LLMCORE_HUGE_OUTPUTS
 constexpr size_t kHugePage = size_t(2) << 20;
 // glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: every block this large is a fresh mmap.
 constexpr size_t kFreshBytes = size_t(32) << 20;
@@ -37,10 +45,8 @@ class HugePageAllocator final : public c10::Allocator {
       c10::profiledCPUMemoryReporter().OutOfMemory(n);
       TORCH_CHECK(false, "llmcore: out of CPU memory allocating ", n, " bytes");
     }
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
     // advice, not a requirement: where the kernel has THP off, the pages are 4 KiB as before
     if (huge) (void)madvise(p, n / kHugePage * kHugePage, MADV_HUGEPAGE);
-#endif
     if (p != nullptr) c10::profiledCPUMemoryReporter().New(p, n);
     return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
   }
@@ -73,18 +79,26 @@ bool on_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   return n >= kFreshBytes;
 }
 
-}  // namespace
-
-at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  if (!on_huge_pages(sizes, opts)) return at::empty(sizes, opts);
+at::Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   static HugePageAllocator allocator;
   return at::detail::empty_generic(sizes, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    c10::typeMetaToScalarType(opts.dtype()), std::nullopt);
 }
+#else
+bool on_huge_pages(at::IntArrayRef, const at::TensorOptions&) { return false; }
+at::Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  return at::empty(sizes, opts);
+}
+#endif  // LLMCORE_HUGE_OUTPUTS
+
+}  // namespace
+
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  return on_huge_pages(sizes, opts) ? empty_huge(sizes, opts) : at::empty(sizes, opts);
+}
 
 at::Tensor zeros_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  if (!on_huge_pages(sizes, opts)) return at::zeros(sizes, opts);
-  return empty_output(sizes, opts).zero_();
+  return on_huge_pages(sizes, opts) ? empty_huge(sizes, opts).zero_() : at::zeros(sizes, opts);
 }
 
 }  // namespace ops
