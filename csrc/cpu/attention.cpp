@@ -149,31 +149,18 @@ LLMCORE_ALWAYS_INLINE inline void load_cols(const C* base, int64_t stride, int64
 // C (M, N) += A (M, K) @ B (K, N), with A read through strides (a_rs per row, a_ks per k) so
 // that a transposed operand (P^T, dS^T) needs no copy, and B / C row-major (ldb, ldc). Blocks
 // of kR rows x 2 vectors of C stay in registers across the K loop: one B load feeds kR FMAs.
-// GCC vector types (64 bytes: 16 floats or 8 doubles) are split by each ISA clone into its own
-// registers (4 xmm, 2 ymm or 1 zmm), so the same code runs everywhere.
-typedef float VecF __attribute__((vector_size(64)));
-typedef double VecD __attribute__((vector_size(64)));
-template <typename C> struct VecOf;
-template <> struct VecOf<float> { using type = VecF; };
-template <> struct VecOf<double> { using type = VecD; };
+// A vector is 64 bytes (cpu::LanesOf: 16 floats or 8 doubles; 4 xmm, 2 ymm or 1 zmm).
+template <typename C>
+using VecOf = cpu::LanesOf<C, int(64 / sizeof(C))>;
+using cpu::vload;
+using cpu::vstore;
 
 constexpr int kR = 4;  // rows per register block
-
-// unaligned vector load / store (by reference: no vector-typed arguments crossing an ABI)
-template <typename Vec, typename C>
-LLMCORE_ALWAYS_INLINE inline void vload(Vec& r, const C* p) {
-  __builtin_memcpy(&r, p, sizeof r);
-}
-
-template <typename Vec, typename C>
-LLMCORE_ALWAYS_INLINE inline void vstore(C* p, const Vec& v) {
-  __builtin_memcpy(p, &v, sizeof v);
-}
 
 template <typename C, int R>
 LLMCORE_ALWAYS_INLINE inline void gemm_block(int64_t K, const C* A, int64_t a_rs, int64_t a_ks,
                                              const C* B, int64_t ldb, C* Cm, int64_t ldc) {
-  using Vec = typename VecOf<C>::type;
+  using Vec = VecOf<C>;
   constexpr int kL = int(sizeof(Vec) / sizeof(C));
   Vec acc0[R], acc1[R];
   for (int r = 0; r < R; ++r) {

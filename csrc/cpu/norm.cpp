@@ -9,7 +9,6 @@
 // partials that are reduced in thread order, so the result is deterministic for a given thread
 // count. The row loops are compiled per x86 ISA level (LLMCORE_CPU_CLONES).
 #include <cmath>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -82,26 +81,18 @@ LLMCORE_ALWAYS_INLINE inline void fwd_rows(const NormFwdParams& p, int64_t r0, i
   }
 }
 
-// kSumLanes values of C as one GCC vector (split into each ISA clone's registers), and a load
-// of kSumLanes consecutive T into it, widened.
-template <typename C> struct Lanes;
-template <> struct Lanes<float> {
-  typedef float type __attribute__((vector_size(cpu::kSumLanes * sizeof(float))));
-};
-template <> struct Lanes<double> {
-  typedef double type __attribute__((vector_size(cpu::kSumLanes * sizeof(double))));
-};
 template <typename C>
-using LanesOf = typename Lanes<C>::type;
+using LanesOf = cpu::LanesOf<C, cpu::kSumLanes>;
 
+// kSumLanes consecutive T into a vector of C, widened
 template <typename C, typename T>
 LLMCORE_ALWAYS_INLINE inline void load_lanes(LanesOf<C>& v, const T* p) {
   if constexpr (std::is_same<T, C>::value) {
-    std::memcpy(&v, p, sizeof v);
+    cpu::vload(v, p);
   } else {
     C tmp[cpu::kSumLanes];
     for (int l = 0; l < cpu::kSumLanes; ++l) tmp[l] = widen(p[l]);
-    std::memcpy(&v, tmp, sizeof v);
+    cpu::vload(v, tmp);
   }
 }
 
@@ -177,15 +168,15 @@ LLMCORE_ALWAYS_INLINE inline void bwd_rows(const NormBwdParams& p, int64_t r0, i
         const LanesOf<C> xv = (hv - mu) * rstd;
         const LanesOf<C> gv = dv * wl;
         if constexpr (!kInPlace) {
-          std::memcpy(xh + t, &xv, sizeof xv);
-          std::memcpy(g + t, &gv, sizeof gv);
+          cpu::vstore(xh + t, xv);
+          cpu::vstore(g + t, gv);
         }
         pa += gv;
         pc += gv * xv;
         swl += dv * xv;
         sbl += dv;
-        std::memcpy(sw + t, &swl, sizeof swl);
-        std::memcpy(sb + t, &sbl, sizeof sbl);
+        cpu::vstore(sw + t, swl);
+        cpu::vstore(sb + t, sbl);
       }
       for (int l = 0; l < kL; ++l) {
         lane_a[l] += double(pa[l]);

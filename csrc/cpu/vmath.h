@@ -78,6 +78,26 @@ inline C max_of(const C* y, int64_t n) {
   return m;
 }
 
+// N values of C as one GCC vector type: each x86 ISA clone splits it into its own registers
+// (xmm, ymm or zmm), so the same code runs everywhere. vload / vstore are unaligned and take
+// the vector by reference (no vector-typed argument crossing an ABI).
+template <typename C, int N>
+struct Lanes {
+  typedef C type __attribute__((vector_size(N * sizeof(C))));
+};
+template <typename C, int N>
+using LanesOf = typename Lanes<C, N>::type;
+
+template <typename V, typename C>
+__attribute__((always_inline)) inline void vload(V& v, const C* p) {
+  std::memcpy(&v, p, sizeof v);
+}
+
+template <typename V, typename C>
+__attribute__((always_inline)) inline void vstore(C* p, const V& v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
 // Row sums in the compute type's vector lanes, each lane's partial folded into an fp64 lane
 // every kFoldLen terms (and the lanes summed in fp64, in a fixed order): nearly the speed of a
 // plain C sum, with an error close to an fp64 sum's however long the row. The fixed-width lane
