@@ -164,10 +164,16 @@ def test_outputs_behave_as_tensors_and_are_released():
     z.share_memory_()
     assert z.is_shared() and torch.equal(z, ref)
     del ref, z
-    # the memory goes back to the system when the last reference goes
-    before = _rss_kib()
     del y
-    assert before - _rss_kib() > 30 * 1024
+    # released when the last reference goes: outputs made and dropped over and over do not
+    # pile up (glibc may keep a freed block for reuse rather than return it at once, so the
+    # check is on growth over many, not on RSS falling after one)
+    before = _rss_kib()
+    for _ in range(8):
+        y = llmcore.layer_norm(x, COLS, backend="native")
+        y.fill_(1.0)                                         # every page touched
+        del y
+    assert (_rss_kib() - before) * 1024 < 3 * ROWS * COLS * 4
 
 
 def test_no_memory_added_for_the_tail():
