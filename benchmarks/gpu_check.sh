@@ -14,8 +14,8 @@
 #            LLMCORE_CUDA_ARCHS says otherwise)                               ~1 min
 #   tests    pytest -m gpu                                       at most GPU_CHECK_TEST_S (150 s)
 #   ops      llmcore bench: overhead (30 s), then fwd+bwd of linear_cross_entropy,
-#            cross_entropy, rms_norm, layer_norm, rope, swiglu against eager and liger when
-#            installed
+#            cross_entropy, rms_norm, layer_norm, rope, swiglu, gelu against eager and liger
+#            when installed
 #                                                                GPU_CHECK_OPS_MINUTES (1.75)
 #   profile  torch.profiler tables of the train step: gpt2-small (llmcore_auto and hf), the
 #            llama case (llmcore_auto)                                        ~1.5 min
@@ -132,7 +132,8 @@ for stage in $stages; do
         "$py" -c "import liger_kernel" 2>/dev/null && peers=$peers,liger
         bench overhead 0.5 overhead torch,llmcore_triton,llmcore_native
         bench ops "${GPU_CHECK_OPS_MINUTES:-1.75}" \
-            linear_cross_entropy,cross_entropy,rms_norm,layer_norm,rope,swiglu "$peers" --modes fwd+bwd
+            linear_cross_entropy,cross_entropy,rms_norm,layer_norm,rope,swiglu,gelu "$peers" \
+            --modes fwd+bwd
         ;;
     profile)
         size=quick; [ "$cuda" = 1 ] || size=tiny

@@ -55,6 +55,9 @@ def main() -> None:
         "attention": (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
                       lambda: llmcore.attention(q, k, v, is_causal=True, **nat)),
     }
+    if hasattr(llmcore, "gelu"):             # trees older than the op
+        cases["gelu tanh"] = (lambda: F.gelu(x, approximate="tanh"),
+                              lambda: llmcore.gelu(x, "tanh", **nat))
     print(f"llmcore {llmcore.__file__}; torch {torch.__version__}; 1 thread; "
           f"best of {args.rounds} rounds x {args.reps} calls")
     print("| op | mode | torch us | llmcore native us | llmcore / torch |")

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-FAMILIES = ("norm", "cross_entropy", "attention", "rope", "swiglu")
+FAMILIES = ("norm", "cross_entropy", "attention", "rope", "swiglu", "gelu")
 BACKENDS = ("triton", "native", "torch", "flash_attn")
 
 # Which backends implement each op family. A backend is listed here once its kernels and
@@ -29,10 +29,11 @@ IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "attention": ("torch", "flash_attn", "triton", "native"),
     "rope": ("torch", "triton", "native"),
     "swiglu": ("torch", "triton", "native"),
+    "gelu": ("torch", "triton", "native"),
 }
 
 # Families whose native kernels exist for the CPU only (csrc/cpu, no csrc/cuda kernel yet).
-_NATIVE_CPU_ONLY = ("attention", "rope", "swiglu")
+_NATIVE_CPU_ONLY = ("attention", "rope", "swiglu", "gelu")
 
 _AUTO_ORDER = {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")}
 

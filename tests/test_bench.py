@@ -10,9 +10,11 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llmcore.benchmarks import cli, harness
 from llmcore.benchmarks.harness import BenchConfig, BenchError
+from llmcore_testing import kernel_backends
 
 RECORD_FIELDS = {"op", "provider", "device", "dtype", "shape", "mode", "ms", "ms_p20", "ms_p80",
                  "peak_mb", "throughput", "throughput_unit", "machine", "git_commit", "versions"}
@@ -127,7 +129,7 @@ def test_overhead_op_times_every_public_op_per_call(tmp_path):
     assert result["errors"] == []
     recs = result["records"]
     variants = {"layer_norm", "rms_norm", "cross_entropy", "linear_ce", "attention", "rope",
-                "swiglu"}
+                "swiglu", "gelu"}
     for provider in cfg.providers:
         for mode in ("fwd", "fwd+bwd"):
             got = {r["variant"] for r in recs if (r["provider"], r["mode"]) == (provider, mode)}
@@ -211,11 +213,41 @@ def test_swiglu_bench_providers_compute_the_same_activation(fresh_backends, monk
             got = bench.function("llmcore_native", shape)(**inp)
             torch.testing.assert_close(got, want, msg="llmcore_native vs eager")
         assert bench.work(shape, torch.float32, "fwd+bwd") == 8 * shape["N"] * shape["F"] * 4
-    monkeypatch.setattr(fresh_backends, "IMPLEMENTED",
-                        {**fresh_backends.IMPLEMENTED, "swiglu": ("torch", "triton")})
-    fresh_backends.clear_cache()                 # the calls above cached native's answer
+    _assert_skipped_without_native(bench, "swiglu", fresh_backends, monkeypatch)
+
+
+def test_gelu_bench_providers_compute_the_same_activation(fresh_backends, monkeypatch):
+    """The gelu benchmark's cases cover both approximations; every llmcore backend that runs
+    here (triton through the interpreter) agrees with F.gelu, forward and backward, through the
+    function the harness caches per approximation; its byte count is the x / y / dy / dx
+    traffic of the op; a backend without gelu kernels is skipped per case."""
+    from llmcore.benchmarks import gelu as gb
+
+    bench = gb.BENCHES["gelu"]
+    shapes = bench.shapes("tiny", "cpu")
+    assert {s["approximate"] for s in shapes} == {"none", "tanh"}
+    providers = ["torch"] + [f"llmcore_{b}" for b in kernel_backends("gelu") if b != "torch"]
+    for shape in shapes:
+        x = bench.inputs(shape, torch.float32, "cpu", 0)["x"]
+        want = F.gelu(x, approximate=shape["approximate"])
+        dy = torch.randn_like(want)
+        want_dx, = torch.autograd.grad(want, x, dy)
+        for p in providers:
+            got = bench._cached_function(p, shape)(x=x)
+            torch.testing.assert_close(got, want, msg=f"{p} vs F.gelu")
+            torch.testing.assert_close(torch.autograd.grad(got, x, dy)[0], want_dx,
+                                       msg=f"{p} vs F.gelu, dx")
+        assert bench.work(shape, torch.float32, "fwd+bwd") == 5 * shape["N"] * shape["F"] * 4
+    _assert_skipped_without_native(bench, "gelu", fresh_backends, monkeypatch)
+
+
+def _assert_skipped_without_native(bench, family, backends, monkeypatch):
+    # as native is on CUDA for the CPU-only families: the case is skipped, with the reason
+    monkeypatch.setattr(backends, "IMPLEMENTED",
+                        {**backends.IMPLEMENTED, family: ("torch", "triton")})
+    backends.clear_cache()                       # the calls before cached native's answer
     reason = bench.skip_reason("llmcore_native", bench.shapes("tiny", "cpu")[0], "cpu", "fwd")
-    assert reason and "no native kernels for swiglu" in reason
+    assert reason and f"no native kernels for {family}" in reason
 
 
 # ---------------------------------------------------------------------------- the train step

@@ -217,11 +217,8 @@ void run(const CrossEntropyParams& p, Mode mode) {
   auto* fn = p.dtype == DType::kFloat32 ? rows_f32
              : p.dtype == DType::kFloat16 ? rows_f16
              : p.dtype == DType::kBFloat16 ? rows_bf16 : rows_f64;
-  cpu::run_team(cpu::team_size(p.rows, p.classes, p.num_threads), [&] {
-    int64_t r0, r1;
-    cpu::chunk(p.rows, cpu::team_threads(), cpu::thread_id(), &r0, &r1);
-    fn(p, mode, r0, r1);
-  });
+  cpu::run_chunks(p.rows, p.classes, p.num_threads,
+                  [&](int64_t r0, int64_t r1) { fn(p, mode, r0, r1); });
 }
 
 }  // namespace

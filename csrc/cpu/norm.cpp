@@ -247,11 +247,7 @@ void norm_fwd_cpu(const NormFwdParams& p) {
   auto* fn = p.dtype == DType::kFloat32 ? fwd_rows_f32
              : p.dtype == DType::kFloat16 ? fwd_rows_f16
              : p.dtype == DType::kBFloat16 ? fwd_rows_bf16 : fwd_rows_f64;
-  cpu::run_team(cpu::team_size(p.rows, p.cols, p.num_threads), [&] {
-    int64_t r0, r1;
-    cpu::chunk(p.rows, cpu::team_threads(), cpu::thread_id(), &r0, &r1);
-    fn(p, r0, r1);
-  });
+  cpu::run_chunks(p.rows, p.cols, p.num_threads, [&](int64_t r0, int64_t r1) { fn(p, r0, r1); });
 }
 
 void norm_bwd_cpu(const NormBwdParams& p) {

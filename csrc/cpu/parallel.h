@@ -72,5 +72,16 @@ inline void run_team(int nt, const Body& body) {
   body();
 }
 
+// Runs fn(begin, end) over [0, n) split into one contiguous chunk per thread of a team sized
+// by team_size(n, cols, max_threads): the split of every kernel whose units are independent.
+template <typename Fn>
+inline void run_chunks(int64_t n, int64_t cols, int max_threads, const Fn& fn) {
+  run_team(team_size(n, cols, max_threads), [&] {
+    int64_t begin, end;
+    chunk(n, team_threads(), thread_id(), &begin, &end);
+    fn(begin, end);
+  });
+}
+
 }  // namespace cpu
 }  // namespace llmcore

@@ -64,12 +64,8 @@ void rope_cpu(const RopeParams& p) {
   auto* fn = p.dtype == DType::kFloat32 ? rope_f32
              : p.dtype == DType::kFloat16 ? rope_f16
              : p.dtype == DType::kBFloat16 ? rope_bf16 : rope_f64;
-  cpu::run_team(cpu::team_size(p.tokens, (p.heads_q + p.heads_k) * 2 * p.half, p.num_threads),
-                [&] {
-                  int64_t t0, t1;
-                  cpu::chunk(p.tokens, cpu::team_threads(), cpu::thread_id(), &t0, &t1);
-                  fn(p, t0, t1);
-                });
+  cpu::run_chunks(p.tokens, (p.heads_q + p.heads_k) * 2 * p.half, p.num_threads,
+                  [&](int64_t t0, int64_t t1) { fn(p, t0, t1); });
 }
 
 }  // namespace llmcore

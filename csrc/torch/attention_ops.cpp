@@ -19,6 +19,7 @@
 
 #include "checks.h"
 #include "output_alloc.h"
+#include "shapes.h"
 #include "llmcore/attention.h"
 
 namespace llmcore {
@@ -27,8 +28,6 @@ namespace {
 
 using at::Tensor;
 using std::optional;
-
-bool given(const optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
 // A (B, H, N, D) tensor as the kernel reads it: compute dtype, last dim contiguous.
 Tensor as_kernel(const Tensor& t, at::ScalarType cdtype) {

@@ -54,6 +54,12 @@ inline void check_shape(const char* name, const at::Tensor& t, at::IntArrayRef s
   TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
 }
 
+// A (rows, cols) matrix the kernels read with a unit column stride (rows: any stride).
+inline void check_unit_col_stride(const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.numel() == 0 || t.stride(1) == 1, name, " needs a unit stride on its "
+                    "last dim, got strides ", t.strides());
+}
+
 inline void check_same_dtype(const char* name, const at::Tensor& t, const at::Tensor& ref,
                              const char* ref_name) {
   TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " must have ", ref_name,

@@ -18,6 +18,7 @@
 
 #include "checks.h"
 #include "output_alloc.h"
+#include "shapes.h"
 #include "llmcore/norm.h"
 
 #ifdef LLMCORE_WITH_CUDA
@@ -182,19 +183,6 @@ const auto& norm_bwd_op() {
   return op;
 }
 
-bool given(const optional<Tensor>& t) { return t.has_value() && t->defined(); }
-
-// Views without a detour through symbolic sizes for ordinary tensors (view_symint on concrete
-// sizes costs microseconds per call); fake tensors with symbolic shapes take the SymInt path, so
-// torch.compile's dynamic shapes trace through.
-Tensor view_as_sizes(const Tensor& t, const Tensor& like) {
-  if (t.unsafeGetTensorImpl()->has_symbolic_sizes_strides() ||
-      like.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) {
-    return t.sym_sizes() == like.sym_sizes() ? t : t.view_symint(like.sym_sizes());
-  }
-  return t.sizes() == like.sizes() ? t : t.view(like.sizes());
-}
-
 // A (cols,) parameter gradient in the shape of the normalised dims (x's last norm_ndim dims).
 Tensor as_param_shape(const Tensor& t, const Tensor& x, int64_t norm_ndim) {
   const int64_t lead = x.dim() - norm_ndim;
@@ -204,40 +192,6 @@ Tensor as_param_shape(const Tensor& t, const Tensor& x, int64_t norm_ndim) {
   }
   return t.view(x.sizes().slice(lead));
 }
-
-// x (..., d1..dk) as the kernels' (rows, cols) matrix: the last `norm_ndim` dims are normalised.
-struct RowsCols {
-  bool symbolic = false;
-  int64_t rows = 1, cols = 1;
-  c10::SymInt sym_rows = 1, sym_cols = 1;
-  RowsCols(const Tensor& x, int64_t norm_ndim) {
-    TORCH_CHECK_VALUE(norm_ndim >= 1 && norm_ndim <= x.dim(), "norm_ndim must be in [1, ",
-                      x.dim(), "], got ", norm_ndim);
-    const int64_t lead = x.dim() - norm_ndim;
-    symbolic = x.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
-    if (symbolic) {
-      const auto sizes = x.sym_sizes();
-      for (int64_t i = 0; i < x.dim(); ++i) (i < lead ? sym_rows : sym_cols) *= sizes[i];
-    } else {
-      const auto sizes = x.sizes();
-      for (int64_t i = 0; i < x.dim(); ++i) (i < lead ? rows : cols) *= sizes[i];
-    }
-  }
-  Tensor mat(const Tensor& t) const {
-    if (symbolic) return t.reshape_symint({sym_rows, sym_cols});
-    return t.dim() == 2 && t.size(0) == rows ? t : t.reshape({rows, cols});
-  }
-  optional<Tensor> mat(const optional<Tensor>& t) const {
-    return given(t) ? optional<Tensor>(mat(*t)) : std::nullopt;
-  }
-  Tensor vec(const Tensor& t) const {
-    if (symbolic) return t.reshape_symint({sym_cols});
-    return t.dim() == 1 ? t : t.reshape({cols});
-  }
-  optional<Tensor> vec(const optional<Tensor>& t) const {
-    return given(t) ? optional<Tensor>(vec(*t)) : std::nullopt;
-  }
-};
 
 // (y, h) in x's shape; h is an empty (0,) tensor without a residual.
 std::tuple<Tensor, Tensor> norm_forward(const Tensor& x, const optional<Tensor>& residual,

@@ -150,4 +150,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     pybind11::gil_scoped_release no_gil;
     return op.call(dy, x);
   });
+  // gelu: the differentiable op (autograd in C++, csrc/torch/gelu_ops.cpp)
+  using GeluSig = Tensor(const Tensor&, c10::string_view);
+  m.def("gelu", [op = typed_op<GeluSig>("llmcore::gelu")](const Tensor& x, const std::string& a) {
+    pybind11::gil_scoped_release no_gil;
+    return op.call(x, a);
+  });
 }

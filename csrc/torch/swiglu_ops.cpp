@@ -21,8 +21,7 @@ int64_t check_x(const Tensor& x) {
   const int64_t two_f = x.size(1);
   TORCH_CHECK_VALUE(two_f % 2 == 0, "x must be (rows, 2F): [gate | up] halves of an even last "
                     "dim, got ", x.sizes());
-  TORCH_CHECK_VALUE(x.numel() == 0 || x.stride(1) == 1, "x needs a unit stride on its last "
-                    "dim, got strides ", x.strides());
+  check_unit_col_stride("x", x);
   return two_f / 2;
 }
 
@@ -51,8 +50,7 @@ Tensor swiglu_bwd(const Tensor& dy, const Tensor& x) {
   check_same_dtype("dy", dy, x, "x");
   check_device("dy", dy, x, "x");
   check_shape("dy", dy, {x.size(0), f});
-  TORCH_CHECK_VALUE(dy.numel() == 0 || dy.stride(1) == 1, "dy needs a unit stride on its last "
-                    "dim, got strides ", dy.strides());
+  check_unit_col_stride("dy", dy);
   Tensor dx = empty_output({x.size(0), 2 * f}, x.options());
   SwigluParams p = params(x, f);
   p.backward = true;

@@ -9,6 +9,7 @@ OP_MODULES = {
     "attention_features": "attention_features",
     "rope": "rope",
     "swiglu": "swiglu",
+    "gelu": "gelu",
     "train_step": "train_step",
     "overhead": "overhead",
 }

@@ -9,6 +9,7 @@ Variants (each the op as a user calls it, next to its torch.nn.functional / SDPA
   attention       q, k, v (1, 2, 8, 16), causal                    (torch: SDPA)
   rope            q, k (1, 8, 2, 16), tables (8, 1, 16)            (torch: the eager formula)
   swiglu          x (8, 64) = [gate | up]                          (torch: F.silu(gate) * up)
+  gelu            x (4, 64), approximate "tanh"                    (torch: F.gelu)
 
 Timing: each call is timed alone, without L2 flushes or input rotation. `ms` is the wall time
 of the call (on CUDA up to a synchronize after it); `cpu_ms` is the process CPU time the call
@@ -26,7 +27,7 @@ from llmcore.benchmarks.providers import LLMCORE_BACKEND
 
 _FAMILY = {"layer_norm": "norm", "rms_norm": "norm", "cross_entropy": "cross_entropy",
            "linear_ce": "cross_entropy", "attention": "attention", "rope": "rope",
-           "swiglu": "swiglu"}
+           "swiglu": "swiglu", "gelu": "gelu"}
 
 
 class OverheadBench(OpBench):
@@ -76,6 +77,8 @@ class OverheadBench(OpBench):
                     "cos": ang.cos(), "sin": ang.sin()}
         if v == "swiglu":
             return {"x": rnd.normal(8, 64, dtype=dtype, requires_grad=True)}
+        if v == "gelu":
+            return {"x": rnd.normal(4, 64, dtype=dtype, requires_grad=True)}
         return {k: rnd.normal(1, 2, 8, 16, dtype=dtype, requires_grad=True) for k in "qkv"}
 
     def work(self, shape, dtype, mode):
@@ -93,6 +96,7 @@ class OverheadBench(OpBench):
                                                                            is_causal=True),
                 "rope": _eager_rope,
                 "swiglu": _eager_swiglu,
+                "gelu": lambda x: F.gelu(x, approximate="tanh"),
             }[v]
         import llmcore
 
@@ -109,6 +113,7 @@ class OverheadBench(OpBench):
             "attention": lambda q, k, v: llmcore.attention(q, k, v, is_causal=True, backend=b),
             "rope": lambda q, k, cos, sin: llmcore.rope(q, k, cos, sin, backend=b),
             "swiglu": lambda x: llmcore.swiglu(x, backend=b),
+            "gelu": lambda x: llmcore.gelu(x, approximate="tanh", backend=b),
         }[v]
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from llmcore.models.config import TransformerConfig
 from llmcore.nn import LayerNorm, RMSNorm
 from llmcore.ops.cross_entropy import cross_entropy, linear_cross_entropy
+from llmcore.ops.gelu import gelu
 
 IGNORE_INDEX = -100
 
@@ -117,6 +118,8 @@ class CausalLMHead(_DecoderWeight):
 
 
 class MaskedLMHead(_DecoderWeight):
+    gelu_backend = "auto"          # its transform's GELU, set by the model like `backend`
+
     def __init__(self, cfg: TransformerConfig):
         super().__init__(cfg)
         self.dense = nn.Linear(cfg.dim, cfg.dim)
@@ -129,7 +132,7 @@ class MaskedLMHead(_DecoderWeight):
         nn.init.zeros_(self.bias)
 
     def transform(self, h):
-        return self.norm(F.gelu(self.dense(h), approximate=self.approximate))
+        return self.norm(gelu(self.dense(h), self.approximate, backend=self.gelu_backend))
 
     def logits(self, h, weight):
         return F.linear(self.transform(h), weight, self.bias)              # (..., V)

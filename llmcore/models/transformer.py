@@ -35,6 +35,7 @@ from llmcore.models import heads
 from llmcore.models.config import TransformerConfig
 from llmcore.nn import LayerNorm, RMSNorm
 from llmcore.ops.attention import flash_attn_func, flash_attn_varlen_func
+from llmcore.ops.gelu import gelu
 from llmcore.ops.rope import rope
 from llmcore.ops.swiglu import swiglu
 
@@ -102,12 +103,6 @@ def _norm(cfg: TransformerConfig, dim: int | None = None) -> nn.Module:
     return LayerNorm(dim, eps=cfg.norm_eps)
 
 
-def activation(name: str):
-    """The elementwise activation of an MLP type (SwiGLU's gate uses SiLU)."""
-    return {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-            "relu": F.relu, "swiglu": F.silu}[name]
-
-
 class Attention(nn.Module):
     """Fused QKV projection -> (rotary) -> flash attention -> output projection."""
 
@@ -140,23 +135,30 @@ class Attention(nn.Module):
         return self.out(o.flatten(-2))
 
 
+# the `approximate` of F.gelu for each GELU MLP type
+GELU_FORMS = {"gelu": "none", "gelu_tanh": "tanh"}
+
+
 class MLP(nn.Module):
-    """GELU/ReLU: fc2(act(fc1 x)). SwiGLU: fc2(silu(gate) * up), [gate | up] = fc1 x, in one
-    op (llmcore.swiglu: one kernel each way, only fc1's output kept for the backward)."""
+    """GELU/ReLU: fc2(act(fc1 x)), GELU through llmcore.gelu. SwiGLU: fc2(silu(gate) * up),
+    [gate | up] = fc1 x, in one op (llmcore.swiglu). Both kernels go one launch each way and
+    keep only fc1's output for the backward."""
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.gated = cfg.mlp == "swiglu"
         self.fc1 = nn.Linear(cfg.dim, cfg.ffn_dim * (2 if self.gated else 1), bias=cfg.mlp_bias)
         self.fc2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
-        self.act = activation(cfg.mlp)
+        self.approximate = GELU_FORMS.get(cfg.mlp)          # None: relu or swiglu
         self.backend = cfg.backend
 
     def forward(self, x):
         h = self.fc1(x)
         if self.gated:
             return self.fc2(swiglu(h, backend=self.backend))
-        return self.fc2(self.act(h))
+        if self.approximate is not None:
+            return self.fc2(gelu(h, self.approximate, backend=self.backend))
+        return self.fc2(F.relu(h))
 
 
 class Block(nn.Module):
@@ -254,9 +256,11 @@ class Transformer(nn.Module):
                 m.backend = pick("attention")
                 m.rope_backend = pick("rope")
             elif isinstance(m, MLP):
-                m.backend = pick("swiglu")
+                m.backend = pick("swiglu" if m.gated else "gelu")
             elif isinstance(m, heads.Head):
                 m.backend = pick("cross_entropy")
+                if isinstance(m, heads.MaskedLMHead):
+                    m.gelu_backend = pick("gelu")
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from llmcore import backends
-from llmcore.ops import _checks
+from llmcore.ops import _checks, _rowwise
 
 
 def _check(x) -> None:
@@ -48,40 +47,10 @@ def _torch_swiglu(x):
 
 
 # ---------------------------------------------------------------------------- kernel backends
-# One autograd for both kernel backends: a backend supplies fwd(x) -> y and bwd(dy, x) -> dx on
-# (rows, 2F) / (rows, F) matrices with a unit column stride. Eager calls go through _SwiGLU, a
-# plain autograd.Function that launches directly; under torch.compile each backend's registered
-# ops (llmcore_triton::swiglu_fwd/_bwd, custom ops; llmcore::swiglu_fwd/_bwd from the C++
-# extension) with fake impls and this same backward as the forward op's autograd.
-
-def _swiglu_save(ctx, x):
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x)                     # only x: the backward recomputes the sigmoid
-
-
-def _swiglu_grad(ctx, dy, bwd):
-    if dy is None:
-        return None
-    x, = ctx.saved_tensors
-    return bwd(dy if dy.stride(-1) == 1 else dy.contiguous(), x)
-
-
-class _SwiGLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, fwd, bwd):
-        _swiglu_save(ctx, x)
-        ctx.bwd = bwd
-        return fwd(x)
-
-    @staticmethod
-    @once_differentiable                  # the kernels' gradient has no graph of its own
-    def backward(ctx, dy):
-        return _swiglu_grad(ctx, dy, ctx.bwd), None, None
-
-
-def _op_setup(ctx, inputs, output):
-    _swiglu_save(ctx, inputs[0])
-
+# Both kernel backends share llmcore/ops/_rowwise.py's autograd: a backend supplies fwd(x) -> y
+# and bwd(dy, x) -> dx on (rows, 2F) / (rows, F) matrices with a unit column stride. Under
+# torch.compile each backend's registered ops (llmcore_triton::swiglu_fwd/_bwd, custom ops;
+# llmcore::swiglu_fwd/_bwd from the C++ extension) with fake impls and the same backward.
 
 def _fwd_fake(x):
     return x.new_empty((x.shape[0], x.shape[1] // 2))               # contiguous, as the kernels
@@ -89,20 +58,6 @@ def _fwd_fake(x):
 
 def _bwd_fake(dy, x):
     return x.new_empty(x.shape)
-
-
-def _kernel_swiglu(x, fwd, bwd, fwd_op):
-    if x.dim() == 2:
-        x2 = x
-    else:               # (rows, 2F): a view unless the leading dims cannot be merged
-        x2 = x.flatten(0, -2) if x.dim() > 2 else x.unsqueeze(0)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    if torch.compiler.is_compiling():
-        y = fwd_op(x2)
-    else:
-        y = _SwiGLU.apply(x2, fwd, bwd)
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
 
 # triton: kernels imported on first use (importing llmcore never imports triton)
@@ -128,12 +83,11 @@ def _triton_bwd_op(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 _triton_fwd_op.register_fake(_fwd_fake)
 _triton_bwd_op.register_fake(_bwd_fake)
-_triton_fwd_op.register_autograd(lambda ctx, dy: _swiglu_grad(ctx, dy, _triton_bwd_op),
-                                 setup_context=_op_setup)
+_rowwise.register_autograd(_triton_fwd_op, _triton_bwd_op)
 
 
 def _triton_swiglu(x):
-    return _kernel_swiglu(x, _triton_fwd, _triton_bwd, _triton_fwd_op)
+    return _rowwise.call(x, _triton_fwd, _triton_bwd, _triton_fwd_op)
 
 
 # native: llmcore::swiglu_fwd / swiglu_bwd (csrc/torch/swiglu_ops.cpp, CPU), their fakes and
@@ -149,7 +103,7 @@ def _native_bwd_op(dy, x):
 
 
 def _native_swiglu(x):
-    return _kernel_swiglu(x, _native.swiglu_fwd, _native.swiglu_bwd, _native_fwd_op)
+    return _rowwise.call(x, _native.swiglu_fwd, _native.swiglu_bwd, _native_fwd_op)
 
 
 _native = backends.native_module()             # loading it registers the C++ ops
@@ -160,9 +114,7 @@ def _register_native() -> bool:
         return False
     torch.library.register_fake("llmcore::swiglu_fwd")(_fwd_fake)
     torch.library.register_fake("llmcore::swiglu_bwd")(_bwd_fake)
-    torch.library.register_autograd("llmcore::swiglu_fwd",
-                                    lambda ctx, dy: _swiglu_grad(ctx, dy, _native_bwd_op),
-                                    setup_context=_op_setup)
+    _rowwise.register_autograd("llmcore::swiglu_fwd", _native_bwd_op)
     return True
 
 

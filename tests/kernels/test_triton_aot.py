@@ -36,7 +36,11 @@ def test_every_triton_family_compiles_for_sm90(smoke):
             "_attn_bwd_dkdv_kernel", "_norm_fwd_kernel", "_norm_bwd_kernel",
             "_partials_sum_kernel", "_ce_fwd_kernel", "_ce_bwd_kernel",
             "_ce_grad_block_kernel", "_rope_kernel", "_swiglu_fwd_kernel",
-            "_swiglu_bwd_kernel"} <= kernels
+            "_swiglu_bwd_kernel", "_gelu_fwd_kernel", "_gelu_bwd_kernel"} <= kernels
+    # gelu: one compiled formula per approximate value, forward and backward
+    assert {(r["kernel"], r["config"]["APPROXIMATE"]) for r in smoke["rows"]
+            if r["kernel"].startswith("_gelu")} == \
+        {(k, a) for k in ("_gelu_fwd_kernel", "_gelu_bwd_kernel") for a in ("none", "tanh")}
     assert smoke["arch"] == 90
 
 

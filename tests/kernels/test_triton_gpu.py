@@ -131,6 +131,19 @@ def test_swiglu(dtype):
     _compare(run, (x,), dtype, ["x"])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu(dtype, approximate):
+    # 3 x 111 rows of 5000: column blocks of 2048, the last partial; |x| up to ~15, far into
+    # the tails where y -> 0 (negative x) and y -> x
+    x = torch.randn(3, 111, 5000, device=DEV) * 3
+
+    def run(x, backend):
+        return (llmcore.gelu(x, approximate=approximate, backend=backend),)
+
+    _compare(run, (x,), dtype, ["x"])
+
+
 def test_attention_launch_cache(monkeypatch):
     # the first call of a shape class goes through triton's autotuner, later ones launch the
     # config it chose directly: both give the same bits; a new class (Dv != D) tunes anew

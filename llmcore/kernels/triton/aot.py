@@ -240,7 +240,7 @@ def _cases(full: bool):
 
     from llmcore.kernels.triton import attention as A
     from llmcore.kernels.triton import cross_entropy as ce
-    from llmcore.kernels.triton import norm, rope, swiglu
+    from llmcore.kernels.triton import gelu, norm, rope, swiglu
 
     meta, bf16 = "meta", torch.bfloat16
 
@@ -276,18 +276,21 @@ def _cases(full: bool):
         ce.ce_bwd(logits, target, None, lse, scale, *args[1:])
         ce.ce_grad_block(logits[:, :4096], target, lse, scale, 0, v, *args[1:])
 
-    def rope_and_swiglu(t=16384, hq=12, hkv=4, d=64, f=2048):
+    def rope_and_activations(t=16384, hq=12, hkv=4, d=64, f=2048):
         q, k, tab = empty(t, hq, d), empty(t, hkv, d), empty(2048, d, dtype=torch.float32)
         rope.rotary(q, k, tab, tab)
         rope.rotary(q, k, tab, tab, backward=True)
         x = empty(t, 2 * f)
         swiglu.swiglu_bwd(swiglu.swiglu_fwd(x), x)
+        h = empty(t, f)
+        for approximate in ("none", "tanh"):
+            gelu.gelu_bwd(gelu.gelu_fwd(h, approximate), h, approximate)
 
     causal = (-1, 0)
     cases = [("attention D128 causal", lambda: attention(window=causal)),
              ("layer_norm, rms_norm+residual 4096", lambda: norms(4096)),
              ("cross_entropy V32000", lambda: cross_entropy(32000)),
-             ("rope, swiglu", rope_and_swiglu)]
+             ("rope, swiglu, gelu", rope_and_activations)]
     if not full:
         return cases
     return cases + [
@@ -345,8 +348,9 @@ def report(full: bool = False, arch: int = 90) -> list[dict]:
 def _markdown(rows: list[dict]) -> str:
     def cfg(c):
         names = [k for k in c if k.startswith("BLOCK")] + ["num_warps", "num_stages"]
-        return " ".join(f"{k.replace('BLOCK_', '').replace('num_', '')}={c[k]}" for k in names
-                        if k in c)
+        flavour = [c["APPROXIMATE"]] if "APPROXIMATE" in c else []      # gelu's formula
+        return " ".join(flavour + [f"{k.replace('BLOCK_', '').replace('num_', '')}={c[k]}"
+                                   for k in names if k in c])
 
     def loops(ls):  # instructions / tensor-core ops / integer ops per loop
         return ", ".join(f"{l['instructions']}/{l.get('mma', 0)}/{l.get('int', 0)}" for l in ls)

@@ -7,11 +7,8 @@ With x = [g | u] the two halves of a row's 2F values and s = sigmoid(g):
 Math in fp32 (fp64 for fp64), one rounding at the store. The backward reads x and dy and recomputes s, writing
 dg and du into one (rows, 2F) gradient: nothing but x is kept between the passes.
 
-Memory-bound elementwise kernels: a 2-D grid of (row block, column block) tiles of about
-_TILE elements, so a program moves a few KB whatever F is (many rows per program for a narrow
-MLP, several programs per row for a wide one) and a Llama-sized call (8192 x 14336) launches
-thousands of programs; each thread loads runs of contiguous columns (16-byte vectors for
-bf16 at 8 elements per thread). Row offsets in int64 (rows x 2F passes 2^31 at Llama sizes).
+Memory-bound elementwise kernels: a 2-D grid of (row block, column block) tiles over the R x F
+outputs, the tiling of _elementwise (a few KB per program whatever F is; int64 row offsets).
 """
 from __future__ import annotations
 
@@ -19,21 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from llmcore.kernels.triton._host import cdiv, next_power_of_2
+from llmcore.kernels.triton._elementwise import acc_type, launch, tile
 from llmcore.kernels.triton._interp import to_dtype as _to
-
-# Elements per program and the widest column block. Chosen by the arithmetic above, not yet
-# tuned on a GPU (no measurement recorded).
-_TILE = 4096
-_MAX_BLOCK_F = 2048
-
-
-@triton.jit
-def _tile(pid_m, pid_f, R, F, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
-    mask = (rows[:, None] < R) & (cols[None, :] < F)
-    return rows, cols, mask
 
 
 @triton.jit
@@ -41,7 +25,7 @@ def _swiglu_fwd_kernel(X, Y, R, F, sx, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_F: tl.constexpr):
     # grid (cdiv(R, BLOCK_M), cdiv(F, BLOCK_F)); X (R, 2F) row stride sx, Y (R, F) contiguous;
     # ACC the compute type (fp32, fp64 for fp64)
-    rows, cols, mask = _tile(tl.program_id(0), tl.program_id(1), R, F, BLOCK_M, BLOCK_F)
+    rows, cols, mask = tile(tl.program_id(0), tl.program_id(1), R, F, BLOCK_M, BLOCK_F)
     x_ptrs = X + rows[:, None] * sx + cols[None, :]
     g = tl.load(x_ptrs, mask=mask, other=0.0).to(ACC)
     u = tl.load(x_ptrs + F, mask=mask, other=0.0).to(ACC)
@@ -54,7 +38,7 @@ def _swiglu_fwd_kernel(X, Y, R, F, sx, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
 def _swiglu_bwd_kernel(DY, X, DX, R, F, sdy, sx, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_F: tl.constexpr):
     # dg = dy u s (1 + g (1 - s)), du = dy g s; DX (R, 2F) contiguous: [dg | du]
-    rows, cols, mask = _tile(tl.program_id(0), tl.program_id(1), R, F, BLOCK_M, BLOCK_F)
+    rows, cols, mask = tile(tl.program_id(0), tl.program_id(1), R, F, BLOCK_M, BLOCK_F)
     x_ptrs = X + rows[:, None] * sx + cols[None, :]
     g = tl.load(x_ptrs, mask=mask, other=0.0).to(ACC)
     u = tl.load(x_ptrs + F, mask=mask, other=0.0).to(ACC)
@@ -67,31 +51,13 @@ def _swiglu_bwd_kernel(DY, X, DX, R, F, sdy, sx, ACC: tl.constexpr, BLOCK_M: tl.
     tl.store(dx_ptrs + F, _to(du, DX.dtype.element_ty), mask=mask)
 
 
-def _grid(R: int, F: int):
-    block_f = min(next_power_of_2(F), _MAX_BLOCK_F)
-    block_m = min(max(_TILE // block_f, 1), next_power_of_2(R))
-    return (cdiv(R, block_m), cdiv(F, block_f)), block_m, block_f
-
-
-def _acc(x: torch.Tensor):
-    return tl.float64 if x.dtype == torch.float64 else tl.float32
-
-
-def _warps(block_m: int, block_f: int) -> int:
-    return 8 if block_m * block_f >= 4096 else 4
-
-
 def swiglu_fwd(x: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up (R, F), contiguous in x's dtype, for x (R, 2F) = [gate | up] with unit
     column stride (any row stride). No input checks beyond what the kernel needs:
     llmcore.ops.swiglu checks."""
     R, F = x.shape[0], x.shape[1] // 2
     y = torch.empty((R, F), device=x.device, dtype=x.dtype)
-    if R == 0 or F == 0:
-        return y
-    grid, bm, bf = _grid(R, F)
-    _swiglu_fwd_kernel[grid](x, y, R, F, x.stride(0), ACC=_acc(x), BLOCK_M=bm, BLOCK_F=bf,
-                             num_warps=_warps(bm, bf))
+    launch(_swiglu_fwd_kernel, R, F, x, y, R, F, x.stride(0), ACC=acc_type(x))
     return y
 
 
@@ -100,9 +66,5 @@ def swiglu_bwd(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     stride."""
     R, F = x.shape[0], x.shape[1] // 2
     dx = torch.empty((R, 2 * F), device=x.device, dtype=x.dtype)
-    if R == 0 or F == 0:
-        return dx
-    grid, bm, bf = _grid(R, F)
-    _swiglu_bwd_kernel[grid](dy, x, dx, R, F, dy.stride(0), x.stride(0), ACC=_acc(x),
-                             BLOCK_M=bm, BLOCK_F=bf, num_warps=_warps(bm, bf))
+    launch(_swiglu_bwd_kernel, R, F, dy, x, dx, R, F, dy.stride(0), x.stride(0), ACC=acc_type(x))
     return dx
