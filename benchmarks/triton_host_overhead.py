@@ -47,7 +47,7 @@ def stub_kernels(on_launch=None) -> int:
     import importlib
 
     n = 0
-    for name in ("norm", "cross_entropy", "attention", "rope", "swiglu"):
+    for name in ("norm", "cross_entropy", "attention", "rope", "swiglu", "gelu"):
         mod = importlib.import_module(f"llmcore.kernels.triton.{name}")
         for attr, obj in list(vars(mod).items()):
             if hasattr(obj, "run") and hasattr(obj, "__getitem__"):
@@ -86,6 +86,8 @@ def cases():
         "attention": (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
                       lambda: llmcore.attention(q, k, v, is_causal=True, backend="triton")),
         "rope (q and k; + 2 sums)": (eager_rope, llmcore_rope),
+        "gelu tanh": (lambda: F.gelu(x, approximate="tanh"),
+                      lambda: llmcore.gelu(x, "tanh", backend="triton")),
     }
 
 

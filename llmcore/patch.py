@@ -6,6 +6,10 @@ One generic mechanism, by module type, plus small tables of known Hugging Face c
   object's class is switched: same parameters, no copy, same state_dict keys); Hugging Face RMSNorm
   classes of the `weight * x / rms(x)` kind (`_HF_RMS_NORMS`) are replaced by an llmcore RMSNorm
   holding the very same weight Parameter.
+- activation: `torch.nn.GELU` modules become llmcore.nn.GELU (class switch); Hugging Face GELU
+  modules of `_HF_GELUS` (BERT's exact GELU, GPT-2's "gelu_new" tanh formula, ...) are replaced
+  by an llmcore.nn.GELU of the same form: one kernel each way where GPT-2's eager formula runs
+  ~8 elementwise kernels forward and keeps its intermediates for the backward.
 - attention: for Hugging Face models, an "llmcore" attention function (and its mask builder,
   HF's boolean SDPA mask: padding, causal, sliding windows) is registered with transformers'
   AttentionInterface and the model switched to it. Plain torch models have no such hook.
@@ -37,6 +41,10 @@ from llmcore.ops.cross_entropy import cross_entropy, linear_cross_entropy
 # (1 + weight)): replaced by llmcore.nn.RMSNorm.
 _HF_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNorm",
                  "Qwen3RMSNorm", "Qwen3MoeRMSNorm", "Phi3RMSNorm", "GraniteRMSNorm")
+# HF GELU modules -> the `approximate` of the F.gelu they compute (FastGELU writes sqrt(2/pi)
+# to 10 digits: the same function within float32 rounding).
+_HF_GELUS = {"GELUActivation": "none", "NewGELUActivation": "tanh", "GELUTanh": "tanh",
+             "PytorchGELUTanh": "tanh", "FastGELUActivation": "tanh"}
 # HF causal LMs whose logits are exactly lm_head(last_hidden_state): fused loss allowed.
 _FUSED_CAUSAL_LM = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                     "Qwen3ForCausalLM", "Phi3ForCausalLM", "GPT2LMHeadModel")
@@ -48,7 +56,7 @@ _INLINE_CE_HEADS = {"BertForMaskedLM": "vocab_size", "RobertaForMaskedLM": "voca
                     "RobertaForTokenClassification": "num_labels"}
 
 
-def patch(model, *, norm=True, attention=True, loss=True, backend="auto"):
+def patch(model, *, norm=True, activation=True, attention=True, loss=True, backend="auto"):
     """Swaps llmcore kernels into `model` in place and returns it; outputs, gradients and
     state_dict keys are unchanged (within the kernels' tolerance). `backend` is passed to every
     llmcore op the model then calls."""
@@ -57,6 +65,8 @@ def patch(model, *, norm=True, attention=True, loss=True, backend="auto"):
     hf = _is_hf(model)
     if norm:
         _patch_norms(model, backend)
+    if activation:
+        _patch_activations(model, backend)
     if attention and hf:
         _patch_hf_attention(model, backend)
     if loss:
@@ -91,6 +101,21 @@ def _patch_norms(model, backend):
                 new = lnn.RMSNorm(weight.shape[0], eps=float(child.variance_epsilon),
                                   backend=backend, device="meta")
                 new.weight = weight                # the same Parameter: no copy, same key
+                new.train(child.training)
+                setattr(parent, name, new)
+
+
+# ----------------------------------------------------------------------------- activations
+
+def _patch_activations(model, backend):
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            kind = type(child)
+            if kind is torch.nn.GELU:
+                child.__class__ = lnn.GELU
+                child.backend = backend
+            elif kind.__name__ in _HF_GELUS:
+                new = lnn.GELU(_HF_GELUS[kind.__name__], backend=backend)
                 new.train(child.training)
                 setattr(parent, name, new)
 

@@ -81,6 +81,14 @@ def test_patched_hf_matches_unpatched(name, padded):
     assert kinds & {llmcore.nn.LayerNorm, llmcore.nn.RMSNorm}
     assert not any(type(m).__name__ in ("LlamaRMSNorm", "MistralRMSNorm") or
                    type(m) is torch.nn.LayerNorm for m in patched.modules())
+    # GPT-2's "gelu_new" formula and BERT's GELU module become llmcore.nn.GELU of that form
+    gelus = [m.approximate for m in patched.modules() if type(m) is llmcore.nn.GELU]
+    assert not any(type(m).__name__ in ("NewGELUActivation", "GELUActivation")
+                   for m in patched.modules())
+    if name == "gpt2":
+        assert gelus == ["tanh"] * 2
+    elif name.startswith("bert"):
+        assert gelus and set(gelus) == {"none"}
 
     ids, mask, labels = _batch(name, padded)
     real = (mask if mask is not None else torch.ones_like(ids)).bool()
@@ -157,6 +165,9 @@ def test_flags_leave_parts_alone():
     model = _hf("llama")
     llmcore.patch(model, norm=False, loss=False)
     assert model.config._attn_implementation == "llmcore"
+    gpt2 = llmcore.patch(_hf("gpt2"), activation=False)
+    assert any(type(m).__name__ == "NewGELUActivation" for m in gpt2.modules())
+    assert not any(type(m) is llmcore.nn.GELU for m in gpt2.modules())
     assert any(type(m).__name__ == "LlamaRMSNorm" for m in model.modules())
     assert "forward" not in vars(model)
     bert = llmcore.patch(_hf("bert-mlm"), attention=False)
@@ -170,11 +181,12 @@ def test_plain_torch_model():
             super().__init__()
             self.ln = torch.nn.LayerNorm(24)
             self.rms = torch.nn.RMSNorm(24, eps=1e-6)
+            self.act = torch.nn.GELU(approximate="tanh")
             self.proj = torch.nn.Linear(24, 7)
             self.loss = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
 
         def forward(self, x, y):
-            return self.loss(self.proj(self.rms(self.ln(x))), y)
+            return self.loss(self.proj(self.act(self.rms(self.ln(x)))), y)
 
     net = Net()
     _perturb(net)
@@ -182,6 +194,7 @@ def test_plain_torch_model():
     keys = list(net.state_dict())
     llmcore.patch(net)
     assert type(net.ln) is llmcore.nn.LayerNorm and type(net.rms) is llmcore.nn.RMSNorm
+    assert type(net.act) is llmcore.nn.GELU and net.act.approximate == "tanh"
     assert type(net.loss) is llmcore.nn.CrossEntropyLoss and net.loss.label_smoothing == 0.1
     assert list(net.state_dict()) == keys
     x, y = torch.randn(13, 24), torch.randint(0, 7, (13,))

@@ -1,6 +1,8 @@
 """Drop-in modules backed by llmcore ops. They never import Triton."""
+from llmcore.nn.activation import GELU
 from llmcore.nn.norm import LayerNorm, RMSNorm
 from llmcore.nn.loss import CrossEntropyLoss, LinearCrossEntropyLoss
 from llmcore.nn.attention import SelfAttention
 
-__all__ = ["LayerNorm", "RMSNorm", "CrossEntropyLoss", "LinearCrossEntropyLoss", "SelfAttention"]
+__all__ = ["LayerNorm", "RMSNorm", "GELU", "CrossEntropyLoss", "LinearCrossEntropyLoss",
+           "SelfAttention"]

@@ -55,7 +55,9 @@ class RowwiseFunction(torch.autograd.Function):
 
 def call(x, fwd, bwd, fwd_op, *args):
     """The op on x (..., cols) through a kernel backend: x as (rows, cols), a view unless its
-    leading dims cannot be merged or its last dim is strided; the result in x's leading shape."""
+    leading dims cannot be merged or its last dim is strided; the result in x's leading shape.
+    Without a gradient to record (no_grad, inference, x not requiring grad) the forward kernel
+    runs alone, without an autograd.Function."""
     if x.dim() == 2:
         x2 = x
     else:
@@ -64,6 +66,8 @@ def call(x, fwd, bwd, fwd_op, *args):
         x2 = x2.contiguous()
     if torch.compiler.is_compiling():
         y = fwd_op(x2, *args)
-    else:
+    elif x.requires_grad and torch.is_grad_enabled():
         y = RowwiseFunction.apply(x2, fwd, bwd, *args)
+    else:                              # nothing to differentiate: the forward kernel alone
+        y = fwd(x2, *args)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])

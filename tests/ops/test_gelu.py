@@ -243,3 +243,34 @@ def test_double_backward_is_refused_not_silently_wrong(backend):
     g = torch.autograd.grad(llmcore.gelu(x, backend=backend).sum(), x, create_graph=True)[0]
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_nn_module_is_a_drop_in_for_torch_gelu(backend):
+    m = llmcore.nn.GELU("tanh", backend=backend)
+    assert isinstance(m, torch.nn.GELU) and repr(m) == repr(torch.nn.GELU("tanh"))
+    x = torch.randn(3, 17, requires_grad=True)
+    y = m(x)
+    torch.testing.assert_close(y, F.gelu(x, approximate="tanh"))
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0],
+                               torch.autograd.grad(F.gelu(x, approximate="tanh").sum(), x)[0])
+    with pytest.raises(ValueError, match="approximate must be 'none' or 'tanh'"):
+        llmcore.nn.GELU("fast", backend=backend)(x)
+
+
+def test_without_a_gradient_the_triton_forward_runs_alone(monkeypatch):
+    if "triton" not in KERNELS:
+        pytest.skip("the Triton interpreter is not available here")
+    from llmcore.ops import _rowwise
+
+    def refuse(*args):
+        raise AssertionError("an autograd.Function ran with nothing to differentiate")
+    monkeypatch.setattr(_rowwise.RowwiseFunction, "apply", refuse)
+    x = torch.randn(3, 17)
+    want = F.gelu(x, approximate="tanh")
+    torch.testing.assert_close(llmcore.gelu(x, "tanh", backend="triton"), want)
+    with torch.no_grad():
+        y = llmcore.gelu(x.requires_grad_(), "tanh", backend="triton")
+    torch.testing.assert_close(y, want)
+    with pytest.raises(AssertionError, match="autograd.Function"):
+        llmcore.gelu(x, "tanh", backend="triton")          # x requires grad: recorded
