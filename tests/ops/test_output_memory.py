@@ -1,8 +1,8 @@
 """Where the native CPU ops put their large outputs (csrc/torch/output_alloc.h): a tensor of
 32 MiB or more lives on memory advised for transparent huge pages (the VMA carries the `hg` flag
-in /proc/self/smaps), its partial last 2 MiB page does not, smaller ones are plain at::empty,
-and LLMCORE_CPU_HUGEPAGES=0 turns it off. The tensors behave as any other: values, resize_,
-serialisation, numpy views, and their memory is returned on release."""
+in /proc/self/smaps), its partial last 2 MiB page adds no memory (RSS), smaller ones are plain
+at::empty, and LLMCORE_CPU_HUGEPAGES=0 turns it off. The tensors behave as any other: values,
+resize_, serialisation, numpy views, and their memory is returned on release."""
 import copy
 import inspect
 import io
