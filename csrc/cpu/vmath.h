@@ -1,6 +1,6 @@
-// Branch-free fp32 exp, tanh, sigmoid and normal CDF that the compiler vectorises inside `#pragma omp simd` loops
-// (libm's expf/tanhf are scalar calls unless -ffast-math, which the build does not use). fp64
-// overloads call libm: fp64 is the exactness path, not the fast one.
+// Branch-free fp32 exp, tanh, sigmoid and normal CDF that the compiler vectorises inside
+// `#pragma omp simd` loops (libm's expf/tanhf are scalar calls unless -ffast-math, which the
+// build does not use). fp64 overloads call libm: fp64 is the exactness path, not the fast one.
 #pragma once
 
 #include <algorithm>
