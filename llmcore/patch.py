@@ -84,40 +84,44 @@ def _is_hf(model) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
-# ----------------------------------------------------------------------------- norms
+# ----------------------------------------------------------------------------- norms, activations
+
+def _swap_children(model, backend, subclasses, replace):
+    """Every child module whose type is a key of `subclasses` has its class switched to the
+    llmcore subclass it maps to (the same object: parameters and state_dict keys unchanged);
+    every other child for which replace(child) returns a module is replaced by it, in the
+    child's train/eval mode."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            sub = subclasses.get(type(child))
+            if sub is not None:
+                child.__class__ = sub
+                child.backend = backend
+                continue
+            new = replace(child)
+            if new is not None:
+                new.train(child.training)
+                setattr(parent, name, new)
+
 
 def _patch_norms(model, backend):
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            kind = type(child)
-            if kind is torch.nn.LayerNorm:
-                child.__class__ = lnn.LayerNorm
-                child.backend = backend
-            elif kind is torch.nn.RMSNorm:
-                child.__class__ = lnn.RMSNorm
-                child.backend = backend
-            elif kind.__name__ in _HF_RMS_NORMS:
-                weight = child.weight
-                new = lnn.RMSNorm(weight.shape[0], eps=float(child.variance_epsilon),
-                                  backend=backend, device="meta")
-                new.weight = weight                # the same Parameter: no copy, same key
-                new.train(child.training)
-                setattr(parent, name, new)
+    def hf_rms_norm(child):
+        if type(child).__name__ not in _HF_RMS_NORMS:
+            return None
+        weight = child.weight
+        new = lnn.RMSNorm(weight.shape[0], eps=float(child.variance_epsilon), backend=backend,
+                          device="meta")
+        new.weight = weight                        # the same Parameter: no copy, same key
+        return new
+    _swap_children(model, backend, {torch.nn.LayerNorm: lnn.LayerNorm,
+                                    torch.nn.RMSNorm: lnn.RMSNorm}, hf_rms_norm)
 
-
-# ----------------------------------------------------------------------------- activations
 
 def _patch_activations(model, backend):
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            kind = type(child)
-            if kind is torch.nn.GELU:
-                child.__class__ = lnn.GELU
-                child.backend = backend
-            elif kind.__name__ in _HF_GELUS:
-                new = lnn.GELU(_HF_GELUS[kind.__name__], backend=backend)
-                new.train(child.training)
-                setattr(parent, name, new)
+    def hf_gelu(child):
+        approximate = _HF_GELUS.get(type(child).__name__)
+        return None if approximate is None else lnn.GELU(approximate, backend=backend)
+    _swap_children(model, backend, {torch.nn.GELU: lnn.GELU}, hf_gelu)
 
 
 # ----------------------------------------------------------------------------- attention
