@@ -55,6 +55,15 @@ def assert_close_to_oracle(out, eager, oracle, *, atol=None, factor=2.0, name="o
         )
 
 
+def assert_compiled_grad_matches(f, x) -> None:
+    """f (a scalar function of x) under torch.compile(fullgraph=True, aot_eager) gives the
+    gradient of x that the eager f gives: the ops trace as one graph with their autograd."""
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(x), x)[0]
+    want = torch.autograd.grad(f(x), x)[0]
+    torch.testing.assert_close(got, want)
+
+
 def kernel_backends(family: str, device: str = "cpu") -> list[str]:
     """Backends whose kernels for `family` can run on `device` here (triton on the CPU through
     the interpreter). Tests parametrise over these so every backend meets the same suite."""

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import llmcore
-from llmcore_testing import OpLog, assert_close_to_oracle, kernel_backends, stub_triton_kernels
+from llmcore_testing import (OpLog, assert_close_to_oracle, assert_compiled_grad_matches,
+                             kernel_backends, stub_triton_kernels)
 from llmcore.ops import gelu as G
 
 BACKENDS = kernel_backends("gelu")
@@ -186,10 +187,7 @@ def test_opcheck_and_compile(backend):
 
     def f(x):
         return (llmcore.gelu(x, "tanh", backend=backend) * 2).sum()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    got = torch.autograd.grad(compiled(x3), x3)[0]
-    want = torch.autograd.grad(f(x3), x3)[0]
-    torch.testing.assert_close(got, want)
+    assert_compiled_grad_matches(f, x3)
 
 
 def test_bad_input_is_refused_naming_the_argument():

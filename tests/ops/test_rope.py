@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import llmcore
-from llmcore_testing import assert_close_to_oracle, kernel_backends
+from llmcore_testing import assert_close_to_oracle, assert_compiled_grad_matches, kernel_backends
 from llmcore.ops import rope as R
 
 BACKENDS = kernel_backends("rope")
@@ -153,7 +153,4 @@ def test_opcheck_and_compile(backend):
         yq, yk = llmcore.rope(q.unflatten(-1, (3, 8)), k.unflatten(-1, (1, 8)), cos[:, None],
                               sin[:, None], backend=backend)
         return yq.sum() + (yk * 2).sum()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    got = torch.autograd.grad(compiled(qkv), qkv)[0]
-    want = torch.autograd.grad(f(qkv), qkv)[0]
-    torch.testing.assert_close(got, want)
+    assert_compiled_grad_matches(f, qkv)
