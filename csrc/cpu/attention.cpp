@@ -133,6 +133,24 @@ LLMCORE_ALWAYS_INLINE inline void load_rows(const C* base, int64_t stride, int64
   }
 }
 
+// a dense (n, cols) tile times a into rows of a strided (rows, cols) matrix (row stride rs)
+template <typename C>
+LLMCORE_ALWAYS_INLINE inline void store_rows(const C* src, int64_t n, int64_t cols, C a, C* dst,
+                                             int64_t rs) {
+  for (int64_t r = 0; r < n; ++r) {
+    C* row = dst + r * rs;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) row[c] = src[r * cols + c] * a;
+  }
+}
+
+// row `row` of head h of batch b in a gradient with strides st (batch, head, row)
+template <typename C>
+LLMCORE_ALWAYS_INLINE inline C* grad_row(void* base, const int64_t* st, int64_t b, int64_t h,
+                                         int64_t row) {
+  return static_cast<C*>(base) + b * st[0] + h * st[1] + row * st[2];
+}
+
 // rows [r0, r0 + n) transposed into a (cols, kBN) tile, zero in the columns n..kBN
 template <typename C>
 LLMCORE_ALWAYS_INLINE inline void load_cols(const C* base, int64_t stride, int64_t r0, int64_t n,
@@ -547,11 +565,10 @@ LLMCORE_ALWAYS_INLINE inline void bwd_kv_task(const AttentionParams& p, int64_t 
       gemm_acc(nj, d, mi, w.dp.data(), 1, kBN, w.qs.data(), d, dk, d);
     }
   }
-  const C scale = C(p.scale);
-  C* dkb = static_cast<C*>(p.dk) + ((g.b * hkv + hk) * p.seqlen_k + g.k0 + j0) * d;
-  C* dvb = static_cast<C*>(p.dv) + ((g.b * hkv + hk) * p.seqlen_k + g.k0 + j0) * dv;
-  for (int64_t i = 0; i < nj * d; ++i) dkb[i] = dk[i] * scale;
-  for (int64_t i = 0; i < nj * dv; ++i) dvb[i] = dvv[i];
+  store_rows(dk, nj, d, C(p.scale), grad_row<C>(p.dk, p.dk_stride, g.b, hk, g.k0 + j0),
+             p.dk_stride[2]);
+  store_rows(dvv, nj, dv, C(1), grad_row<C>(p.dv, p.dv_stride, g.b, hk, g.k0 + j0),
+             p.dv_stride[2]);
 }
 
 // Pass B: task (s, q head, q-tile) -> dQ rows of that tile.
@@ -584,9 +601,8 @@ LLMCORE_ALWAYS_INLINE inline void bwd_q_task(const AttentionParams& p, int64_t t
     // dQ (mi, d) += dS (mi, nj) @ K (nj, d)
     gemm_acc(mi, d, nj, w.dp.data(), kBN, 1, kb + j0 * p.k_stride[2], p.k_stride[2], dq, d);
   }
-  const C scale = C(p.scale);
-  C* dqb = static_cast<C*>(p.dq) + ((g.b * hq + h) * p.seqlen_q + g.q0 + i0) * d;
-  for (int64_t i = 0; i < mi * d; ++i) dqb[i] = dq[i] * scale;
+  store_rows(dq, mi, d, C(p.scale), grad_row<C>(p.dq, p.dq_stride, g.b, h, g.q0 + i0),
+             p.dq_stride[2]);
 }
 
 // Fused pass: task (s, kv head) -> dK, dV of all the sequence's keys and dQ of the group's
@@ -605,10 +621,11 @@ LLMCORE_ALWAYS_INLINE inline void bwd_fused_task(const AttentionParams& p, int64
                 g.k0 * p.k_stride[2];
   const C* vb = static_cast<const C*>(p.v) + g.b * p.v_stride[0] + hk * p.v_stride[1] +
                 g.k0 * p.v_stride[2];
-  C* dq_all = static_cast<C*>(p.dq);
-  auto dq_rows = [&](int64_t h) { return dq_all + ((g.b * hq + h) * p.seqlen_q + g.q0) * d; };
+  const int64_t rs = p.dq_stride[2];  // dQ row stride: accumulated in place in the output
+  auto dq_rows = [&](int64_t h) { return grad_row<C>(p.dq, p.dq_stride, g.b, h, g.q0); };
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-    std::fill(dq_rows(h), dq_rows(h) + g.lq * d, C(0));
+    C* dqh = dq_rows(h);
+    for (int64_t i = 0; i < g.lq; ++i) std::fill(dqh + i * rs, dqh + i * rs + d, C(0));
     // delta of the rows this task reads (the two-pass schedule computes it up front)
     const int64_t row0 = (g.b * hq + h) * p.seqlen_q + g.q0;
     delta_rows(p, row0, row0 + g.lq, delta_all);
@@ -636,17 +653,21 @@ LLMCORE_ALWAYS_INLINE inline void bwd_fused_task(const AttentionParams& p, int64
         gemm_acc(nj, dv, mi, w.s.data(), 1, kBN, w.dos.data(), dv, dvv, dv);
         gemm_acc(nj, d, mi, w.dp.data(), 1, kBN, w.qs.data(), d, dk, d);
         gemm_acc(mi, d, nj, w.dp.data(), kBN, 1, kb + j0 * p.k_stride[2], p.k_stride[2],
-                 dqh + i0 * d, d);
+                 dqh + i0 * rs, rs);
       }
     }
-    C* dkb = static_cast<C*>(p.dk) + ((g.b * hkv + hk) * p.seqlen_k + g.k0 + j0) * d;
-    C* dvb = static_cast<C*>(p.dv) + ((g.b * hkv + hk) * p.seqlen_k + g.k0 + j0) * dv;
-    for (int64_t i = 0; i < nj * d; ++i) dkb[i] = dk[i] * scale;
-    for (int64_t i = 0; i < nj * dv; ++i) dvb[i] = dvv[i];
+    store_rows(dk, nj, d, scale, grad_row<C>(p.dk, p.dk_stride, g.b, hk, g.k0 + j0),
+               p.dk_stride[2]);
+    store_rows(dvv, nj, dv, C(1), grad_row<C>(p.dv, p.dv_stride, g.b, hk, g.k0 + j0),
+               p.dv_stride[2]);
   }
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     C* dqh = dq_rows(h);
-    for (int64_t i = 0; i < g.lq * d; ++i) dqh[i] *= scale;
+    for (int64_t i = 0; i < g.lq; ++i) {
+      C* row = dqh + i * rs;
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) row[c] *= scale;
+    }
   }
 }
 

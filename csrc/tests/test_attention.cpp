@@ -1,5 +1,6 @@
 // attention_fwd_cpu / attention_bwd_cpu against a naive fp64 reference that materialises the
 // (Nq, Nk) scores and applies the backward formulas directly (no tiles, no online softmax).
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -148,6 +149,9 @@ void run_case(const Case& c, double tol) {
     p.v_stride[i] = vs[i];
     p.out_stride[i] = os[i];
     p.dout_stride[i] = os[i];
+    p.dq_stride[i] = qs[i];
+    p.dk_stride[i] = ks[i];
+    p.dv_stride[i] = vs[i];
   }
   p.out = out.data();
   p.lse = lse.data();
@@ -168,6 +172,9 @@ void run_case(const Case& c, double tol) {
   p.num_threads = 2;
   llmcore::attention_fwd_cpu(p);
   p.dout = dout.data();
+  // nan everywhere first: the kernel must write every element of the dense gradients
+  for (auto* g : {&dq, &dk, &dv})
+    std::fill(g->begin(), g->end(), std::numeric_limits<T>::quiet_NaN());
   p.dq = dq.data();
   p.dk = dk.data();
   p.dv = dv.data();

@@ -39,6 +39,21 @@ void set_strides(int64_t* dst, const Tensor& t) {
   for (int i = 0; i < 3; ++i) dst[i] = t.stride(i);
 }
 
+// The gradient of a (B, H, N, D) input: dense, (B, N, H, D) in memory when the input's heads
+// are inner to its rows (the (B, N, H, D) views flash_attn_func and the model's fused QKV
+// projection hand over), else contiguous. The gradient of such a view then transposes back to
+// a contiguous (B, N, H, D) tensor without the copy a (B, H, N, D) gradient costs there. Not
+// zeroed: the kernel writes every element (the fake impl in llmcore/ops/attention.py follows
+// the same layout rule).
+Tensor grad_like(const Tensor& t, const at::TensorOptions& opts) {
+  const bool heads_inner = t.stride(1) < t.stride(2);
+  const std::vector<int64_t> sizes =
+      heads_inner ? std::vector<int64_t>{t.size(0), t.size(2), t.size(1), t.size(3)}
+                  : t.sizes().vec();
+  Tensor g = empty_output(sizes, opts);
+  return heads_inner ? g.transpose(1, 2) : g;
+}
+
 // Everything but the tensors' data: shapes, options, varlen offsets, mask and slopes.
 struct Prepared {
   AttentionParams p;
@@ -209,8 +224,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
   const Tensor go = as_kernel(grad_out, r.cdtype), o = as_kernel(out, r.cdtype);
   const Tensor lse_c = lse.contiguous();
   const auto opts = q.options().dtype(r.cdtype);
-  Tensor dq = zeros_output(q.sizes(), opts), dk = zeros_output(k.sizes(), opts);
-  Tensor dv = zeros_output(v.sizes(), opts);
+  Tensor dq = grad_like(q, opts), dk = grad_like(k, opts), dv = grad_like(v, opts);
   Tensor dscores = mask_grad ? zeros_output({p.batch, p.heads_q, p.seqlen_q, p.seqlen_k}, opts)
                              : at::empty({0}, opts);
   p.out = const_cast<void*>(o.const_data_ptr());  // read only in the backward
@@ -221,6 +235,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
   p.dq = dq.mutable_data_ptr();
   p.dk = dk.mutable_data_ptr();
   p.dv = dv.mutable_data_ptr();
+  set_strides(p.dq_stride, dq);
+  set_strides(p.dk_stride, dk);
+  set_strides(p.dv_stride, dv);
   p.dscores = mask_grad ? dscores.mutable_data_ptr() : nullptr;
   attention_bwd_cpu(p);
   const auto dt = q.scalar_type();

@@ -576,10 +576,18 @@ def _native_attention_fwd_fake(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, c
     return out, q.new_empty((B, H, Nq), dtype=lse_dtype)
 
 
+def _native_grad_like(t):
+    """The native backward's gradient layout (attention_ops.cpp, grad_like): (B, N, H, D) in
+    memory when t's heads are inner to its rows, else contiguous (B, H, N, D)."""
+    if t.stride(1) < t.stride(2):
+        return t.new_empty((t.shape[0], t.shape[2], t.shape[1], t.shape[3])).transpose(1, 2)
+    return t.new_empty(t.shape)
+
+
 def _native_attention_bwd_fake(grad_out, q, k, v, out, lse, attn_mask, alibi_slopes,
                                cu_seqlens_q, cu_seqlens_k, seed, floats, ints, mask_grad):
     dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad else q.new_empty(0)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
+    return _native_grad_like(q), _native_grad_like(k), _native_grad_like(v), dmask
 
 
 _native_attention = None  # llmcore._native.attention: llmcore::attention's eager entry point

@@ -163,6 +163,59 @@ def test_compiles_fullgraph():
                                                              backend="torch"))
 
 
+def _fused_qkv(B=2, N=70, H=3, D=16, dtype=torch.float64):
+    """q, k, v as the model makes them: (B, N, H, D) views of one fused QKV projection."""
+    qkv = torch.randn(B, N, 3 * H * D, dtype=dtype, requires_grad=True)
+    return [t.unflatten(-1, (H, D)) for t in qkv.split(H * D, -1)]
+
+
+def test_gradients_come_back_in_the_inputs_memory_order():
+    # (B, N, H, D) views get gradients that are (B, N, H, D) in memory, so autograd hands them
+    # to the QKV projection without a copy; they are not zero-filled first, so every element
+    # must be written (a nan-filled buffer would show in the comparison)
+    q, k, v = _fused_qkv()
+    seed = torch.randn(q.shape, dtype=q.dtype)
+    grads = {}
+    for backend in ("native", "torch"):
+        out = llmcore.flash_attn_func(q, k, v, causal=True, backend=backend)
+        grads[backend] = torch.autograd.grad((out * seed).sum(), [q, k, v])
+    for a, e in zip(grads["native"], grads["torch"]):
+        assert a.is_contiguous(), a.stride()
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+    # contiguous (B, H, N, D) inputs (SDPA's layout) keep contiguous gradients
+    q, k, v = _leaves([(2, 3, 70, 16)] * 3)
+    out = llmcore.attention(q, k, v, is_causal=True, backend="native")
+    for g in torch.autograd.grad(out.sum(), [q, k, v]):
+        assert g.is_contiguous(), g.stride()
+
+
+@pytest.mark.parametrize("layout", ["flash", "sdpa"])
+def test_fake_gradients_have_the_kernels_strides(layout):
+    if layout == "flash":
+        q, k, v = (t.detach().transpose(1, 2) for t in _fused_qkv(dtype=torch.float32))
+    else:
+        q, k, v = (torch.randn(2, 3, 70, 16) for _ in range(3))
+    floats, ints = [0.25, 0.0, 0.0], [-1, 0, 0, 0, 0]
+    out, lse = torch.ops.llmcore.attention_fwd(q, k, v, None, None, None, None, None, floats,
+                                               ints)
+    args = (torch.randn_like(out), q, k, v, out, lse, None, None, None, None, None, floats,
+            ints, False)
+    real = torch.ops.llmcore.attention_bwd(*args)
+    fake = attention_ops._native_attention_bwd_fake(*args)
+    assert [t.stride() for t in real[:3]] == [t.stride() for t in fake[:3]]
+
+
+def test_compiles_fullgraph_with_the_models_layout():
+    q, k, v = _fused_qkv(B=1, N=33, H=2, D=16, dtype=torch.float32)
+    f = torch.compile(lambda q, k, v: llmcore.flash_attn_func(q, k, v, causal=True,
+                                                              backend="native"), fullgraph=True)
+    got = torch.autograd.grad(f(q, k, v).square().sum(), [q, k, v])
+    want = torch.autograd.grad(llmcore.flash_attn_func(q, k, v, causal=True, backend="torch")
+                               .square().sum(), [q, k, v])
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)
+
+
 @pytest.mark.parametrize("args, words", [
     (dict(floats=[1.0, 0.0]), "floats must be"),
     (dict(q=torch.randn(1, 3, 4, 8)), "multiple of k's"),

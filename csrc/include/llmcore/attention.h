@@ -53,9 +53,12 @@ struct AttentionParams {
   // backward only
   const void* dout = nullptr;      // gradient of out, strides dout_stride
   int64_t dout_stride[3] = {0, 0, 0};
-  void* dq = nullptr;              // contiguous (B, Hq, Nq, D)
-  void* dk = nullptr;              // contiguous (B, Hkv, Nk, D)
-  void* dv = nullptr;              // contiguous (B, Hkv, Nk, Dv)
+  void* dq = nullptr;              // (B, Hq, Nq, D), strides dq_stride (last dim is 1)
+  void* dk = nullptr;              // (B, Hkv, Nk, D), strides dk_stride
+  void* dv = nullptr;              // (B, Hkv, Nk, Dv), strides dv_stride
+  int64_t dq_stride[3] = {0, 0, 0}, dk_stride[3] = {0, 0, 0}, dv_stride[3] = {0, 0, 0};
+  // The backward writes every element of dq, dk and dv (varlen: cu_seqlens_q / _k must end at
+  // seqlen_q / seqlen_k, so the sequences cover every row).
   void* dscores = nullptr;         // contiguous (B, Hq, Nq, Nk): d loss / d s (for the mask), or null
 
   int num_threads = 1;             // OpenMP threads (torch.get_num_threads())
