@@ -21,6 +21,12 @@ REDUCTIONS = ("none", "mean", "sum")
 _CHUNK_BYTES = 64 << 20
 _LOW_PRECISION_CHUNK_BYTES = 256 << 20
 _BLOCK_BYTES = 16 << 20
+# On the CPU, fp32/fp64 token chunks are also at most this many rows: a chunk of 512 rows keeps
+# small vocabularies' logits in the last-level cache between the GEMM that writes them, the
+# cross-entropy kernel and the two GEMMs that read them (2048 x 4096 fp32 in one 32 MiB piece
+# went to DRAM and fresh pages on each pass), and GEMMs of 512 rows run at full speed there.
+# Measured in benchmarks/README.md ("linear_cross_entropy's CPU chunks").
+_CPU_CHUNK_ROWS = 512
 
 
 # ---------------------------------------------------------------------------- input checks
@@ -225,8 +231,9 @@ def linear_cross_entropy(input, weight, target, bias=None, ignore_index=-100, re
 
     input: (..., H) hidden states; weight: (V, H) (the LM head); bias: optional (V,); target:
     (...) class indices. Same options and semantics as cross_entropy (no class weight).
-    chunk_size: rows per chunk; None picks one from the shapes (default_chunk_size): 64 MiB of
-    fp32 logits, 256 MiB of bf16/fp16 ones. bf16/fp16 inputs with more rows than a chunk run a
+    chunk_size: rows per chunk; None picks one from the shapes and the device type
+    (default_chunk_size): 64 MiB of fp32 logits (on the CPU at most 512 rows), 256 MiB of
+    bf16/fp16 ones. bf16/fp16 inputs with more rows than a chunk run a
     second, vocabulary-blocked pass in the backward so that dW is one GEMM over all rows (see
     "the chunk loop" below for the schedules, their FLOPs, memory and rounding)."""
     _check_linear_cross_entropy(input, weight, target, bias, ignore_index, reduction,
@@ -238,23 +245,28 @@ def linear_cross_entropy(input, weight, target, bias=None, ignore_index=-100, re
         x = input.reshape(input.shape[:-1].numel(), weight.shape[1])
     t = target if target.dim() == 1 and target.dtype is torch.int64 else target.reshape(-1).long()
     if chunk_size is None:
-        chunk_size = default_chunk_size(x.shape[0], weight.shape[0], x.element_size())
+        chunk_size = default_chunk_size(x.shape[0], weight.shape[0], x.element_size(),
+                                        device=x.device)
     out = _LINEAR_CROSS_ENTROPY[name](x, weight, t, bias, ignore_index, reduction,
                                       float(label_smoothing), float(z_loss),
                                       None if softcap is None else float(softcap), chunk_size)
     return out.reshape(target.shape) if reduction == "none" and target.dim() != 1 else out
 
 
-def default_chunk_size(n_rows: int, n_classes: int, element_size: int = 4) -> int:
+def default_chunk_size(n_rows: int, n_classes: int, element_size: int = 4, *,
+                       device: torch.device | str | None = None) -> int:
     """Rows per linear_cross_entropy chunk: the chunk's logits (n_classes values of
     `element_size` bytes per row, the input's dtype) get 64 MiB (fp32/fp64) or 256 MiB
-    (bf16/fp16); a multiple of 8 rows when that allows, never more than the rows there are. A
-    function of the shapes alone (not of free memory or the device), so that a call chunks, and
+    (bf16/fp16); a multiple of 8 rows when that allows, never more than the rows there are. On
+    a CPU `device`, fp32/fp64 chunks are also at most 512 rows (_CPU_CHUNK_ROWS). A function of
+    the shapes and the device type alone (never of free memory), so that a call chunks, and
     therefore rounds, the same way every time. At V = 128256: 128 rows in fp32, 1040 in bf16
     (GEMMs of ~1k rows run at full tensor-core speed; 256 rows would be near the H200's
     FLOP/byte ridge, as every chunk reads all of W)."""
     budget = _CHUNK_BYTES if element_size >= 4 else _LOW_PRECISION_CHUNK_BYTES
     rows = max(1, budget // (element_size * max(n_classes, 1)))
+    if element_size >= 4 and device is not None and torch.device(device).type == "cpu":
+        rows = min(rows, _CPU_CHUNK_ROWS)
     if rows >= 8:
         rows -= rows % 8
     return max(1, min(rows, n_rows))
@@ -269,7 +281,7 @@ def default_chunk_size(n_rows: int, n_classes: int, element_size: int = 4) -> in
 # One chunk (N <= n, any dtype): the forward keeps the (N, V) logits (at most the chunk budget)
 # and their lse; the backward writes the gradient over them with grad_output folded in, then
 # dx = dlogits W and dW = dlogits^T x: eager's 6NHV FLOPs and eager's roundings. Small batches
-# and CPU runs (N=256, V=32000 fp32: 32 MB) take this path.
+# take this path (on the CPU up to 512 fp32 rows: N=256, V=32000 is 32 MB).
 #
 # Several chunks, fp32 / fp64: one token pass (_token_pass). Per chunk: logits = x_c W^T
 #   (2nHV FLOPs), the CE kernel writes dlogits over them, dx_c = dlogits W (2nHV) and

@@ -567,10 +567,37 @@ def test_inplace_backward_must_be_bool():
         llmcore.cross_entropy(torch.randn(2, 5), torch.tensor([0, 1]), inplace_backward=1)
 
 
-def test_default_chunk_size_depends_on_shapes_only():
+def test_default_chunk_size_depends_on_shapes_and_device_type_only():
     # 64 MiB of fp32 logits, 256 MiB of bf16 ones (forward only: the backward's blocks are small)
     from llmcore.ops.cross_entropy import default_chunk_size
 
     assert default_chunk_size(8192, 128256, 4) == 128
     assert default_chunk_size(8192, 128256, 2) == 1040
     assert default_chunk_size(8192, 128256, 2) * 128256 * 2 <= 256 * 2 ** 20
+    # on the CPU, fp32/fp64 chunks are at most 512 rows (they stay in the last-level cache);
+    # bf16 keeps its budget (its schedule changes with the number of chunks)
+    cpu = torch.device("cpu")
+    assert default_chunk_size(2048, 4096, 4) == 2048
+    assert default_chunk_size(2048, 4096, 4, device=cpu) == 512
+    assert default_chunk_size(2048, 4096, 8, device="cpu") == 512
+    assert default_chunk_size(300, 4096, 4, device=cpu) == 300
+    assert default_chunk_size(8192, 128256, 4, device=cpu) == 128
+    assert default_chunk_size(8192, 4096, 2, device=cpu) == 8192
+    assert default_chunk_size(2048, 4096, 4, device="meta") == 2048
+
+
+def test_cpu_call_chunks_by_default():
+    # a 2048-row fp32 call on the CPU runs 4 chunks of 512 rows: the default chunk size gives the
+    # same bits as chunk_size=512, and not those of one 2048-row chunk (dW sums 4 partials)
+    torch.manual_seed(0)
+    x = torch.randn(2048, 16, requires_grad=True)
+    w = torch.randn(200, 16, requires_grad=True)
+    t = torch.randint(0, 200, (2048,))
+    grads = {}
+    for c in (None, 512, 2048):
+        loss = llmcore.linear_cross_entropy(x, w, t, chunk_size=c, backend="torch")
+        grads[c] = (loss, *torch.autograd.grad(loss, [x, w]))
+    assert all(torch.equal(a, b) for a, b in zip(grads[None], grads[512]))
+    assert not torch.equal(grads[None][2], grads[2048][2])
+    for a, b in zip(grads[None], grads[2048]):
+        torch.testing.assert_close(a, b)
