@@ -163,6 +163,25 @@ LLMCORE_ALWAYS_INLINE inline void load_cols(const C* base, int64_t stride, int64
   }
 }
 
+// whether rows [r0, r0 + n) of a (rows, cols) strided matrix are all finite (0 * x is nan iff
+// x is inf or nan)
+template <typename C>
+LLMCORE_ALWAYS_INLINE inline bool rows_finite(const C* base, int64_t stride, int64_t r0,
+                                              int64_t n, int64_t cols) {
+  constexpr int kL = 16;  // lane accumulators, summed once at the end
+  C acc[kL] = {};
+  C tail = C(0);
+  for (int64_t r = 0; r < n; ++r) {
+    const C* src = base + (r0 + r) * stride;
+    int64_t c = 0;
+    for (; c + kL <= cols; c += kL)
+      for (int l = 0; l < kL; ++l) acc[l] += src[c + l] * C(0);
+    for (; c < cols; ++c) tail += src[c] * C(0);
+  }
+  for (int l = 0; l < kL; ++l) tail += acc[l];
+  return tail == C(0);
+}
+
 // ------------------------------------------------------------------ tile products
 // C (M, N) += A (M, K) @ B (K, N), with A read through strides (a_rs per row, a_ks per k) so
 // that a transposed operand (P^T, dS^T) needs no copy, and B / C row-major (ldb, ldc). Blocks
@@ -201,23 +220,63 @@ LLMCORE_ALWAYS_INLINE inline void gemm_block(int64_t K, const C* A, int64_t a_rs
   }
 }
 
+// The causal (right-window) band of a (q-tile, k-tile) pair in tile-local indices: score (i, j)
+// can be visible only if j <= i + delta (delta = i0 + offset + window_right - j0); kNoBand when
+// there is no right window. The tile products skip what lies wholly outside it, the row blocks
+// that only read or write zeros there (for a diagonal tile about half of the work): masked
+// scores are -inf, their probabilities and dS exactly 0, so with finite operands skipping
+// changes no result (fwd_task and bwd_tile skip a product's band only then).
+constexpr int64_t kNoBand = int64_t(1) << 40;
+
+// Which operand index of gemm_acc the band bounds, for C row block [m, m + rows):
+//   kCols:  C's columns, C = scores (M query rows, N keys):     n < m + rows + delta
+//   kKUpTo: the K index, C = P or dS (query rows) times keys:  k < m + rows + delta
+//   kKFrom: the K index, C = P^T or dS^T (key rows) times rows: k >= m - delta
+enum class Band { kCols, kKUpTo, kKFrom };
+
+// [*k0, *k1) of the K range and the column end *n1 that C rows [m, m + rows) need in the band
+LLMCORE_ALWAYS_INLINE inline void band_limits(Band band, int64_t delta, int64_t m, int64_t rows,
+                                              int64_t N, int64_t K, int64_t* k0, int64_t* k1,
+                                              int64_t* n1) {
+  *k0 = 0;
+  *k1 = K;
+  *n1 = N;
+  if (delta >= kNoBand) return;
+  const int64_t hi = std::max<int64_t>(0, m + rows + delta);
+  if (band == Band::kCols) *n1 = std::min(N, hi);
+  else if (band == Band::kKUpTo) *k1 = std::min(K, hi);
+  else *k0 = std::min(K, std::max<int64_t>(0, m - delta));
+}
+
 template <typename C>
 LLMCORE_ALWAYS_INLINE inline void gemm_acc(int64_t M, int64_t N, int64_t K, const C* A,
                                            int64_t a_rs, int64_t a_ks, const C* B, int64_t ldb,
-                                           C* Cm, int64_t ldc) {
+                                           C* Cm, int64_t ldc, Band band = Band::kCols,
+                                           int64_t delta = kNoBand) {
   constexpr int64_t kW = 2 * int64_t(64 / sizeof(C));  // columns per block
+  int64_t k0, k1, n1;
   int64_t n0 = 0;
   for (; n0 + kW <= N; n0 += kW) {
     int64_t m0 = 0;
-    for (; m0 + kR <= M; m0 += kR)
-      gemm_block<C, kR>(K, A + m0 * a_rs, a_rs, a_ks, B + n0, ldb, Cm + m0 * ldc + n0, ldc);
-    for (; m0 < M; ++m0)
-      gemm_block<C, 1>(K, A + m0 * a_rs, a_rs, a_ks, B + n0, ldb, Cm + m0 * ldc + n0, ldc);
+    for (; m0 + kR <= M; m0 += kR) {
+      band_limits(band, delta, m0, kR, N, K, &k0, &k1, &n1);
+      if (n0 < n1 && k0 < k1)
+        gemm_block<C, kR>(k1 - k0, A + m0 * a_rs + k0 * a_ks, a_rs, a_ks, B + k0 * ldb + n0,
+                          ldb, Cm + m0 * ldc + n0, ldc);
+    }
+    for (; m0 < M; ++m0) {
+      band_limits(band, delta, m0, 1, N, K, &k0, &k1, &n1);
+      if (n0 < n1 && k0 < k1)
+        gemm_block<C, 1>(k1 - k0, A + m0 * a_rs + k0 * a_ks, a_rs, a_ks, B + k0 * ldb + n0,
+                         ldb, Cm + m0 * ldc + n0, ldc);
+    }
   }
   if (n0 == N) return;
   for (int64_t m = 0; m < M; ++m) {  // the last N % kW columns: rank-1 updates of one row
+    band_limits(band, delta, m, 1, N, K, &k0, &k1, &n1);
+    if (n0 >= n1) continue;
     C* crow = Cm + m * ldc;
-    for (int64_t k = 0; k < K; ++k) {
+    for (int64_t k = k0; k < k1; ++k) {
       const C x = A[m * a_rs + k * a_ks];
       const C* b = B + k * ldb;
 #pragma omp simd
@@ -226,12 +285,20 @@ LLMCORE_ALWAYS_INLINE inline void gemm_acc(int64_t M, int64_t N, int64_t K, cons
   }
 }
 
-// out (mi, kBN) = a (mi, kdim) @ bt (kdim, kBN)
+// out (mi, kBN) = a (mi, kdim) @ bt (kdim, kBN); columns wholly outside the band stay 0
 template <typename C>
 LLMCORE_ALWAYS_INLINE inline void tile_abt(const C* a, const C* bt, int64_t mi, int64_t kdim,
-                                           C* out) {
+                                           C* out, int64_t delta = kNoBand) {
   std::fill(out, out + mi * kBN, C(0));
-  gemm_acc(mi, kBN, kdim, a, kdim, 1, bt, kBN, out, kBN);
+  gemm_acc(mi, kBN, kdim, a, kdim, 1, bt, kBN, out, kBN, Band::kCols, delta);
+}
+
+// The entries of tile row i that can be visible in the band, rounded up to whole 16-lane groups
+// (at least the row's visible keys; the rest of the row is masked)
+LLMCORE_ALWAYS_INLINE inline int64_t band_row_len(int64_t i, int64_t delta) {
+  if (delta >= kNoBand) return kBN;
+  const int64_t vis = std::min<int64_t>(kBN, std::max<int64_t>(0, i + delta + 1));
+  return (vis + 15) / 16 * 16;
 }
 
 // The final scores of a tile, in place on s (mi, kBN) holding q.k: scale, softcap (t keeps
@@ -302,10 +369,10 @@ LLMCORE_ALWAYS_INLINE inline void apply_dropout(const AttentionParams& p, const 
 // but keeps an `omp simd` sum around the inlined exp scalar: there a fixed-width lane loop
 // (vectorised) feeds one small reduction. Every order is fixed (deterministic).
 template <typename C>
-LLMCORE_ALWAYS_INLINE inline C row_max(const C* row) {  // a nan entry may or may not show
+LLMCORE_ALWAYS_INLINE inline C row_max(const C* row, int64_t n) {  // a nan may or may not show
   C mx = -std::numeric_limits<C>::infinity();
 #pragma omp simd reduction(max : mx)
-  for (int64_t j = 0; j < kBN; ++j) mx = mx > row[j] ? mx : row[j];
+  for (int64_t j = 0; j < n; ++j) mx = mx > row[j] ? mx : row[j];
   return mx;
 }
 
@@ -316,13 +383,13 @@ LLMCORE_ALWAYS_INLINE inline bool row_has_nan(const C* row) {
   return false;
 }
 
-// row[j] = exp(row[j] - m) in place; returns their sum
+// row[j] = exp(row[j] - m) in place for j < n (a multiple of 16); returns their sum
 template <typename C>
-LLMCORE_ALWAYS_INLINE inline C row_exp_sum(C* row, C m) {
+LLMCORE_ALWAYS_INLINE inline C row_exp_sum(C* row, int64_t n, C m) {
   constexpr int kL = 16;
   static_assert(kBN % kL == 0, "score rows are whole lane groups");
   C acc[kL] = {};
-  for (int64_t j = 0; j < kBN; j += kL)
+  for (int64_t j = 0; j < n; j += kL)
     for (int l = 0; l < kL; ++l) {
       const C e = cpu::exp_nonpos(C(row[j + l] - m));
       row[j + l] = e;
@@ -366,8 +433,15 @@ LLMCORE_ALWAYS_INLINE inline void fwd_task(const AttentionParams& p, int64_t tas
 
   int64_t jb, je;
   key_range(p, g, i0, mi, &jb, &je);
+  // Under a right window (causal) the diagonal tiles skip what the band masks: the scores'
+  // column blocks and the softmax of the masked tail of each row always; the keys P V skips
+  // only when those rows of V are finite (0 * nan is nan: the oracle's P @ V spreads a nan in
+  // a masked key's value, and so does this kernel).
+  const bool banded = p.window_right >= 0;
+  const bool v_finite = banded && rows_finite(vb, p.v_stride[2], jb, je - jb, dv);
   for (int64_t j0 = jb; j0 < je; j0 += kBN) {
     const int64_t nj = std::min(kBN, je - j0);
+    const int64_t delta = banded ? i0 + g.off + p.window_right - j0 : kNoBand;
     const C* ktile = kt;  // K^T tile, from the thread's cache when the tiles are aligned
     if (cache_kt && j0 % kBN == 0) {
       const int64_t owner = s * p.heads_kv + hk, t = j0 / kBN;
@@ -384,13 +458,14 @@ LLMCORE_ALWAYS_INLINE inline void fwd_task(const AttentionParams& p, int64_t tas
     } else {
       load_cols(kb, p.k_stride[2], j0, nj, d, kt);
     }
-    tile_abt(qs, ktile, mi, d, sc);
+    tile_abt(qs, ktile, mi, d, sc, delta);
     finish_scores(p, g, h, i0, mi, j0, nj, sc, w.t.data());
     for (int64_t i = 0; i < mi; ++i) {
       C* row = sc + i * kBN;
+      const int64_t len = band_row_len(i, delta);  // the rest of the row is masked
       // A nan score (nan in q or k) must give a nan row, as the oracle does: with a finite max
       // its exp makes the sum, and so l, out and lse nan; only the all -inf case looks.
-      C mnew = std::max(m[i], row_max(row));
+      C mnew = std::max(m[i], row_max(row, len));
       if (mnew == kNegInf) {
         if (!row_has_nan(row)) {  // nothing visible yet in this row
           std::fill(row, row + kBN, C(0));
@@ -399,7 +474,8 @@ LLMCORE_ALWAYS_INLINE inline void fwd_task(const AttentionParams& p, int64_t tas
         mnew = std::numeric_limits<C>::quiet_NaN();
       }
       const C alpha = cpu::exp_nonpos(m[i] - mnew);  // 0 when m was -inf
-      const C sum = row_exp_sum(row, mnew);
+      const C sum = row_exp_sum(row, len, mnew);
+      std::fill(row + len, row + kBN, C(0));
       l[i] = l[i] * alpha + sum;
       m[i] = mnew;
       if (alpha != C(1)) {
@@ -410,7 +486,8 @@ LLMCORE_ALWAYS_INLINE inline void fwd_task(const AttentionParams& p, int64_t tas
     }
     if (p.dropout_p > 0) apply_dropout(p, g, h, i0, mi, j0, sc, sc);
     // acc (mi, dv) += P (mi, nj) @ V (nj, dv)
-    gemm_acc(mi, dv, nj, sc, kBN, 1, vb + j0 * p.v_stride[2], p.v_stride[2], acc, dv);
+    gemm_acc(mi, dv, nj, sc, kBN, 1, vb + j0 * p.v_stride[2], p.v_stride[2], acc, dv,
+             Band::kKUpTo, v_finite ? delta : kNoBand);
   }
   C* ob = static_cast<C*>(p.out) + g.b * p.out_stride[0] + h * p.out_stride[1] +
           (g.q0 + i0) * p.out_stride[2];
@@ -443,23 +520,30 @@ LLMCORE_ALWAYS_INLINE inline void fwd_task(const AttentionParams& p, int64_t tas
 // (sequence, kv head) pairs to fill the threads, one fused pass does both (bwd_fused_task).
 
 // Scores and probabilities of one (q-tile, k-tile) pair and dS, as above: on return w.s holds
-// P*Z (the dropped probabilities, for dV) and w.dp holds d(q.k) / scale.
+// P*Z (the dropped probabilities, for dV) and w.dp holds d(q.k) / scale. band: the pair's
+// causal band (kNoBand without a right window), skipped for the scores and their exp; ops_band:
+// the same band when the q, dO, k and v rows the pair reads are finite, else kNoBand: dP and dS
+// skip it then, and so may the caller's products (a masked dS is 0 * (dP - delta), nan when dP
+// is, as in the oracle).
 template <typename C>
 LLMCORE_ALWAYS_INLINE inline void bwd_tile(const AttentionParams& p, const Seq& g, int64_t h,
                                            int64_t i0, int64_t mi, int64_t j0, int64_t nj,
-                                           const C* lse, const C* delta, Work<C>& w) {
+                                           const C* lse, const C* delta, int64_t band,
+                                           int64_t ops_band, Work<C>& w) {
   const int64_t d = p.head_dim, dv = p.head_dim_v;
   C* sc = w.s.data();
   C* dp = w.dp.data();
-  tile_abt(w.qs.data(), w.kt.data(), mi, d, sc);
+  tile_abt(w.qs.data(), w.kt.data(), mi, d, sc, band);
   finish_scores(p, g, h, i0, mi, j0, nj, sc, w.t.data());
   for (int64_t i = 0; i < mi; ++i) {
     const C li = lse[i];  // +inf on an empty row: P = 0 there
     C* row = sc + i * kBN;
+    const int64_t len = band_row_len(i, band);
 #pragma omp simd
-    for (int64_t j = 0; j < kBN; ++j) row[j] = cpu::exp_nonpos(row[j] - li);
+    for (int64_t j = 0; j < len; ++j) row[j] = cpu::exp_nonpos(row[j] - li);
+    std::fill(row + len, row + kBN, C(0));
   }
-  tile_abt(w.dos.data(), w.vt.data(), mi, dv, dp);  // dO V^T
+  tile_abt(w.dos.data(), w.vt.data(), mi, dv, dp, ops_band);  // dO V^T
   if (p.dropout_p > 0) {
     // dP * Z needs Z alone: drop a tile of ones, then scale both P and dP by it
     C* z = w.pd.data();
@@ -478,8 +562,12 @@ LLMCORE_ALWAYS_INLINE inline void bwd_tile(const AttentionParams& p, const Seq& 
   } else {
     for (int64_t i = 0; i < mi; ++i) {
       const C di = delta[i];
+      const int64_t len = band_row_len(i, ops_band);
+      C* dprow = dp + i * kBN;
+      const C* prow = sc + i * kBN;
 #pragma omp simd
-      for (int64_t j = 0; j < kBN; ++j) dp[i * kBN + j] = sc[i * kBN + j] * (dp[i * kBN + j] - di);
+      for (int64_t j = 0; j < len; ++j) dprow[j] = prow[j] * (dprow[j] - di);
+      std::fill(dprow + len, dprow + kBN, C(0));
     }
   }
   if (p.dscores) {  // d loss / d (final score), for the mask's gradient (dense layouts only)
@@ -510,6 +598,24 @@ LLMCORE_ALWAYS_INLINE inline BwdRows<C> bwd_rows(const AttentionParams& p, const
           static_cast<const C*>(p.dout) + g.b * p.dout_stride[0] + h * p.dout_stride[1] +
               (g.q0 + i0) * p.dout_stride[2],
           static_cast<const C*>(p.lse) + row, delta_all + row};
+}
+
+// whether query head h's q and dO rows [r0, r1) of sequence g are finite
+template <typename C>
+LLMCORE_ALWAYS_INLINE inline bool q_rows_finite(const AttentionParams& p, const Seq& g, int64_t h,
+                                                int64_t r0, int64_t r1) {
+  const C* q = static_cast<const C*>(p.q) + g.b * p.q_stride[0] + h * p.q_stride[1] +
+               g.q0 * p.q_stride[2];
+  const C* dout = static_cast<const C*>(p.dout) + g.b * p.dout_stride[0] +
+                  h * p.dout_stride[1] + g.q0 * p.dout_stride[2];
+  return rows_finite(q, p.q_stride[2], r0, r1 - r0, p.head_dim) &&
+         rows_finite(dout, p.dout_stride[2], r0, r1 - r0, p.head_dim_v);
+}
+
+// The band of the (q-tile i0, k-tile j0) pair (kNoBand without a right window)
+LLMCORE_ALWAYS_INLINE inline int64_t pair_band(const AttentionParams& p, const Seq& g, int64_t i0,
+                                               int64_t j0) {
+  return p.window_right >= 0 ? i0 + g.off + p.window_right - j0 : kNoBand;
 }
 
 // delta rows [r0, r1) of the flat (B * Hq * Nq) index: rowsum(dO * O)
@@ -553,16 +659,22 @@ LLMCORE_ALWAYS_INLINE inline void bwd_kv_task(const AttentionParams& p, int64_t 
   std::fill(dvv, dvv + nj * dv, C(0));
   int64_t ib, ie;
   query_range(p, g, j0, nj, &ib, &ie);
+  const bool banded = p.window_right >= 0;
+  const bool kv_finite = banded && rows_finite(kb, p.k_stride[2], j0, nj, d) &&
+                         rows_finite(vb, p.v_stride[2], j0, nj, dv);
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+    const bool finite = kv_finite && q_rows_finite<C>(p, g, h, ib, ie);
     for (int64_t i0 = ib; i0 < ie; i0 += kBM) {
       const int64_t mi = std::min(kBM, ie - i0);
       const BwdRows<C> r = bwd_rows(p, g, h, i0, delta_all);
       load_rows(r.q, p.q_stride[2], 0, mi, d, w.qs.data());
       load_rows(r.dout, p.dout_stride[2], 0, mi, dv, w.dos.data());
-      bwd_tile(p, g, h, i0, mi, j0, nj, r.lse, r.delta, w);
+      const int64_t band = pair_band(p, g, i0, j0), ops_band = finite ? band : kNoBand;
+      bwd_tile(p, g, h, i0, mi, j0, nj, r.lse, r.delta, band, ops_band, w);
       // dV (nj, dv) += (P*Z)^T @ dO;  dK (nj, d) += dS^T @ Q  (scale applied at the end)
-      gemm_acc(nj, dv, mi, w.s.data(), 1, kBN, w.dos.data(), dv, dvv, dv);
-      gemm_acc(nj, d, mi, w.dp.data(), 1, kBN, w.qs.data(), d, dk, d);
+      gemm_acc(nj, dv, mi, w.s.data(), 1, kBN, w.dos.data(), dv, dvv, dv, Band::kKFrom,
+               ops_band);
+      gemm_acc(nj, d, mi, w.dp.data(), 1, kBN, w.qs.data(), d, dk, d, Band::kKFrom, ops_band);
     }
   }
   store_rows(dk, nj, d, C(p.scale), grad_row<C>(p.dk, p.dk_stride, g.b, hk, g.k0 + j0),
@@ -593,13 +705,18 @@ LLMCORE_ALWAYS_INLINE inline void bwd_q_task(const AttentionParams& p, int64_t t
   std::fill(dq, dq + mi * d, C(0));
   int64_t jb, je;
   key_range(p, g, i0, mi, &jb, &je);
+  const bool finite = p.window_right >= 0 && q_rows_finite<C>(p, g, h, i0, i0 + mi) &&
+                      rows_finite(kb, p.k_stride[2], jb, je - jb, d) &&
+                      rows_finite(vb, p.v_stride[2], jb, je - jb, dv);
   for (int64_t j0 = jb; j0 < je; j0 += kBN) {
     const int64_t nj = std::min(kBN, je - j0);
     load_cols(kb, p.k_stride[2], j0, nj, d, w.kt.data());
     load_cols(vb, p.v_stride[2], j0, nj, dv, w.vt.data());
-    bwd_tile(p, g, h, i0, mi, j0, nj, r.lse, r.delta, w);
+    const int64_t band = pair_band(p, g, i0, j0), ops_band = finite ? band : kNoBand;
+    bwd_tile(p, g, h, i0, mi, j0, nj, r.lse, r.delta, band, ops_band, w);
     // dQ (mi, d) += dS (mi, nj) @ K (nj, d)
-    gemm_acc(mi, d, nj, w.dp.data(), kBN, 1, kb + j0 * p.k_stride[2], p.k_stride[2], dq, d);
+    gemm_acc(mi, d, nj, w.dp.data(), kBN, 1, kb + j0 * p.k_stride[2], p.k_stride[2], dq, d,
+             Band::kKUpTo, ops_band);
   }
   store_rows(dq, mi, d, C(p.scale), grad_row<C>(p.dq, p.dq_stride, g.b, h, g.q0 + i0),
              p.dq_stride[2]);
@@ -633,6 +750,12 @@ LLMCORE_ALWAYS_INLINE inline void bwd_fused_task(const AttentionParams& p, int64
   const C scale = C(p.scale);
   C* dk = w.acc.data();   // (nj, d)
   C* dvv = w.acc2.data(); // (nj, dv)
+  // which heads' pairs may skip the band in dP, dS and the three products (bwd_tile)
+  const bool kv_finite = p.window_right >= 0 && rows_finite(kb, p.k_stride[2], 0, g.lk, d) &&
+                         rows_finite(vb, p.v_stride[2], 0, g.lk, dv);
+  std::vector<uint8_t> finite(size_t(group), 0);
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
+    finite[h - hk * group] = kv_finite && q_rows_finite<C>(p, g, h, 0, g.lq);
   for (int64_t j0 = 0; j0 < g.lk; j0 += kBN) {
     const int64_t nj = std::min(kBN, g.lk - j0);
     load_cols(kb, p.k_stride[2], j0, nj, d, w.kt.data());
@@ -648,12 +771,16 @@ LLMCORE_ALWAYS_INLINE inline void bwd_fused_task(const AttentionParams& p, int64
         const BwdRows<C> r = bwd_rows(p, g, h, i0, delta_all);
         load_rows(r.q, p.q_stride[2], 0, mi, d, w.qs.data());
         load_rows(r.dout, p.dout_stride[2], 0, mi, dv, w.dos.data());
-        bwd_tile(p, g, h, i0, mi, j0, nj, r.lse, r.delta, w);
+        const int64_t band = pair_band(p, g, i0, j0);
+        const int64_t ops_band = finite[h - hk * group] ? band : kNoBand;
+        bwd_tile(p, g, h, i0, mi, j0, nj, r.lse, r.delta, band, ops_band, w);
         // dV += (P*Z)^T @ dO;  dK += dS^T @ Q;  dQ (mi, d) += dS (mi, nj) @ K (nj, d)
-        gemm_acc(nj, dv, mi, w.s.data(), 1, kBN, w.dos.data(), dv, dvv, dv);
-        gemm_acc(nj, d, mi, w.dp.data(), 1, kBN, w.qs.data(), d, dk, d);
+        gemm_acc(nj, dv, mi, w.s.data(), 1, kBN, w.dos.data(), dv, dvv, dv, Band::kKFrom,
+                 ops_band);
+        gemm_acc(nj, d, mi, w.dp.data(), 1, kBN, w.qs.data(), d, dk, d, Band::kKFrom,
+                 ops_band);
         gemm_acc(mi, d, nj, w.dp.data(), kBN, 1, kb + j0 * p.k_stride[2], p.k_stride[2],
-                 dqh + i0 * rs, rs);
+                 dqh + i0 * rs, rs, Band::kKUpTo, ops_band);
       }
     }
     store_rows(dk, nj, d, scale, grad_row<C>(p.dk, p.dk_stride, g.b, hk, g.k0 + j0),
