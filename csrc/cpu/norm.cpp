@@ -197,10 +197,8 @@ LLMCORE_ALWAYS_INLINE inline void bwd_rows(const NormBwdParams& p, int64_t r0, i
       sw[k] += dv * xv;
       sb[k] += dv;
     }
-    for (int l = 0; l < kL; ++l) {
-      sum_g += lane_a[l];
-      sum_gx += lane_c[l];
-    }
+    sum_g += cpu::sum_lanes(lane_a);
+    sum_gx += cpu::sum_lanes(lane_c);
     const C a = p.rms ? C(0) : C(sum_g / double(n));
     const C c = C(sum_gx / double(n));
     T* dxr = dx + off;

@@ -135,11 +135,22 @@ __attribute__((always_inline)) inline void vstore(C* p, const V& v) {
 }
 
 // Row sums in the compute type's vector lanes, each lane's partial folded into an fp64 lane
-// every kFoldLen terms (and the lanes summed in fp64, in a fixed order): nearly the speed of a
-// plain C sum, with an error close to an fp64 sum's however long the row. The fixed-width lane
-// loops are what GCC vectorises reliably.
+// every kFoldLen terms (and the lanes summed in fp64, pairwise in a fixed order): nearly the
+// speed of a plain C sum, with an error close to an fp64 sum's however long the row. The
+// fixed-width lane loops are what GCC vectorises reliably.
 constexpr int kSumLanes = 16;
 constexpr int64_t kFoldLen = 16;  // terms per lane between folds
+
+// The kSumLanes fp64 lane sums added pairwise in a fixed order (lane l with lane l + 8, then
+// l + 4, ...): 4 dependent additions of whole vectors instead of a chain of 16 scalar ones,
+// which bound a short row's reduction (a 128-wide norm row).
+__attribute__((always_inline)) inline double sum_lanes(const double* acc) {
+  double t[kSumLanes];
+  for (int l = 0; l < kSumLanes; ++l) t[l] = acc[l];
+  for (int w = kSumLanes / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) t[l] += t[l + w];
+  return t[0];
+}
 
 // sum_j a[j] (b == nullptr) or sum_j a[j] * b[j]
 template <typename C>
@@ -161,8 +172,7 @@ __attribute__((always_inline)) inline double dot_lanes(const C* a, const C* b, i
   }
   double s = 0.0;
   for (int64_t j = whole; j < n; ++j) s += b == nullptr ? double(a[j]) : double(a[j]) * double(b[j]);
-  for (int l = 0; l < kL; ++l) s += acc[l];
-  return s;
+  return s + sum_lanes(acc);
 }
 
 // sum_j (a[j] - mean)^2
@@ -183,8 +193,7 @@ __attribute__((always_inline)) inline double sum_sq_dev_lanes(const C* a, int64_
   }
   double s = 0.0;
   for (int64_t j = whole; j < n; ++j) s += double(a[j] - mean) * double(a[j] - mean);
-  for (int l = 0; l < kL; ++l) s += acc[l];
-  return s;
+  return s + sum_lanes(acc);
 }
 
 // sum_j exp(y[j] - m) for y[j] <= m. Explicit lane accumulators: GCC lowers an `omp simd`
