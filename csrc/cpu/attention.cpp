@@ -116,6 +116,10 @@ struct Work {
   std::vector<C> kt_cache;
   std::vector<uint8_t> kt_have;  // per tile: filled for kt_owner
   int64_t kt_owner = -1;         // s * heads_kv + kv head, or -1
+  // Forward: whether all of V's rows of the (sequence, kv head) v_owner are finite, checked
+  // once per thread and kv head rather than once per q-tile
+  int64_t v_owner = -1;
+  bool v_finite = false;
   Work(int64_t d, int64_t dv)
       : qs(kBM * d), dos(kBM * dv), kt(d * kBN), vt(dv * kBN), s(kBM * kBN), t(kBM * kBN),
         dp(kBM * kBN), pd(kBM * kBN), acc(std::max(kBM, kBN) * std::max(d, dv)),
@@ -227,6 +231,12 @@ LLMCORE_ALWAYS_INLINE inline void gemm_block(int64_t K, const C* A, int64_t a_rs
 // scores are -inf, their probabilities and dS exactly 0, so with finite operands skipping
 // changes no result (fwd_task and bwd_tile skip a product's band only then).
 constexpr int64_t kNoBand = int64_t(1) << 40;
+
+// The band of the (q-tile i0, k-tile j0) pair (kNoBand without a right window)
+LLMCORE_ALWAYS_INLINE inline int64_t pair_band(const AttentionParams& p, const Seq& g, int64_t i0,
+                                               int64_t j0) {
+  return p.window_right >= 0 ? i0 + g.off + p.window_right - j0 : kNoBand;
+}
 
 // Which operand index of gemm_acc the band bounds, for C row block [m, m + rows):
 //   kCols:  C's columns, C = scores (M query rows, N keys):     n < m + rows + delta
@@ -435,13 +445,17 @@ LLMCORE_ALWAYS_INLINE inline void fwd_task(const AttentionParams& p, int64_t tas
   key_range(p, g, i0, mi, &jb, &je);
   // Under a right window (causal) the diagonal tiles skip what the band masks: the scores'
   // column blocks and the softmax of the masked tail of each row always; the keys P V skips
-  // only when those rows of V are finite (0 * nan is nan: the oracle's P @ V spreads a nan in
-  // a masked key's value, and so does this kernel).
+  // only when the kv head's rows of V are finite (0 * nan is nan: the oracle's P @ V spreads a
+  // nan in a masked key's value, and so does this kernel).
   const bool banded = p.window_right >= 0;
-  const bool v_finite = banded && rows_finite(vb, p.v_stride[2], jb, je - jb, dv);
+  if (banded && w.v_owner != s * p.heads_kv + hk) {
+    w.v_owner = s * p.heads_kv + hk;
+    w.v_finite = rows_finite(vb, p.v_stride[2], 0, g.lk, dv);
+  }
+  const bool v_finite = banded && w.v_finite;
   for (int64_t j0 = jb; j0 < je; j0 += kBN) {
     const int64_t nj = std::min(kBN, je - j0);
-    const int64_t delta = banded ? i0 + g.off + p.window_right - j0 : kNoBand;
+    const int64_t delta = pair_band(p, g, i0, j0);
     const C* ktile = kt;  // K^T tile, from the thread's cache when the tiles are aligned
     if (cache_kt && j0 % kBN == 0) {
       const int64_t owner = s * p.heads_kv + hk, t = j0 / kBN;
@@ -610,12 +624,6 @@ LLMCORE_ALWAYS_INLINE inline bool q_rows_finite(const AttentionParams& p, const 
                   h * p.dout_stride[1] + g.q0 * p.dout_stride[2];
   return rows_finite(q, p.q_stride[2], r0, r1 - r0, p.head_dim) &&
          rows_finite(dout, p.dout_stride[2], r0, r1 - r0, p.head_dim_v);
-}
-
-// The band of the (q-tile i0, k-tile j0) pair (kNoBand without a right window)
-LLMCORE_ALWAYS_INLINE inline int64_t pair_band(const AttentionParams& p, const Seq& g, int64_t i0,
-                                               int64_t j0) {
-  return p.window_right >= 0 ? i0 + g.off + p.window_right - j0 : kNoBand;
 }
 
 // delta rows [r0, r1) of the flat (B * Hq * Nq) index: rowsum(dO * O)

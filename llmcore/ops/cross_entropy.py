@@ -265,7 +265,8 @@ def default_chunk_size(n_rows: int, n_classes: int, element_size: int = 4, *,
     FLOP/byte ridge, as every chunk reads all of W)."""
     budget = _CHUNK_BYTES if element_size >= 4 else _LOW_PRECISION_CHUNK_BYTES
     rows = max(1, budget // (element_size * max(n_classes, 1)))
-    if element_size >= 4 and device is not None and torch.device(device).type == "cpu":
+    device_type = getattr(device, "type", None) or (device and torch.device(device).type)
+    if element_size >= 4 and device_type == "cpu":
         rows = min(rows, _CPU_CHUNK_ROWS)
     if rows >= 8:
         rows -= rows % 8
