@@ -132,6 +132,20 @@ def test_head_dims_and_lengths(shape):
     _check([(b, hq, nq, d), (b, hkv, nk, d), (b, hkv, nk, dv)], torch.float32, kernel, ref)
 
 
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (20, 3)], ids=["full", "causal", "band"])
+@pytest.mark.parametrize("dims", [(32, 64), (32, 40)], ids=["D32 Dv64", "D32 Dv40"])
+def test_interior_tiles_load_unmasked(window, dims):
+    # Interior tiles (every key, or every query of the dK/dV loop, inside the sequence) load
+    # K/V and Q/dO/lse/delta without a mask when the head dim fills its block (D = 32, 64),
+    # and mask only the columns when it is padded (Dv = 40 in a 64 block). 70 queries x 90 keys
+    # give the interpreter's 32 x 16 tiles interior and boundary tiles in both directions;
+    # GQA, and the flash-attn layout, whose tile offsets use the heads-inside-rows strides
+    d, dv = dims
+    kernel, ref = _kw(d, window=window)
+    _check([(1, 70, 4, d), (1, 90, 2, d), (1, 90, 2, dv)], torch.float32, kernel, ref,
+           layout="bnhd")
+
+
 @pytest.mark.parametrize("scale", [8.0, -8.0, 0.0], ids=["positive", "negative", "zero"])
 @pytest.mark.parametrize("window", [(-1, -1), (-1, 0)], ids=["full", "causal"])
 def test_any_scale_sign(scale, window):

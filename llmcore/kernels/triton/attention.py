@@ -35,7 +35,10 @@ so backward regenerates the same mask from the seed instead of storing it.
 
 Layouts: q/k/v/o are (B, H, N, D) views addressed through their strides (index * stride in
 int64, as offsets may pass 2**31 elements), so flash-attn's
-(B, N, H, D) arrives as a transposed view and runs without a copy; packed varlen sequences are a
+(B, N, H, D) arrives as a transposed view and runs without a copy. The tile loops compute a
+tile's element offsets once per program and add one scalar per tile (its first row times the
+row stride); their loads are masked only in boundary tiles (rows past the sequence) and on
+the columns of a head dim padded up to its block (PAD_D, PAD_DV); packed varlen sequences are a
 (1, H, total, D) view plus cu_seqlens offsets (the batch axis of the grid walks the sequences).
 K/V heads are shared by GROUP = Hq // Hkv query heads. v may have its own head dim Dv.
 """
@@ -76,10 +79,39 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _offs(i, stride_i, j, stride_j):
+    # i * stride_i + j * stride_j for a tile of row indices i and column indices j, in int64:
+    # an int32 index times an int32 stride wraps once the offset passes 2**31 elements
+    return i.to(tl.int64) * stride_i + j.to(tl.int64) * stride_j
+
+
+@triton.jit
+def _start(i, stride):
+    # i * stride in int64 for a scalar index i (a tile loop's index: int32 when compiled, a
+    # Python int under the interpreter)
+    return (tl.zeros((), tl.int64) + i) * stride
+
+
+@triton.jit
 def _ptrs(base, i, stride_i, j, stride_j):
-    # base + i * stride_i + j * stride_j for a tile of row indices i and column indices j, in
-    # int64: an int32 index times an int32 stride wraps once the offset passes 2**31 elements
-    return base + i.to(tl.int64) * stride_i + j.to(tl.int64) * stride_j
+    return base + _offs(i, stride_i, j, stride_j)
+
+
+@triton.jit
+def _load_tile(ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    # A tile load masked only where it can be out of range: rows past the sequence (boundary
+    # tiles only: interior tiles lie inside it) and columns past the head dim (only when it is
+    # padded up to the block). An unmasked load is a plain vector copy: no predicates and no
+    # mask arithmetic in the tile loops. Zeros fill what the mask hides.
+    if CHECK_ROWS and CHECK_COLS:
+        x = tl.load(ptrs, mask=rows_ok & cols_ok, other=0.0)
+    elif CHECK_ROWS:
+        x = tl.load(ptrs, mask=rows_ok, other=0.0)
+    elif CHECK_COLS:
+        x = tl.load(ptrs, mask=cols_ok, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
 
 
 @triton.jit
@@ -172,18 +204,20 @@ def _seq_bounds(CU_Q, CU_K, b, N_Q, N_K, IS_VARLEN: tl.constexpr):
 # ------------------------------------------------------------------------------ forward
 
 @triton.jit
-def _fwd_tile(start_n, q, m_i, l_i, acc, k_base, v_base, mask_base, seed, rng_base, offs_m,
-              offs_d, offs_dv, Lq, Lk, diag, skn, skd, svn, svd, smm, smn, N_K, HEAD_DIM,
-              HEAD_DIM_V, slope2, qk_scale2, cap_scale, softcap2, window_left, window_right,
-              dropout_p,
+def _fwd_tile(start_n, q, m_i, l_i, acc, k_base, v_base, k_tile, v_tile, d_ok, dv_ok, mask_base,
+              seed, rng_base, offs_m, Lq, Lk, diag, skn, svn, smm, smn, N_K, slope2, qk_scale2,
+              cap_scale, softcap2, window_left, window_right, dropout_p,
               BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
               MASK_KIND: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-              HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, BOUNDARY: tl.constexpr):
-    # one key tile of the online softmax: (m_i, l_i, acc) -> updated
+              HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, PAD_D: tl.constexpr,
+              PAD_DV: tl.constexpr, BOUNDARY: tl.constexpr):
+    # one key tile of the online softmax: (m_i, l_i, acc) -> updated. k_tile / v_tile: the
+    # tile's element offsets from its first key (computed once per program), so a tile costs
+    # one scalar offset, start_n * stride, not a 64-bit multiply per element
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = offs_n < Lk
-    kT = tl.load(_ptrs(k_base, offs_n[None, :], skn, offs_d[:, None], skd),
-                 mask=n_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)  # (D, BLOCK_N)
+    kT = _load_tile(k_base + _start(start_n, skn) + k_tile, n_ok[None, :], d_ok[:, None],
+                    BOUNDARY, PAD_D)  # (D, BLOCK_N)
     qk = _dot(q, kT, None, DOT_PREC)  # (BLOCK_M, BLOCK_N) fp32
     if not BOUNDARY and not HAS_SOFTCAP and not HAS_ALIBI and MASK_KIND == 0:
         # plain interior tile, s = c qk with c = qk_scale2 >= 0 (attention_fwd makes it so):
@@ -207,8 +241,8 @@ def _fwd_tile(start_n, q, m_i, l_i, acc, k_base, v_base, mask_base, seed, rng_ba
     if HAS_DROPOUT:
         keep = _dropout_keep(seed, dropout_p, rng_base, offs_m[:, None], offs_n[None, :], N_K)
         p = tl.where(keep, p, 0.0)
-    v = tl.load(_ptrs(v_base, offs_n[:, None], svn, offs_dv[None, :], svd),
-                mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)  # (BN, Dv)
+    v = _load_tile(v_base + _start(start_n, svn) + v_tile, n_ok[:, None], dv_ok[None, :],
+                   BOUNDARY, PAD_DV)  # (BLOCK_N, Dv)
     acc = _dot(_to(p, v.dtype), v, acc, DOT_PREC)
     return m_new, l_i, acc
 
@@ -224,7 +258,8 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, PAD_D: tl.constexpr,
+    PAD_DV: tl.constexpr,
 ):
     # grid: (cdiv(N_Q, BLOCK_M), H, B); one program = BLOCK_M query rows of one (batch, head).
     # Query tiles run last-first: under a causal mask the last tiles see the most keys, and
@@ -272,29 +307,34 @@ def _attn_fwd_kernel(
     a, e = _interior(lo, hi, m0 + BLOCK_M - 1 + diag - window_left,
                      m0 + diag + window_right + 1, Lk, BLOCK_N, HAS_WL, HAS_WR)
 
+    offs_t = tl.arange(0, BLOCK_N)  # a key tile's rows, from its first
+    k_tile = _offs(offs_t[None, :], skn, offs_d[:, None], skd)  # (D, BLOCK_N): K^T
+    v_tile = _offs(offs_t[:, None], svn, offs_dv[None, :], svd)  # (BLOCK_N, Dv)
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running max, base 2
     l_i = tl.zeros((BLOCK_M,), tl.float32)  # running sum of exp2(s - m_i)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
     for start_n in range(lo, a, BLOCK_N):
         m_i, l_i, acc = _fwd_tile(
-            start_n, q, m_i, l_i, acc, k_base, v_base, mask_base, seed, rng_base, offs_m, offs_d,
-            offs_dv, Lq, Lk, diag, skn, skd, svn, svd, smm, smn, N_K, HEAD_DIM, HEAD_DIM_V,
-            slope2, qk_scale2, cap_scale, softcap2, window_left, window_right, dropout_p,
-            BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC,
+            start_n, q, m_i, l_i, acc, k_base, v_base, k_tile, v_tile, d_ok, dv_ok, mask_base,
+            seed, rng_base, offs_m, Lq, Lk, diag, skn, svn, smm, smn, N_K, slope2, qk_scale2,
+            cap_scale, softcap2, window_left, window_right, dropout_p, BLOCK_N, HAS_SOFTCAP,
+            HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, PAD_D, PAD_DV,
             True)
     for start_n in range(a, e, BLOCK_N):
         m_i, l_i, acc = _fwd_tile(
-            start_n, q, m_i, l_i, acc, k_base, v_base, mask_base, seed, rng_base, offs_m, offs_d,
-            offs_dv, Lq, Lk, diag, skn, skd, svn, svd, smm, smn, N_K, HEAD_DIM, HEAD_DIM_V,
-            slope2, qk_scale2, cap_scale, softcap2, window_left, window_right, dropout_p,
-            BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC,
+            start_n, q, m_i, l_i, acc, k_base, v_base, k_tile, v_tile, d_ok, dv_ok, mask_base,
+            seed, rng_base, offs_m, Lq, Lk, diag, skn, svn, smm, smn, N_K, slope2, qk_scale2,
+            cap_scale, softcap2, window_left, window_right, dropout_p, BLOCK_N, HAS_SOFTCAP,
+            HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, PAD_D, PAD_DV,
             False)
     for start_n in range(e, hi, BLOCK_N):
         m_i, l_i, acc = _fwd_tile(
-            start_n, q, m_i, l_i, acc, k_base, v_base, mask_base, seed, rng_base, offs_m, offs_d,
-            offs_dv, Lq, Lk, diag, skn, skd, svn, svd, smm, smn, N_K, HEAD_DIM, HEAD_DIM_V,
-            slope2, qk_scale2, cap_scale, softcap2, window_left, window_right, dropout_p,
-            BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC,
+            start_n, q, m_i, l_i, acc, k_base, v_base, k_tile, v_tile, d_ok, dv_ok, mask_base,
+            seed, rng_base, offs_m, Lq, Lk, diag, skn, svn, smm, smn, N_K, slope2, qk_scale2,
+            cap_scale, softcap2, window_left, window_right, dropout_p, BLOCK_N, HAS_SOFTCAP,
+            HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, PAD_D, PAD_DV,
             True)
 
     # o = acc / l (x 1/(1-p) with dropout); rows that saw no key (l = 0 exactly): o = 0,
@@ -341,21 +381,21 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
-def _dq_tile(start_n, q, do, lse2, delta, dq, k_base, v_base, mask_base, dmask_base, seed,
-             rng_base, offs_m, offs_d, offs_dv, Lq, Lk, diag, skn, skd, svn, svd, smm, smn, N_K,
-             HEAD_DIM, HEAD_DIM_V, slope2, qk_scale2, cap_scale, softcap2, window_left,
-             window_right, dropout_p, drop_scale,
+def _dq_tile(start_n, q, do, lse2, delta, dq, k_base, v_base, k_tile, v_tile, d_ok, dv_ok,
+             mask_base, dmask_base, seed, rng_base, offs_m, Lq, Lk, diag, skn, svn, smm, smn,
+             N_K, slope2, qk_scale2, cap_scale, softcap2, window_left, window_right, dropout_p,
+             drop_scale,
              BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
              MASK_KIND: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
              HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, MASK_GRAD: tl.constexpr,
-             BOUNDARY: tl.constexpr):
-    # one key tile of dq += ds' k (and of d mask = ds)
+             PAD_D: tl.constexpr, PAD_DV: tl.constexpr, BOUNDARY: tl.constexpr):
+    # one key tile of dq += ds' k (and of d mask = ds); k_tile / v_tile as in _fwd_tile
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = offs_n[None, :] < Lk
-    kT = tl.load(_ptrs(k_base, offs_n[None, :], skn, offs_d[:, None], skd),
-                 mask=n_ok & (offs_d[:, None] < HEAD_DIM), other=0.0)  # (BLOCK_D, BLOCK_N)
-    vT = tl.load(_ptrs(v_base, offs_n[None, :], svn, offs_dv[:, None], svd),
-                 mask=n_ok & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)  # (BLOCK_DV, BLOCK_N)
+    kT = _load_tile(k_base + _start(start_n, skn) + k_tile, n_ok, d_ok[:, None], BOUNDARY,
+                    PAD_D)  # (BLOCK_D, BLOCK_N)
+    vT = _load_tile(v_base + _start(start_n, svn) + v_tile, n_ok, dv_ok[:, None], BOUNDARY,
+                    PAD_DV)  # (BLOCK_DV, BLOCK_N)
     qk = _dot(q, kT, None, DOT_PREC)  # (BLOCK_M, BLOCK_N)
     s, t = _scores(qk, offs_m[:, None], offs_n[None, :], Lq, Lk, diag, mask_base, smm, smn,
                    slope2, qk_scale2, cap_scale, softcap2, window_left, window_right,
@@ -386,6 +426,7 @@ def _attn_bwd_dq_kernel(
     IS_VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, MASK_GRAD: tl.constexpr,
+    PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
 ):
     # dq_i = scale * sum_j ds'_ij k_j; grid (cdiv(N_Q, BLOCK_M), H, B), loop over key tiles.
     # MASK_GRAD: an additive mask enters as s += mask, so d mask_ij = ds_ij: written to DMASK,
@@ -441,55 +482,62 @@ def _attn_bwd_dq_kernel(
     a, e = _interior(lo, hi, m0 + BLOCK_M - 1 + diag - window_left,
                      m0 + diag + window_right + 1, Lk, BLOCK_N, HAS_WL, HAS_WR)
 
+    offs_t = tl.arange(0, BLOCK_N)  # a key tile's rows, from its first
+    k_tile = _offs(offs_t[None, :], skn, offs_d[:, None], skd)  # (D, BLOCK_N): K^T
+    v_tile = _offs(offs_t[None, :], svn, offs_dv[:, None], svd)  # (Dv, BLOCK_N): V^T
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for start_n in range(lo, a, BLOCK_N):
-        dq = _dq_tile(start_n, q, do, lse2, delta, dq, k_base, v_base, mask_base, dmask_base,
-                      seed, rng_base, offs_m, offs_d, offs_dv, Lq, Lk, diag, skn, skd, svn, svd,
-                      smm, smn, N_K, HEAD_DIM, HEAD_DIM_V, slope2, qk_scale2, cap_scale, softcap2,
-                      window_left, window_right, dropout_p, drop_scale, BLOCK_N, HAS_SOFTCAP,
-                      HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, MASK_GRAD,
-                      True)
+        dq = _dq_tile(start_n, q, do, lse2, delta, dq, k_base, v_base, k_tile, v_tile, d_ok,
+                      dv_ok, mask_base, dmask_base, seed, rng_base, offs_m, Lq, Lk, diag, skn,
+                      svn, smm, smn, N_K, slope2, qk_scale2, cap_scale, softcap2, window_left,
+                      window_right, dropout_p, drop_scale, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
+                      MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, MASK_GRAD, PAD_D,
+                      PAD_DV, True)
     for start_n in range(a, e, BLOCK_N):
-        dq = _dq_tile(start_n, q, do, lse2, delta, dq, k_base, v_base, mask_base, dmask_base,
-                      seed, rng_base, offs_m, offs_d, offs_dv, Lq, Lk, diag, skn, skd, svn, svd,
-                      smm, smn, N_K, HEAD_DIM, HEAD_DIM_V, slope2, qk_scale2, cap_scale, softcap2,
-                      window_left, window_right, dropout_p, drop_scale, BLOCK_N, HAS_SOFTCAP,
-                      HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, MASK_GRAD,
-                      False)
+        dq = _dq_tile(start_n, q, do, lse2, delta, dq, k_base, v_base, k_tile, v_tile, d_ok,
+                      dv_ok, mask_base, dmask_base, seed, rng_base, offs_m, Lq, Lk, diag, skn,
+                      svn, smm, smn, N_K, slope2, qk_scale2, cap_scale, softcap2, window_left,
+                      window_right, dropout_p, drop_scale, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
+                      MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, MASK_GRAD, PAD_D,
+                      PAD_DV, False)
     for start_n in range(e, hi, BLOCK_N):
-        dq = _dq_tile(start_n, q, do, lse2, delta, dq, k_base, v_base, mask_base, dmask_base,
-                      seed, rng_base, offs_m, offs_d, offs_dv, Lq, Lk, diag, skn, skd, svn, svd,
-                      smm, smn, N_K, HEAD_DIM, HEAD_DIM_V, slope2, qk_scale2, cap_scale, softcap2,
-                      window_left, window_right, dropout_p, drop_scale, BLOCK_N, HAS_SOFTCAP,
-                      HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, MASK_GRAD,
-                      True)
+        dq = _dq_tile(start_n, q, do, lse2, delta, dq, k_base, v_base, k_tile, v_tile, d_ok,
+                      dv_ok, mask_base, dmask_base, seed, rng_base, offs_m, Lq, Lk, diag, skn,
+                      svn, smm, smn, N_K, slope2, qk_scale2, cap_scale, softcap2, window_left,
+                      window_right, dropout_p, drop_scale, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
+                      MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC, MASK_GRAD, PAD_D,
+                      PAD_DV, True)
     dq = dq * sm_scale
     tl.store(_ptrs(DQ + b * sdqb + h * sdqh + q_start * sdqm, offs_m[:, None], sdqm,
                    offs_d[None, :], sdqd), _to(dq, DQ.dtype.element_ty), mask=q_ok)
 
 
 @triton.jit
-def _dkdv_tile(start_m, k, v, dk, dv, q_base, do_base, dq_base, LSE, DELTA, l_base, mask_base,
-               seed, rng_base, offs_n, offs_d, offs_dv, Lq, Lk, diag, sqm, sqd, sdom, sdod,
-               sdqm, sdqd, slm, smm, smn, N_K, HEAD_DIM, HEAD_DIM_V, sm_scale, slope2, qk_scale2,
+def _dkdv_tile(start_m, k, v, dk, dv, q_base, do_base, dq_base, LSE, DELTA, l_base, q_tile,
+               do_tile, l_tile, d_ok, dv_ok, mask_base, seed, rng_base, offs_n, offs_d, Lq, Lk,
+               diag, sqm, sdom, sdqm, sdqd, slm, smm, smn, N_K, sm_scale, slope2, qk_scale2,
                cap_scale, softcap2, window_left, window_right, dropout_p, drop_scale,
                BLOCK_M: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                MASK_KIND: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
                HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-               BOUNDARY: tl.constexpr):
+               PAD_D: tl.constexpr, PAD_DV: tl.constexpr, BOUNDARY: tl.constexpr):
     # one query tile of dv += p~^T do and dk += ds'^T q, in transposed (keys x queries) tiles;
     # ATOMIC_DQ: also dq += scale ds' k for this tile, added atomically into fp32 (the order of
-    # the additions varies from run to run: not deterministic).
-    # Query rows past Lq load q = do = lse = delta = 0, so they add exactly 0 even unmasked.
+    # the additions varies from run to run: not deterministic). q_tile / do_tile / l_tile: the
+    # tile's element offsets from its first query, computed once per program (as in _fwd_tile).
+    # Query rows past Lq (boundary tiles only) load q = do = lse = delta = 0, so they add
+    # exactly 0 even unmasked.
     offs_m = start_m + tl.arange(0, BLOCK_M)
     m_ok = offs_m < Lq
-    qT = tl.load(_ptrs(q_base, offs_m[None, :], sqm, offs_d[:, None], sqd),
-                 mask=m_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)  # (D, BLOCK_M)
-    do = tl.load(_ptrs(do_base, offs_m[:, None], sdom, offs_dv[None, :], sdod),
-                 mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)  # (BM, Dv)
-    l_offs = l_base + offs_m.to(tl.int64) * slm
-    lse2 = tl.load(LSE + l_offs, mask=m_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + l_offs, mask=m_ok, other=0.0)
+    qT = _load_tile(q_base + _start(start_m, sqm) + q_tile, m_ok[None, :], d_ok[:, None],
+                    BOUNDARY, PAD_D)  # (D, BLOCK_M)
+    do = _load_tile(do_base + _start(start_m, sdom) + do_tile, m_ok[:, None], dv_ok[None, :],
+                    BOUNDARY, PAD_DV)  # (BLOCK_M, Dv)
+    l_offs = l_base + _start(start_m, slm) + l_tile
+    lse2 = _load_tile(LSE + l_offs, m_ok, m_ok, BOUNDARY, False) * 1.4426950408889634
+    delta = _load_tile(DELTA + l_offs, m_ok, m_ok, BOUNDARY, False)
     qkT = _dot(k, qT, None, DOT_PREC)  # (BLOCK_N, BLOCK_M)
     sT, tT = _scores(qkT, offs_m[None, :], offs_n[:, None], Lq, Lk, diag, mask_base, smm, smn,
                      slope2, qk_scale2, cap_scale, softcap2, window_left, window_right,
@@ -511,7 +559,7 @@ def _dkdv_tile(start_m, k, v, dk, dv, q_base, do_base, dq_base, LSE, DELTA, l_ba
     if ATOMIC_DQ:
         dq = _dot(tl.trans(dsT), k, None, DOT_PREC) * sm_scale  # (BLOCK_M, BLOCK_D)
         tl.atomic_add(_ptrs(dq_base, offs_m[:, None], sdqm, offs_d[None, :], sdqd), dq,
-                      mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+                      mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
     return dk, dv
 
 
@@ -528,6 +576,7 @@ def _attn_bwd_dkdv_kernel(
     IS_VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
 ):
     # dv_j = sum_i p~_ij do_i, dk_j = scale * sum_i ds'_ij q_i, summed over the GROUP query
     # heads that share kv head `kvh`. grid (cdiv(N_K, BLOCK_N), Hkv, B). Tiles are transposed
@@ -569,6 +618,12 @@ def _attn_bwd_dkdv_kernel(
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
+    offs_t = tl.arange(0, BLOCK_M)  # a query tile's rows, from its first
+    q_tile = _offs(offs_t[None, :], sqm, offs_d[:, None], sqd)  # (D, BLOCK_M): Q^T
+    do_tile = _offs(offs_t[:, None], sdom, offs_dv[None, :], sdod)  # (BLOCK_M, Dv)
+    l_tile = offs_t.to(tl.int64) * slm
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
     for g in range(0, GROUP):  # the query heads of this kv head, in a fixed order
@@ -586,28 +641,28 @@ def _attn_bwd_dkdv_kernel(
             rng_base = (b * H + h) * N_Q * N_K
         for start_m in range(lo, a, BLOCK_M):
             dk, dv = _dkdv_tile(
-                start_m, k, v, dk, dv, q_base, do_base, dq_base, LSE, DELTA, l_base, mask_base,
-                seed, rng_base, offs_n, offs_d, offs_dv, Lq, Lk, diag, sqm, sqd, sdom, sdod,
-                sdqm, sdqd, slm, smm, smn, N_K, HEAD_DIM, HEAD_DIM_V, sm_scale, slope2,
-                qk_scale2, cap_scale, softcap2, window_left, window_right, dropout_p, drop_scale,
-                BLOCK_M, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT,
-                DOT_PREC, ATOMIC_DQ, True)
+                start_m, k, v, dk, dv, q_base, do_base, dq_base, LSE, DELTA, l_base, q_tile,
+                do_tile, l_tile, d_ok, dv_ok, mask_base, seed, rng_base, offs_n, offs_d, Lq, Lk,
+                diag, sqm, sdom, sdqm, sdqd, slm, smm, smn, N_K, sm_scale, slope2, qk_scale2,
+                cap_scale, softcap2, window_left, window_right, dropout_p, drop_scale, BLOCK_M,
+                HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC,
+                ATOMIC_DQ, PAD_D, PAD_DV, True)
         for start_m in range(a, e, BLOCK_M):
             dk, dv = _dkdv_tile(
-                start_m, k, v, dk, dv, q_base, do_base, dq_base, LSE, DELTA, l_base, mask_base,
-                seed, rng_base, offs_n, offs_d, offs_dv, Lq, Lk, diag, sqm, sqd, sdom, sdod,
-                sdqm, sdqd, slm, smm, smn, N_K, HEAD_DIM, HEAD_DIM_V, sm_scale, slope2,
-                qk_scale2, cap_scale, softcap2, window_left, window_right, dropout_p, drop_scale,
-                BLOCK_M, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT,
-                DOT_PREC, ATOMIC_DQ, False)
+                start_m, k, v, dk, dv, q_base, do_base, dq_base, LSE, DELTA, l_base, q_tile,
+                do_tile, l_tile, d_ok, dv_ok, mask_base, seed, rng_base, offs_n, offs_d, Lq, Lk,
+                diag, sqm, sdom, sdqm, sdqd, slm, smm, smn, N_K, sm_scale, slope2, qk_scale2,
+                cap_scale, softcap2, window_left, window_right, dropout_p, drop_scale, BLOCK_M,
+                HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC,
+                ATOMIC_DQ, PAD_D, PAD_DV, False)
         for start_m in range(e, hi, BLOCK_M):
             dk, dv = _dkdv_tile(
-                start_m, k, v, dk, dv, q_base, do_base, dq_base, LSE, DELTA, l_base, mask_base,
-                seed, rng_base, offs_n, offs_d, offs_dv, Lq, Lk, diag, sqm, sqd, sdom, sdod,
-                sdqm, sdqd, slm, smm, smn, N_K, HEAD_DIM, HEAD_DIM_V, sm_scale, slope2,
-                qk_scale2, cap_scale, softcap2, window_left, window_right, dropout_p, drop_scale,
-                BLOCK_M, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT,
-                DOT_PREC, ATOMIC_DQ, True)
+                start_m, k, v, dk, dv, q_base, do_base, dq_base, LSE, DELTA, l_base, q_tile,
+                do_tile, l_tile, d_ok, dv_ok, mask_base, seed, rng_base, offs_n, offs_d, Lq, Lk,
+                diag, sqm, sdom, sdqm, sdqd, slm, smm, smn, N_K, sm_scale, slope2, qk_scale2,
+                cap_scale, softcap2, window_left, window_right, dropout_p, drop_scale, BLOCK_M,
+                HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC,
+                ATOMIC_DQ, PAD_D, PAD_DV, True)
     dk = dk * sm_scale
     tl.store(_ptrs(DK + b * sdkb + kvh * sdkh + k_start * sdkn, offs_n[:, None], sdkn,
                    offs_d[None, :], sdkd), _to(dk, DK.dtype.element_ty), mask=k_ok)
@@ -658,8 +713,13 @@ _AUTOTUNE_KEY = ["BLOCK_D", "BLOCK_DV", "HAS_WR", "SEQ_BUCKET", "GROUP"]
 # wgmma) in most entries, a long outer tile with a short inner loop in the backward (the
 # Triton tutorial's Hopper shapes: 32 x 128 for dK/dV, 128 x 32 for dQ), and an entry with
 # 16 resident warps per SM. Out at D = 128: 128x128 forward tiles (255 registers a thread,
-# spilling under Triton 3.9). Which is fastest is unmeasured: LLMCORE_TUNING_LOG records the
-# autotuner's timings of every candidate on the GPU check.
+# spilling under Triton 3.9). Re-checked after the tile loops' loads lost their per-element
+# address arithmetic and masks (2026-11-30, evening): the D = 128 dK/dV 32 x 128 tile, at the
+# register limit, spilled with 2 stages (3.9, causal: 56 bytes) and not with 3, so it has 3;
+# still spilling under 3.6, outside the causal MHA cases: that entry at D = 128 without a mask
+# (16 bytes), with GQA 32/8 (112, as before) and with dropout (88, as before), and, with
+# dropout, the 64-key forward and dQ tiles (8-48 bytes). Which is fastest is unmeasured:
+# LLMCORE_TUNING_LOG records the autotuner's timings of every candidate on the GPU check.
 _FWD_TABLE = {64: [(128, 64, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 3)],
               128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 3)],
               256: [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 32, 8, 2)]}
@@ -667,10 +727,10 @@ _DQ_TABLE = {64: [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 2), (128, 64, 8, 
              128: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2), (128, 64, 8, 2)],
              256: [(32, 32, 8, 2), (64, 16, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2)]}
 # also the deterministic=False kernel's, which holds a dQ tile more. GQA and dropout cost the
-# dK/dV kernel registers too: with them, under 3.6, only the first D = 128 entry spills (and
-# should lose the tuning there)
+# dK/dV kernel registers too: with them, under 3.6, the first D = 128 entry spills (and should
+# lose the tuning there)
 _DKDV_TABLE = {64: [(64, 64, 8, 2), (32, 128, 8, 2), (64, 32, 8, 2), (32, 64, 8, 1)],
-               128: [(32, 128, 8, 2), (16, 128, 8, 2), (64, 32, 8, 1), (32, 32, 8, 2)],
+               128: [(32, 128, 8, 3), (16, 128, 8, 2), (64, 32, 8, 1), (32, 32, 8, 2)],
                256: [(32, 32, 8, 2), (16, 32, 8, 2), (32, 16, 8, 1), (64, 32, 8, 1)]}
 
 
@@ -870,7 +930,9 @@ class _Features:
 
     def consts(self):
         mask_kind = 0 if self.mask is None else (1 if self.mask.dtype == torch.bool else 2)
-        return dict(BLOCK_D=self.block_d, BLOCK_DV=self.block_dv, IS_VARLEN=self.varlen,
+        # PAD_D / PAD_DV: a head dim below its power-of-two block, whose tile loads mask columns
+        return dict(BLOCK_D=self.block_d, BLOCK_DV=self.block_dv, PAD_D=self.D != self.block_d,
+                    PAD_DV=self.Dv != self.block_dv, IS_VARLEN=self.varlen,
                     HAS_SOFTCAP=self.has_softcap, HAS_ALIBI=self.alibi is not None,
                     MASK_KIND=mask_kind, HAS_WL=self.has_wl, HAS_WR=self.has_wr,
                     HAS_DROPOUT=self.has_dropout, DOT_PREC=self.dot_prec)
