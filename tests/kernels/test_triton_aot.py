@@ -45,8 +45,12 @@ def test_every_triton_family_compiles_for_sm90(smoke):
 
 
 def test_no_kernel_spills_or_overflows_shared_memory(smoke):
+    # beyond the documented exceptions (aot.TOLERATED_SPILLS: two register-limit tiles that
+    # spill under newer Tritons only), which must stay within their bytes
+    from llmcore.kernels.triton import aot
+
     bad = [(r["kernel"], r["config"], r["spill"], r["shared"]) for r in smoke["rows"]
-           if r["spill"] or not r["fits"]]
+           if aot.unexpected(r)]
     assert not bad, bad
     assert smoke["returncode"] == 0, smoke["stderr"][-4000:]
 

