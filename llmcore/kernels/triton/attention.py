@@ -148,9 +148,13 @@ def _scores(qk, i, j, Lq, Lk, diag, mask_base, smm, smn, slope2, qk_scale2, cap_
     if HAS_ALIBI:
         s = s - slope2 * tl.abs(i + diag - j).to(tl.float32)  # slope2 = slope * log2(e)
     if BOUNDARY:
-        valid = (i < Lq) & (j < Lk)
+        # query i sees keys j <= hi_i (and j >= its left window bound): the bounds are per
+        # query, a row or a column of the tile, so a score costs one compare (two with a left
+        # window), not four compares and three ands. A query past the sequence sees none.
+        hi = tl.where(i < Lq, Lk - 1, -1)
         if HAS_WR:
-            valid = valid & (j <= i + diag + window_right)
+            hi = tl.minimum(hi, i + diag + window_right)
+        valid = j <= hi
         if HAS_WL:
             valid = valid & (j >= i + diag - window_left)
     if MASK_KIND != 0:
@@ -720,11 +724,11 @@ _AUTOTUNE_KEY = ["BLOCK_D", "BLOCK_DV", "HAS_WR", "SEQ_BUCKET", "GROUP"]
 #   entry (no spill under 3.6 in the causal case, and a loop 12% shorter);
 # - the D = 128 forward takes a 128 x 128 tile again (5th entry): 255 registers without a
 #   spill under 3.6, 8.3 loop instructions per score and thread against 11.0 for 128 x 64;
-# - aot.TOLERATED_SPILLS lists what those two spill under 3.9 (16 and 56 bytes);
+# - aot.TOLERATED_SPILLS lists what those two spill under 3.9 (16 and 64 bytes);
 # - still spilling under 3.6, outside the causal MHA cases: the dK/dV 32 x 128 tile at D = 128
 #   without a mask (16 bytes), with GQA 32/8 (112, as before) and with dropout (88, as before);
 #   with dropout the 64-key forward and dQ tiles (8-48 bytes); the 128 x 128 forward with
-#   dropout (224), with softcap or varlen (8) and at D = 80 / 96 (24).
+#   dropout (88) or an additive mask (24); the 2-stage 32 x 128 dK/dV with varlen (40).
 # Which is fastest is unmeasured: LLMCORE_TUNING_LOG records the autotuner's timings of every
 # candidate on the GPU check.
 _FWD_TABLE = {64: [(128, 64, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 3)],
