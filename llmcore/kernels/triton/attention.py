@@ -851,7 +851,9 @@ def _like_layout(ref: torch.Tensor, shape, dtype=None) -> torch.Tensor:
     strides = ref.stride()
     if len(strides) == 4 and strides[1] < strides[2]:  # heads inside sequence positions
         b, h, n, d = shape
-        return ref.new_empty((b, n, h, d), dtype=dtype).transpose(1, 2)
+        # (B, N, H, d) memory seen as (B, H, N, d), allocated with those strides in one call
+        # (an allocation and a transpose cost a dispatcher call more, ~1.5 us of host time)
+        return ref.new_empty_strided(shape, (n * h * d, d, h * d, 1), dtype=dtype)
     # new_empty: no device object to build
     return ref.new_empty(shape, dtype=dtype)
 
