@@ -114,6 +114,15 @@ def build_model(cfg: TrainConfig, vocab_size: int, pad_id: int | None, *,
 
 # --------------------------------------------------------------------------- pretrain
 
+def _finish(info) -> None:
+    """Every rank waits for the others before the process group is destroyed (the `finally`
+    of a run): a rank that tore down gloo while its peer still had the last collective's
+    connection open aborted the peer's exit ("terminate called without an active exception",
+    SIGABRT: 2 of about 20 launches of tests/train/test_fsdp.py's workers on a 2-vCPU VM). On the error path
+    there is no barrier: a failed rank's peer must not wait for it."""
+    dist.barrier(info)
+
+
 def pretrain(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
              callbacks=()) -> dict:
     """MLM or CLM pretraining per `cfg`; returns the summary (also OUT/summary.json)."""
@@ -128,7 +137,9 @@ def pretrain(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         model = build_model(cfg, tok.vocab_size, tok.pad_id)
         trainer = Trainer(model, cfg, train_data=train, eval_data=evals, tokenizer=tok,
                           out=out, resume=resume, dist_info=info, callbacks=callbacks)
-        return trainer.train()
+        summary = trainer.train()
+        _finish(info)
+        return summary
     finally:
         dist.shutdown(info)
 
@@ -213,6 +224,7 @@ def finetune(cfg: TrainConfig, *, from_scratch: bool = False, resume: bool = Fal
         if info.is_main:
             from llmcore.train.metrics import write_summary
             write_summary(out, summary)
+        _finish(info)
         return summary
     finally:
         dist.shutdown(info)

@@ -69,7 +69,8 @@ def _tiny_mlm(out: Path, fsdp: bool) -> None:
                       out=str(out), deterministic=True, fsdp=fsdp)
     Trainer(Tiny(task="mlm"), cfg, train_data=RandomLMSource(task="mlm"),
             eval_data=RandomLMSource(n=13, seed=1, task="mlm")).train()
-    if torch.distributed.is_initialized():      # the Trainer joined the group; leave it
+    if torch.distributed.is_initialized():      # the Trainer joined the group; leave it,
+        torch.distributed.barrier()             # every rank done first (llmcore.train.run)
         torch.distributed.destroy_process_group()
 
 
