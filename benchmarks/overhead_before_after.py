@@ -30,6 +30,20 @@ def _median_us(fn, reps):
     return statistics.median(ts) / 1e3
 
 
+def _eager_swiglu(x):
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _sum(pair):
+    return pair[0] + pair[1]
+
+
+def _eager_rope(q, k, cos, sin):
+    from llmcore.benchmarks.rope import _eager_rope as formula
+    return formula(q, k, cos, sin)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
@@ -58,6 +72,16 @@ def main() -> None:
     if hasattr(llmcore, "gelu"):             # trees older than the op
         cases["gelu tanh"] = (lambda: F.gelu(x, approximate="tanh"),
                               lambda: llmcore.gelu(x, "tanh", **nat))
+    if hasattr(llmcore, "swiglu"):
+        gu = torch.randn(8, 64, requires_grad=True)
+        cases["swiglu"] = (lambda: _eager_swiglu(gu), lambda: llmcore.swiglu(gu, **nat))
+    if hasattr(llmcore, "rope"):
+        rq, rk = (torch.randn(1, 8, 2, 16, requires_grad=True) for _ in range(2))
+        ang = torch.randn(8, 1, 16)
+        cos, sin = ang.cos(), ang.sin()
+        # q and k rotated by one call; their sum (one add on either side) carries both back
+        cases["rope q+k"] = (lambda: _sum(_eager_rope(rq, rk, cos, sin)),
+                             lambda: _sum(llmcore.rope(rq, rk, cos, sin, **nat)))
     print(f"llmcore {llmcore.__file__}; torch {torch.__version__}; 1 thread; "
           f"best of {args.rounds} rounds x {args.reps} calls")
     print("| op | mode | torch us | llmcore native us | llmcore / torch |")

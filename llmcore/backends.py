@@ -130,7 +130,7 @@ def resolve(family: str, backend: str, device: torch.device | str) -> str:
     else:
         device_type = torch.device(device).type
     if backend == "auto":
-        backend = os.environ.get("LLMCORE_BACKEND", "auto") or "auto"
+        backend = _env_backend()
     # the answer depends on nothing else that changes while the process runs (TRITON_INTERPRET
     # aside, which is part of the key): cached, so a call costs about a dict lookup.
     # TRITON_INTERPRET matters only to the Triton backend asked for by name for CPU tensors
@@ -158,10 +158,56 @@ def _resolve(family: str, backend: str, device_type: str, _interpret_flag: bool)
     return backend
 
 
+# LLMCORE_BACKEND, read on every "auto" call. os.environ.get costs ~0.7 us when the variable is
+# unset (a KeyError raised and caught inside the mapping); CPython's os.environ keeps its
+# encoded items in `_data`, updated by every os.environ assignment and deletion (monkeypatch
+# included), where a lookup costs a dict's.
+_ENVIRON_DATA = getattr(os.environ, "_data", None)
+try:
+    _ENV_KEY = os.environ.encodekey("LLMCORE_BACKEND")
+except AttributeError:  # not CPython's os.environ: read it the public way
+    _ENVIRON_DATA = None
+
+
+def _env_backend() -> str:
+    if _ENVIRON_DATA is None:
+        return os.environ.get("LLMCORE_BACKEND", "auto") or "auto"
+    raw = _ENVIRON_DATA.get(_ENV_KEY)
+    return "auto" if raw is None else (os.environ.decodevalue(raw) or "auto")
+
+
+def native_eager(family: str, backend: str, tensor) -> bool:
+    """True when `tensor` (the call's first tensor argument) is a plain CPU tensor and an eager
+    call (not traced by torch.compile) of `family` with `backend` runs the native kernels for
+    it: whether the public functions may try their C++ eager entry (llmcore._native.<op>_eager,
+    which admits CPU tensors only). False for anything else, an unknown or unavailable backend
+    included (the full path then raises its error); so a CUDA call pays no C++ crossing."""
+    if _is_compiling() or type(tensor) is not _Tensor or not tensor.is_cpu:
+        return False
+    if backend == "auto":
+        backend = _env_backend()
+    key = (family, backend)
+    native = _NATIVE_EAGER.get(key)  # a dict lookup: cheaper than _resolve's lru_cache
+    if native is None:
+        try:
+            native = _resolve(family, backend, "cpu", False) == "native"
+        except (ValueError, BackendUnavailableError):
+            native = False
+        _NATIVE_EAGER[key] = native
+    return native
+
+
+_NATIVE_EAGER: dict[tuple[str, str], bool] = {}  # native_eager's answers, until clear_cache
+# bound once: two attribute lookups fewer per call (dynamo knows is_compiling by identity)
+_is_compiling = torch.compiler.is_compiling
+_Tensor = torch.Tensor
+
+
 def clear_cache() -> None:
     """Forgets the cached choices of `resolve` (for code that changes IMPLEMENTED or the
     installed packages at run time, e.g. tests that patch them)."""
     _resolve.cache_clear()
+    _NATIVE_EAGER.clear()
 
 
 def available_backends() -> dict:

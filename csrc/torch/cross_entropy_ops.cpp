@@ -223,18 +223,21 @@ struct Denominator {
   Tensor count;  // the count of valid rows, when asked for
 };
 
-// The number of valid rows, counted on the host, for an ordinary CPU target: not a fake or
-// functional tensor that torch.compile traces, no dispatch mode watching, and at most 2^24 rows,
-// so that it equals the floating-point sum of the valid mask exactly. nullopt otherwise.
-std::optional<int64_t> host_valid_count(const Tensor& target, int64_t ignore_index) {
+// An ordinary CPU tensor whose data the host may read and write in place of a small ATen op:
+// not a fake or functional tensor that torch.compile traces, no dispatch mode watching.
+bool host_readable(const Tensor& t) {
   constexpr c10::DispatchKeySet kTraced({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
                                          c10::DispatchKey::FuncTorchBatched,
                                          c10::DispatchKey::FuncTorchGradWrapper});
-  if (!target.is_cpu() || target.key_set().has_any(kTraced) ||
-      target.unsafeGetTensorImpl()->has_symbolic_sizes_strides() ||
-      c10::impl::TorchDispatchModeTLS::any_modes_set()) {
-    return std::nullopt;
-  }
+  return t.is_cpu() && !t.key_set().has_any(kTraced) &&
+         !t.unsafeGetTensorImpl()->has_symbolic_sizes_strides() &&
+         !c10::impl::TorchDispatchModeTLS::any_modes_set();
+}
+
+// The number of valid rows, counted on the host, for an ordinary CPU target with at most 2^24
+// rows, so that it equals the floating-point sum of the valid mask exactly. nullopt otherwise.
+std::optional<int64_t> host_valid_count(const Tensor& target, int64_t ignore_index) {
+  if (!host_readable(target)) return std::nullopt;
   const int64_t n = target.numel();
   if (n > (int64_t(1) << 24)) return std::nullopt;
   const int64_t* t = target.const_data_ptr<int64_t>();
@@ -269,6 +272,20 @@ Denominator mean_denominator(const Tensor& target, const Tensor& weight, int64_t
     d.den = at::where(valid, w_t, 0).sum();
   }
   return d;
+}
+
+// sum / den for 0-dim tensors of the compute type, in place in `sum`: for ordinary CPU tensors
+// one IEEE division on the host (div_'s result, without its dispatch and TensorIterator).
+Tensor mean_of_sum(Tensor sum, const Tensor& den) {
+  if (!host_readable(sum) || !host_readable(den) || den.scalar_type() != sum.scalar_type()) {
+    return sum.div_(den);
+  }
+  if (sum.scalar_type() == at::kDouble) {
+    *sum.mutable_data_ptr<double>() /= *den.const_data_ptr<double>();
+  } else {
+    *sum.mutable_data_ptr<float>() /= *den.const_data_ptr<float>();
+  }
+  return sum;
 }
 
 struct CeForward {
@@ -313,7 +330,7 @@ CeForward ce_forward(const Tensor& logits, const Tensor& target, const optional<
   f.lse = lse;
   if (reduction == kNone) f.out = to_dtype(loss, logits.scalar_type());
   else if (reduction == kSum) f.out = to_dtype(loss.sum(), logits.scalar_type());
-  else f.out = to_dtype(loss.sum().div_(f.den), logits.scalar_type());
+  else f.out = to_dtype(mean_of_sum(loss.sum(), f.den), logits.scalar_type());
   return f;
 }
 

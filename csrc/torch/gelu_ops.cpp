@@ -82,40 +82,35 @@ const auto& gelu_bwd_op() {
   return op;
 }
 
-// t (...) as the kernels' (rows, cols) matrix with a unit column stride: a view when the
-// leading dims merge and the last is unit-strided (a 0-dim t is one row of one). Only the
-// stride is asked (an empty t is copied at no cost): a test of numel would guard on the
-// data-dependent row count of torch.compile's packed batches.
-Tensor as_rows(const Tensor& t) {
-  const Tensor m = t.dim() == 0 ? t.reshape({1, 1}) : RowsCols(t, 1).mat(t);
-  return m.sym_stride(1) == 1 ? m : m.contiguous();
-}
-
-class GeluFunction : public torch::autograd::Function<GeluFunction> {
+// One class per form, so that the backward knows it without a saved_data entry (a hashed
+// string key per call).
+template <bool kTanh>
+class GeluFunction : public torch::autograd::Function<GeluFunction<kTanh>> {
  public:
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, c10::string_view approximate) {
+  static constexpr const char* kForm = kTanh ? "tanh" : "none";
+
+  static Tensor forward(AutogradContext* ctx, const Tensor& x) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const Tensor xm = as_rows(x);
     ctx->save_for_backward({xm});                // only x: the backward recomputes the rest
-    ctx->saved_data["tanh"] = approximate == "tanh";
     ctx->set_materialize_grads(false);
-    return view_as_sizes(gelu_fwd_op().call(xm, approximate), x);
+    return view_as_sizes(gelu_fwd_op().call(xm, kForm), x);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const Tensor& dy = grads[0];
-    if (!dy.defined()) return {Tensor(), Tensor()};
+    if (!dy.defined()) return {Tensor()};
     // gelu_bwd has no autograd of its own: skip the Autograd key
     at::AutoDispatchBelowADInplaceOrView below;
     const Tensor xm = ctx->get_saved_variables()[0];
-    const Tensor dx = gelu_bwd_op().call(as_rows(dy), xm,
-                                         ctx->saved_data["tanh"].toBool() ? "tanh" : "none");
-    return {view_as_sizes(dx, dy), Tensor()};
+    return {view_as_sizes(gelu_bwd_op().call(as_rows(dy), xm, kForm), dy)};
   }
 };
 
 Tensor gelu_autograd(const Tensor& x, c10::string_view approximate) {
-  return GeluFunction::apply(x, approximate);
+  TORCH_CHECK_VALUE(approximate == "none" || approximate == "tanh",  // gelu_fwd's check
+                    "approximate must be 'none' or 'tanh', got '", approximate, "'");
+  return approximate == "tanh" ? GeluFunction<true>::apply(x) : GeluFunction<false>::apply(x);
 }
 
 Tensor gelu_no_autograd(const Tensor& x, c10::string_view approximate) {

@@ -11,6 +11,8 @@
 #include <tuple>
 #include <vector>
 
+#include "eager_entry.h"
+
 TORCH_LIBRARY(llmcore, m) {
   // Norms over the rows of a (rows, cols) matrix. h is x + residual (an empty tensor without a
   // residual); mean is empty for rms; mean/rstd are fp32 (fp64 for fp64 inputs).
@@ -138,17 +140,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return op.call(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, floats,
                    ints);
   });
-  // swiglu's kernel ops (csrc/torch/swiglu_ops.cpp): its autograd is Python's (ops/swiglu.py)
-  using SwigluFwdSig = Tensor(const Tensor&);
-  m.def("swiglu_fwd", [op = typed_op<SwigluFwdSig>("llmcore::swiglu_fwd")](const Tensor& x) {
+  // swiglu: the differentiable op (autograd in C++, csrc/torch/swiglu_ops.cpp)
+  using SwigluSig = Tensor(const Tensor&);
+  m.def("swiglu", [op = typed_op<SwigluSig>("llmcore::swiglu")](const Tensor& x) {
     pybind11::gil_scoped_release no_gil;
     return op.call(x);
-  });
-  using SwigluBwdSig = Tensor(const Tensor&, const Tensor&);
-  m.def("swiglu_bwd", [op = typed_op<SwigluBwdSig>("llmcore::swiglu_bwd")](const Tensor& dy,
-                                                                         const Tensor& x) {
-    pybind11::gil_scoped_release no_gil;
-    return op.call(dy, x);
   });
   // gelu: the differentiable op (autograd in C++, csrc/torch/gelu_ops.cpp)
   using GeluSig = Tensor(const Tensor&, c10::string_view);
@@ -156,4 +152,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     pybind11::gil_scoped_release no_gil;
     return op.call(x, a);
   });
+  // The public functions' ordinary calls in one crossing each (eager_entry.cpp): None for any
+  // call they do not admit, which then takes the Python path above.
+  llmcore::ops::def_eager_entries(m);
 }

@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <vector>
 
 namespace llmcore {
 namespace ops {
@@ -59,6 +60,30 @@ struct RowsCols {
     return given(t) ? std::optional<at::Tensor>(vec(*t)) : std::nullopt;
   }
 };
+
+// t (...) as the row-wise kernels' (rows, cols) matrix with a unit column stride: a view when
+// the leading dims merge and the last is unit-strided (a 0-dim t is one row of one). Only the
+// stride is asked (an empty t is copied at no cost): a test of numel would guard on the
+// data-dependent row count of torch.compile's packed batches.
+inline at::Tensor as_rows(const at::Tensor& t) {
+  const at::Tensor m = t.dim() == 0 ? t.reshape({1, 1}) : RowsCols(t, 1).mat(t);
+  return m.sym_stride(1) == 1 ? m : m.contiguous();
+}
+
+// A (rows, c) matrix t viewed in like's leading shape: (..., c) for like (..., c'), where the
+// row-wise kernels' output has another last dim than their input (swiglu: c = c' / 2).
+inline at::Tensor view_as_leading(const at::Tensor& t, const at::Tensor& like) {
+  if (like.dim() == 2) return t;
+  if (t.unsafeGetTensorImpl()->has_symbolic_sizes_strides() ||
+      like.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) {
+    std::vector<c10::SymInt> sizes = like.sym_sizes().vec();
+    sizes.back() = t.sym_size(1);
+    return t.view_symint(sizes);
+  }
+  std::vector<int64_t> sizes = like.sizes().vec();
+  sizes.back() = t.size(1);
+  return t.view(sizes);
+}
 
 }  // namespace ops
 }  // namespace llmcore

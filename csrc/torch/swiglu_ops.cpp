@@ -1,12 +1,20 @@
 // llmcore::swiglu_fwd / llmcore::swiglu_bwd: the CPU SwiGLU kernel (csrc/cpu/swiglu.cpp) as
-// torch ops. The autograd of swiglu_fwd (swiglu_bwd on the saved x) and both fake impls are
-// registered in Python (llmcore/ops/swiglu.py), like the Triton twins.
+// torch ops on (rows, 2F) matrices; their fake impls are registered in Python
+// (llmcore/ops/swiglu.py).
+//
+// And llmcore::swiglu, the differentiable op of any shape the eager path calls: its autograd
+// lives here in C++ (a torch::autograd::Function over the two kernel ops, saving x alone), as
+// gelu's does, so a call costs about what the eager formula's does on the host. Below autograd
+// (and for torch.compile's fake tensors) the same forward runs without recording a graph.
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include "checks.h"
 #include "output_alloc.h"
+#include "shapes.h"
 #include "llmcore/swiglu.h"
 
 namespace llmcore {
@@ -61,6 +69,52 @@ Tensor swiglu_bwd(const Tensor& dy, const Tensor& x) {
   return dx;
 }
 
+// ---------------------------------------------------------------------------- llmcore::swiglu
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+const auto& swiglu_fwd_op() {
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("llmcore::swiglu_fwd", "")
+      .typed<Tensor(const Tensor&)>();
+  return op;
+}
+
+const auto& swiglu_bwd_op() {
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("llmcore::swiglu_bwd", "")
+      .typed<Tensor(const Tensor&, const Tensor&)>();
+  return op;
+}
+
+// y (..., F) from x (..., 2F); the backward gives x's gradient (..., 2F) from dy and x alone.
+class SwigluFunction : public torch::autograd::Function<SwigluFunction> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const Tensor xm = as_rows(x);
+    ctx->save_for_backward({xm});                // only x: the backward recomputes the rest
+    ctx->set_materialize_grads(false);
+    return view_as_leading(swiglu_fwd_op().call(xm), x);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor& dy = grads[0];
+    if (!dy.defined()) return {Tensor()};
+    // swiglu_bwd has no autograd of its own: skip the Autograd key
+    at::AutoDispatchBelowADInplaceOrView below;
+    const Tensor xm = ctx->get_saved_variables()[0];
+    return {view_as_leading(swiglu_bwd_op().call(as_rows(dy), xm), dy)};
+  }
+};
+
+Tensor swiglu_autograd(const Tensor& x) { return SwigluFunction::apply(x); }
+
+Tensor swiglu_no_autograd(const Tensor& x) {
+  return view_as_leading(swiglu_fwd_op().call(as_rows(x)), x);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(llmcore, m) {
@@ -69,6 +123,14 @@ TORCH_LIBRARY_FRAGMENT(llmcore, m) {
   // (rows, F) and x alone. See llmcore/swiglu.h.
   m.def("swiglu_fwd(Tensor x) -> Tensor");
   m.def("swiglu_bwd(Tensor dy, Tensor x) -> Tensor");
+  // silu(gate) * up for x (..., 2F) of any shape, differentiable (autograd in C++ over the two)
+  m.def("swiglu(Tensor x) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(llmcore, Autograd, m) { m.impl("swiglu", &swiglu_autograd); }
+
+TORCH_LIBRARY_IMPL(llmcore, CompositeExplicitAutograd, m) {
+  m.impl("swiglu", &swiglu_no_autograd);
 }
 
 TORCH_LIBRARY_IMPL(llmcore, CPU, m) {

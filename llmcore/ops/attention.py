@@ -171,6 +171,12 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     head h reads kv head h // (Hq // Hkv). window_size=(left, right): keys i-left <= j <= i+right
     (-1 unbounded; is_causal sets right=0). softcap: scores s -> softcap*tanh(s/softcap) (0: off).
     """
+    if (_native_attention_fast is not None
+            and backends.native_eager("attention", backend, query)):
+        out = _native_attention_fast(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                     enable_gqa, window_size, softcap)
+        if out is not None:  # the ordinary 4-D call on CPU tensors, checked and run in C++
+            return out
     names = ("query", "key", "value")
     _check_qkv(names, query, key, value)
     if query.dim() < 3:
@@ -590,17 +596,22 @@ def _native_attention_bwd_fake(grad_out, q, k, v, out, lse, attn_mask, alibi_slo
     return _native_grad_like(q), _native_grad_like(k), _native_grad_like(v), dmask
 
 
+# llmcore._native.attention_eager: `attention`'s ordinary call (4-D CPU tensors, no mask, no
+# dropout, options of the usual types) checked and run in one C++ call; None for anything
+# else, which takes the Python path (csrc/torch/eager_entry.cpp). None when the build predates it.
+_native_attention_fast = None
 _native_attention = None  # llmcore._native.attention: llmcore::attention's eager entry point
 
 
 def _register_native_attention() -> bool:
-    global _native_attention
+    global _native_attention, _native_attention_fast
     # loading the extension registers the C++ ops; an older build may predate attention
     if backends.native_module() is None or not hasattr(torch.ops.llmcore, "attention"):
         return False
     torch.library.register_fake("llmcore::attention_fwd")(_native_attention_fwd_fake)
     torch.library.register_fake("llmcore::attention_bwd")(_native_attention_bwd_fake)
     _native_attention = backends.native_module().attention
+    _native_attention_fast = getattr(backends.native_module(), "attention_eager", None)
     return True
 
 

@@ -206,6 +206,13 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     compute as usual; the values and gradients are the same either way."""
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
+    if _native_ce_fast is not None and backends.native_eager("cross_entropy", backend, input):
+        # the ordinary call on CPU tensors, checked and run in C++ (the native kernels do not
+        # write into the logits: inplace_backward changes nothing there)
+        out = _native_ce_fast(input, target, weight, ignore_index, reduction, label_smoothing,
+                              z_loss, softcap)
+        if out is not None:
+            return out
     _checks.tensor("input", input)
     name = backends.resolve("cross_entropy", backend, input.device)
     # every CPU call is checked here; on CUDA the native kernel asserts the target range itself,
@@ -236,6 +243,12 @@ def linear_cross_entropy(input, weight, target, bias=None, ignore_index=-100, re
     bf16/fp16 ones. bf16/fp16 inputs with more rows than a chunk run a
     second, vocabulary-blocked pass in the backward so that dW is one GEMM over all rows (see
     "the chunk loop" below for the schedules, their FLOPs, memory and rounding)."""
+    if (_native_lce_fast is not None
+            and backends.native_eager("cross_entropy", backend, input)):
+        out = _native_lce_fast(input, weight, target, bias, ignore_index, reduction,
+                               label_smoothing, z_loss, softcap, chunk_size)
+        if out is not None:  # one chunk of CPU rows, checked and run in C++
+            return out
     _check_linear_cross_entropy(input, weight, target, bias, ignore_index, reduction,
                                 label_smoothing, z_loss, softcap, chunk_size)
     name = backends.resolve("cross_entropy", backend, input.device)
@@ -941,10 +954,16 @@ def _native_ce_rows_fake(logits, target, weight, ignore_index, label_smoothing, 
 _native_ce_op = None
 _native_ce_eager = None
 _native_check_targets = None
+# llmcore._native.cross_entropy_eager / linear_cross_entropy_eager: the public functions'
+# ordinary call on CPU tensors, checked and run in one C++ call; None for anything else, which
+# takes the Python path (csrc/torch/eager_entry.cpp). None when the build predates them.
+_native_ce_fast = None
+_native_lce_fast = None
 
 
 def _register_native() -> bool:
-    global _native_ce_op, _native_ce_eager, _native_check_targets
+    global _native_ce_op, _native_ce_eager, _native_check_targets, _native_ce_fast
+    global _native_lce_fast
     native = backends.native_module()
     if native is None:  # loading it registers the C++ ops
         return False
@@ -955,6 +974,8 @@ def _register_native() -> bool:
     _native_ce_op = torch.ops.llmcore.cross_entropy.default
     _native_ce_eager = native.cross_entropy
     _native_check_targets = native.cross_entropy_check_targets
+    _native_ce_fast = getattr(native, "cross_entropy_eager", None)
+    _native_lce_fast = getattr(native, "linear_cross_entropy_eager", None)
     return True
 
 

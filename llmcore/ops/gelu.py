@@ -34,6 +34,10 @@ def _check(x, approximate) -> None:
 
 def gelu(x, approximate="none", *, backend="auto"):
     """GELU of x, elementwise, as F.gelu(x, approximate); see the module docstring."""
+    if _native_fast is not None and backends.native_eager("gelu", backend, x):
+        y = _native_fast(x, approximate)
+        if y is not None:  # a CPU tensor and a valid `approximate`, checked and run in C++
+            return y
     _check(x, approximate)
     name = backends.resolve("gelu", backend, x.device)
     impl = _GELU.get(name)
@@ -105,6 +109,9 @@ def _native_gelu(x, approximate):
 
 
 _native = backends.native_module()             # loading it registers the C++ ops
+# llmcore._native.gelu_eager: the call on a CPU tensor checked and run in one C++ call, None for
+# anything else (csrc/torch/eager_entry.cpp); None when the build predates it.
+_native_fast = getattr(_native, "gelu_eager", None)
 
 
 def _register_native() -> bool:

@@ -51,6 +51,10 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, res
     weight and bias have input's dtype or are float32 (applied in float32, the output rounded
     once to input's dtype); eps >= 0. With `residual`, returns (layer_norm(input + residual),
     input + residual)."""
+    if _norm_eager is not None and backends.native_eager("norm", backend, input):
+        out = _norm_eager(input, normalized_shape, weight, bias, eps, residual, False)
+        if out is not None:  # the ordinary call on CPU tensors, checked and run in C++
+            return out
     dims = _check(input, normalized_shape, weight, bias, residual, eps)
     name = backends.resolve("norm", backend, input.device)
     return _LAYER_NORM[name](input, dims, weight, bias, float(eps), residual)
@@ -62,6 +66,10 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None, b
     is float32, as for layer_norm.
 
     With `residual`, returns (rms_norm(input + residual), input + residual)."""
+    if _norm_eager is not None and backends.native_eager("norm", backend, input):
+        out = _norm_eager(input, normalized_shape, weight, None, eps, residual, True)
+        if out is not None:
+            return out
     dims = _check(input, normalized_shape, weight, None, residual, eps, eps_may_be_none=True)
     if eps is None:
         eps = torch.finfo(input.dtype).eps
@@ -146,15 +154,22 @@ def _norm_bwd_fake(dy, dh, h, weight, mean, rstd, rms, weight_grad, bias_grad):
 
 
 _native_norm = None  # llmcore._native.norm: llmcore::norm's eager entry point (see ops.cpp)
+# llmcore._native.norm_eager: layer_norm's and rms_norm's ordinary call (CPU tensors, one
+# normalised dim, options of the usual types) checked and run in one C++ call; it returns None
+# for anything else, which takes the path below (csrc/torch/eager_entry.cpp). None when the
+# build predates it.
+_norm_eager = None
 
 
 def _register_native() -> bool:
-    global _native_norm
-    if backends.native_module() is None:  # loading it registers the C++ ops
+    global _native_norm, _norm_eager
+    native = backends.native_module()
+    if native is None:  # loading it registers the C++ ops
         return False
     torch.library.register_fake("llmcore::norm_fwd")(_norm_fwd_fake)
     torch.library.register_fake("llmcore::norm_bwd")(_norm_bwd_fake)
-    _native_norm = backends.native_module().norm
+    _native_norm = native.norm
+    _norm_eager = getattr(native, "norm_eager", None)
     return True
 
 

@@ -32,6 +32,10 @@ def _check(x) -> None:
 
 def swiglu(x, *, backend="auto"):
     """silu(gate) * up for x (..., 2F) = [gate | up]; see the module docstring."""
+    if _native_fast is not None and backends.native_eager("swiglu", backend, x):
+        y = _native_fast(x)
+        if y is not None:
+            return y
     _check(x)
     name = backends.resolve("swiglu", backend, x.device)
     impl = _SWIGLU.get(name)
@@ -47,10 +51,8 @@ def _torch_swiglu(x):
 
 
 # ---------------------------------------------------------------------------- kernel backends
-# Both kernel backends share llmcore/ops/_rowwise.py's autograd: a backend supplies fwd(x) -> y
-# and bwd(dy, x) -> dx on (rows, 2F) / (rows, F) matrices with a unit column stride. Under
-# torch.compile each backend's registered ops (llmcore_triton::swiglu_fwd/_bwd, custom ops;
-# llmcore::swiglu_fwd/_bwd from the C++ extension) with fake impls and the same backward.
+# Kernel ops on (rows, 2F) / (rows, F) matrices with a unit column stride: fwd(x) -> y and
+# bwd(dy, x) -> dx, with fake impls.
 
 def _fwd_fake(x):
     return x.new_empty((x.shape[0], x.shape[1] // 2))               # contiguous, as the kernels
@@ -90,31 +92,29 @@ def _triton_swiglu(x):
     return _rowwise.call(x, _triton_fwd, _triton_bwd, _triton_fwd_op)
 
 
-# native: llmcore::swiglu_fwd / swiglu_bwd (csrc/torch/swiglu_ops.cpp, CPU), their fakes and
-# autograd registered here when the extension is loaded (an older build: no native swiglu).
-# Eager calls reach them through llmcore._native's entry points (the same dispatcher call
-# without torch.ops' boxed argument parsing); torch.compile traces torch.ops.llmcore.*.
-def _native_fwd_op(x):
-    return torch.ops.llmcore.swiglu_fwd.default(x)
-
-
-def _native_bwd_op(dy, x):
-    return torch.ops.llmcore.swiglu_bwd.default(dy, x)
-
-
+# native: llmcore::swiglu (csrc/torch/swiglu_ops.cpp, CPU), a differentiable op of any shape
+# whose autograd is C++ (as gelu's: a host cost near the eager formula's, which a Python
+# autograd.Function cannot reach); the fakes of its kernel ops llmcore::swiglu_fwd / swiglu_bwd
+# are registered here when the extension is loaded (an older build: no native swiglu). Eager
+# calls reach it through llmcore._native.swiglu (the same dispatcher call without torch.ops'
+# boxed argument parsing); torch.compile traces torch.ops.llmcore.swiglu.
 def _native_swiglu(x):
-    return _rowwise.call(x, _native.swiglu_fwd, _native.swiglu_bwd, _native_fwd_op)
+    op = torch.ops.llmcore.swiglu.default if torch.compiler.is_compiling() else _native.swiglu
+    return op(x)
 
 
 _native = backends.native_module()             # loading it registers the C++ ops
+# llmcore._native.swiglu_eager: the call on a CPU tensor with an even last dim, checked and
+# run in one C++ call, None for anything else (csrc/torch/eager_entry.cpp); None when the
+# build predates it.
+_native_fast = getattr(_native, "swiglu_eager", None)
 
 
 def _register_native() -> bool:
-    if _native is None or not hasattr(_native, "swiglu_fwd"):
+    if _native is None or not hasattr(_native, "swiglu"):
         return False
     torch.library.register_fake("llmcore::swiglu_fwd")(_fwd_fake)
     torch.library.register_fake("llmcore::swiglu_bwd")(_bwd_fake)
-    _rowwise.register_autograd("llmcore::swiglu_fwd", _native_bwd_op)
     return True
 
 

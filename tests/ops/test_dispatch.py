@@ -113,3 +113,13 @@ def test_native_norm_has_its_autograd_in_cpp():
     x, w = _leaves((3, 8), (8,))
     y = llmcore.rms_norm(x, 8, w, backend="native")
     assert "CppNode" in y.grad_fn.name() and "NormFunction" in y.grad_fn.name(), y.grad_fn.name()
+
+
+@pytest.mark.parametrize("op", ["gelu", "swiglu"])
+def test_native_activations_have_their_autograd_in_cpp(op):
+    if "native" not in kernel_backends(op):
+        pytest.skip("llmcore._native is not built")
+    x, = _leaves((3, 5, 8))
+    y = llmcore.gelu(x, backend="native") if op == "gelu" else llmcore.swiglu(x, backend="native")
+    name = "GeluFunction" if op == "gelu" else "SwigluFunction"
+    assert "CppNode" in y.grad_fn.name() and name in y.grad_fn.name(), y.grad_fn.name()

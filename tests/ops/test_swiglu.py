@@ -155,9 +155,11 @@ def test_registered_op_saves_only_x_and_equals_the_eager_path(backend):
 
 
 def _ops(backend):
+    """(the differentiable op, its backward kernel op): Triton's forward custom op carries the
+    autograd; the native forward is llmcore::swiglu (C++ autograd) over llmcore::swiglu_fwd."""
     if backend == "triton":
         return torch.ops.llmcore_triton.swiglu_fwd.default, torch.ops.llmcore_triton.swiglu_bwd.default
-    return torch.ops.llmcore.swiglu_fwd.default, torch.ops.llmcore.swiglu_bwd.default
+    return torch.ops.llmcore.swiglu.default, torch.ops.llmcore.swiglu_bwd.default
 
 
 @pytest.mark.parametrize("backend", KERNELS)
@@ -168,6 +170,11 @@ def test_opcheck_and_compile(backend):
     torch.library.opcheck(bwd_op, (torch.randn(6, 13), x.detach()))
     torch.library.opcheck(fwd_op, (torch.randn(5, 2 * 13 + 4)[:, :26].requires_grad_(),))
     x3 = torch.randn(2, 3, 2 * 13, requires_grad=True)
+    if backend == "native":            # the differentiable op takes any shape; its kernel op
+        torch.library.opcheck(fwd_op, (x3,))
+        torch.library.opcheck(fwd_op, (torch.randn(6, 4).t().requires_grad_(),))
+        torch.library.opcheck(fwd_op, (torch.randn(12, requires_grad=True),))
+        torch.library.opcheck(torch.ops.llmcore.swiglu_fwd.default, (x.detach(),))
 
     def f(x):
         return (llmcore.swiglu(x, backend=backend) * 2).sum()
@@ -197,8 +204,12 @@ def test_bad_input_is_refused_naming_the_argument():
             torch.ops.llmcore.swiglu_bwd(torch.randn(4, 2), torch.randn(4, 6))
 
 
-def test_the_model_runs_swiglu_on_its_backend():
+def test_the_model_runs_swiglu_on_its_backend(monkeypatch):
     from llmcore.models import Transformer, preset
+
+    # the native C++ eager entry off (tests/ops/test_eager_entry.py holds it to this path), so
+    # the call reaches the backend table spied on below
+    monkeypatch.setattr(S, "_native_fast", None)
 
     model = Transformer(preset("tiny-llama", vocab_size=31, dim=32, n_layers=1, n_heads=4,
                                n_kv_heads=2, ffn_dim=40))
