@@ -93,6 +93,36 @@ def _calls():
             return lambda: llmcore.swiglu(x, backend="native"), [x]
         return "swiglu", make
 
+    def view(kind):
+        # inputs as callers pass them: views with other strides, more dims, no rows
+        def make():
+            if kind == "layer_norm transposed":
+                x0, w = _leaf(37, 5), _leaf(37)
+                return lambda: llmcore.layer_norm(x0.t(), 37, w, None, 1e-6, backend="native"), [
+                    x0, w]
+            if kind == "rms_norm 3-D":
+                x = _leaf(2, 3, 16)
+                return lambda: llmcore.rms_norm(x, torch.Size([16]), backend="native"), [x]
+            if kind == "ce no rows":
+                x = _leaf(0, 9)
+                return (lambda: llmcore.cross_entropy(x, torch.zeros(0, dtype=torch.long),
+                                                      backend="native"), [x])
+            if kind == "ce all ignored":
+                x = _leaf(3, 9)
+                return (lambda: llmcore.cross_entropy(x, torch.full((3,), -1), ignore_index=-1,
+                                                      reduction="sum", backend="native"), [x])
+            if kind == "attention (B, N, H, D) views":
+                q0, k0, v0 = _leaf(2, 9, 4, 16), _leaf(2, 7, 2, 16), _leaf(2, 7, 2, 16)
+                return (lambda: llmcore.attention(q0.transpose(1, 2), k0.transpose(1, 2),
+                                                  v0.transpose(1, 2), enable_gqa=True,
+                                                  backend="native"), [q0, k0, v0])
+            if kind == "gelu strided":
+                x0 = _leaf(7, 12)
+                return lambda: llmcore.gelu(x0[:, ::2], backend="native"), [x0]
+            x0 = _leaf(8, 6)                                            # swiglu transposed
+            return lambda: llmcore.swiglu(x0.t(), backend="native"), [x0]
+        return kind.split()[0].replace("layer_norm", "norm").replace("rms_norm", "norm"), make
+
     opts = {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 15.0}
     return {
         "layer_norm": norm("layer", False), "layer_norm+residual": norm("layer", True),
@@ -106,6 +136,9 @@ def _calls():
                                                                 "softcap": 20.0, "scale": 0.3}),
         "gelu tanh": gelu("tanh"), "gelu": gelu("none"),
         "swiglu": swiglu(3, 5, 8), "swiglu 1-D": swiglu(12),
+        **{k: view(k) for k in ("layer_norm transposed", "rms_norm 3-D", "ce no rows",
+                                "ce all ignored", "attention (B, N, H, D) views",
+                                "gelu strided", "swiglu transposed")},
     }
 
 
@@ -140,11 +173,37 @@ def test_the_entry_runs_the_ordinary_call_bit_for_bit_as_the_python_path(name, m
     assert taken == [True], f"{name}: the eager entry was not taken ({taken})"
     monkeypatch.setattr(module, attr, None)          # the Python path alone
     slow = _run(make, 0)
-    for got, want in zip(fast[0] + list(fast[1]), slow[0] + list(slow[1])):
+    _assert_same_bits(name, fast[0] + list(fast[1]), slow[0] + list(slow[1]))
+
+
+def _assert_same_bits(name, got_all, want_all):
+    for got, want in zip(got_all, want_all, strict=True):
         assert (got is None) == (want is None)
         if got is not None:
             assert got.dtype == want.dtype and got.shape == want.shape
-            assert torch.equal(got, want), f"{name}: the entry and the Python path differ"
+            assert got.stride() == want.stride(), f"{name}: another memory layout"
+            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True,
+                                       msg=f"{name}: the entry and the Python path differ")
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("name", ["layer_norm+residual", "ce mean", "lce none bias options",
+                                  "attention gqa window softcap", "gelu tanh", "swiglu"])
+def test_without_a_graph_the_entry_gives_the_python_paths_bits(name, mode, monkeypatch):
+    kind, make = _CALLS[name]
+    module, attr = _ENTRIES[kind]
+    ctx = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    results = []
+    for entry in (getattr(module, attr), None):
+        monkeypatch.setattr(module, attr, entry)
+        torch.manual_seed(0)
+        fn, _ = make()
+        with ctx():
+            out = fn()
+        outs = list(out) if isinstance(out, tuple) else [out]
+        assert all(o.grad_fn is None for o in outs)
+        results.append(outs)
+    _assert_same_bits(name, *results)
 
 
 @pytest.mark.parametrize("how", ["backend='torch'", "LLMCORE_BACKEND=torch"])
