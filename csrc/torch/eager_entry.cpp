@@ -17,7 +17,7 @@
 // check's words).
 #include "eager_entry.h"
 
-#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cmath>
@@ -27,20 +27,17 @@
 #include <tuple>
 #include <vector>
 
+#include "op_handles.h"
+
 namespace llmcore {
 namespace ops {
 namespace {
 
 namespace py = pybind11;
 using at::Tensor;
-using OptT = std::optional<Tensor>;
+using OptTensor = std::optional<Tensor>;
 
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> typed_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
-bool kernel_dtype(at::ScalarType s) {
+bool is_kernel_dtype(at::ScalarType s) {
   return s == at::kFloat || s == at::kBFloat16 || s == at::kHalf || s == at::kDouble;
 }
 
@@ -57,12 +54,12 @@ const Tensor* cpu_tensor(py::handle obj) {
 // ... in a floating dtype the kernels take.
 const Tensor* cpu_float(py::handle obj) {
   const Tensor* t = cpu_tensor(obj);
-  return t != nullptr && kernel_dtype(t->scalar_type()) ? t : nullptr;
+  return t != nullptr && is_kernel_dtype(t->scalar_type()) ? t : nullptr;
 }
 
 // An optional (n,) parameter in x's dtype or float32: true with `out` set (or left empty for
 // None) when admitted.
-bool param(py::handle obj, const Tensor& x, int64_t n, OptT& out) {
+bool param(py::handle obj, const Tensor& x, int64_t n, OptTensor& out) {
   if (obj.is_none()) return true;
   const Tensor* t = cpu_float(obj);
   if (t == nullptr || t->dim() != 1 || t->size(0) != n) return false;
@@ -134,16 +131,13 @@ double finfo_eps(at::ScalarType s) {
   }
 }
 
-using NormSig = std::tuple<Tensor, Tensor>(const Tensor&, const OptT&, const OptT&, const OptT&,
-                                           int64_t, double, bool);
-
 py::object norm_eager(py::handle input, py::handle normalized_shape, py::handle weight,
                       py::handle bias, py::handle eps, py::handle residual, bool rms) {
   static const auto op = typed_op<NormSig>("llmcore::norm");
   const Tensor* x = cpu_float(input);
   if (x == nullptr || x->dim() < 1) return py::none();
   const int64_t d = x->size(-1);
-  OptT w, b, r;
+  OptTensor w, b, r;
   if (!last_dim_shape(normalized_shape, d) || !param(weight, *x, d, w) ||
       !param(bias, *x, d, b)) {
     return py::none();
@@ -217,9 +211,6 @@ const Tensor* row_targets(py::handle target, int64_t n) {
   return t;
 }
 
-using CrossEntropySig = Tensor(const Tensor&, const Tensor&, const OptT&, int64_t, int64_t,
-                               double, double, double);
-
 // llmcore.cross_entropy: (N, C) logits with C >= 1, (N,) int64 targets, an optional (C,) class
 // weight that needs no gradient (the native kernels do not differentiate it).
 py::object cross_entropy_eager(py::handle input, py::handle target, py::handle weight,
@@ -230,7 +221,7 @@ py::object cross_entropy_eager(py::handle input, py::handle target, py::handle w
   const Tensor* logits = cpu_float(input);
   if (logits == nullptr || logits->dim() != 2 || logits->size(1) < 1) return py::none();
   const Tensor* t = row_targets(target, logits->size(0));
-  OptT w;
+  OptTensor w;
   if (t == nullptr || !param(weight, *logits, logits->size(1), w)) return py::none();
   if (w.has_value() && w->requires_grad() && at::GradMode::is_enabled()) return py::none();
   const auto o = loss_options(ignore_index, reduction, label_smoothing, z_loss, softcap);
@@ -255,9 +246,6 @@ int64_t default_cpu_chunk_rows(int64_t classes, int64_t element_size) {
   return rows;
 }
 
-using LinearCrossEntropySig = Tensor(const Tensor&, const Tensor&, const OptT&, const Tensor&,
-                                     int64_t, int64_t, double, double, double);
-
 // llmcore.linear_cross_entropy: (N, H) hidden states, a (V, H) weight and optional (V,) bias of
 // their dtype, (N,) int64 targets, N >= 1 rows that fit one chunk (the C++ one-chunk op; more
 // rows run the Python chunk loop).
@@ -276,7 +264,7 @@ py::object linear_cross_entropy_eager(py::handle input, py::handle weight, py::h
   const int64_t rows = x->size(0), classes = w->size(0);
   const Tensor* t = row_targets(target, rows);
   if (t == nullptr) return py::none();
-  OptT b;
+  OptTensor b;
   if (!bias.is_none()) {
     const Tensor* bt = cpu_tensor(bias);
     if (bt == nullptr || bt->scalar_type() != x->scalar_type() || bt->dim() != 1 ||
@@ -306,11 +294,6 @@ py::object linear_cross_entropy_eager(py::handle input, py::handle weight, py::h
 }
 
 // ---------------------------------------------------------------------------- attention
-using AttentionSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                const OptT&, const OptT&, const OptT&,
-                                                const OptT&, const OptT&, at::ArrayRef<double>,
-                                                at::IntArrayRef);
-
 // A window bound: an int >= -1.
 std::optional<int64_t> window_bound(PyObject* obj) {
   const auto v = py_int(obj);
@@ -376,8 +359,6 @@ py::object attention_eager(py::handle query, py::handle key, py::handle value,
 }
 
 // ---------------------------------------------------------------------------- gelu
-using GeluSig = Tensor(const Tensor&, c10::string_view);
-
 py::object gelu_eager(py::handle input, py::handle approximate) {
   static const auto op = typed_op<GeluSig>("llmcore::gelu");
   const Tensor* x = cpu_float(input);
@@ -393,8 +374,6 @@ py::object gelu_eager(py::handle input, py::handle approximate) {
 }
 
 // ---------------------------------------------------------------------------- swiglu
-using SwigluSig = Tensor(const Tensor&);
-
 py::object swiglu_eager(py::handle input) {
   static const auto op = typed_op<SwigluSig>("llmcore::swiglu");
   const Tensor* x = cpu_float(input);

@@ -23,12 +23,16 @@ namespace {
 
 using at::Tensor;
 
+void check_approximate(c10::string_view approximate) {
+  TORCH_CHECK_VALUE(approximate == "none" || approximate == "tanh",
+                    "approximate must be 'none' or 'tanh', got '", approximate, "'");
+}
+
 // x (rows, cols) with a unit column stride (rows: any stride); approximate "none" or "tanh"
 GeluParams params(const Tensor& x, c10::string_view approximate) {
   check_dim("x", x, 2);
   check_unit_col_stride("x", x);
-  TORCH_CHECK_VALUE(approximate == "none" || approximate == "tanh",
-                    "approximate must be 'none' or 'tanh', got '", approximate, "'");
+  check_approximate(approximate);
   GeluParams p;
   p.dtype = kernel_dtype("x", x);
   p.tanh = approximate == "tanh";
@@ -108,8 +112,7 @@ class GeluFunction : public torch::autograd::Function<GeluFunction<kTanh>> {
 };
 
 Tensor gelu_autograd(const Tensor& x, c10::string_view approximate) {
-  TORCH_CHECK_VALUE(approximate == "none" || approximate == "tanh",  // gelu_fwd's check
-                    "approximate must be 'none' or 'tanh', got '", approximate, "'");
+  check_approximate(approximate);
   return approximate == "tanh" ? GeluFunction<true>::apply(x) : GeluFunction<false>::apply(x);
 }
 

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "eager_entry.h"
+#include "op_handles.h"
 
 TORCH_LIBRARY(llmcore, m) {
   // Norms over the rows of a (rows, cols) matrix. h is x + residual (an empty tensor without a
@@ -62,14 +63,7 @@ TORCH_LIBRARY(llmcore, m) {
 namespace {
 
 using at::Tensor;
-using OptT = const std::optional<Tensor>&;
-
-// The typed dispatcher handle of a registered op (the schemas above are registered when the
-// library loads, before the Python module is initialised).
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> typed_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
+using namespace llmcore::ops;  // typed_op, OptT and the ops' signatures (op_handles.h)
 
 bool has_cuda() {
 #ifdef LLMCORE_WITH_CUDA
@@ -93,16 +87,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // a call, as much as a small kernel). Dynamo cannot trace these: under torch.compile the
   // wrappers in llmcore/ops call torch.ops instead. Like torch's own bindings, they release the
   // GIL while the op runs.
-  using NormSig = std::tuple<Tensor, Tensor>(const Tensor&, OptT, OptT, OptT, int64_t, double,
-                                             bool);
   m.def("norm", [op = typed_op<NormSig>("llmcore::norm")](
                     const Tensor& x, OptT residual, OptT weight, OptT bias, int64_t norm_ndim,
                     double eps, bool rms) {
     pybind11::gil_scoped_release no_gil;
     return op.call(x, residual, weight, bias, norm_ndim, eps, rms);
   });
-  using CrossEntropySig = Tensor(const Tensor&, const Tensor&, OptT, int64_t, int64_t, double,
-                                 double, double);
   m.def("cross_entropy", [op = typed_op<CrossEntropySig>("llmcore::cross_entropy")](
                              const Tensor& logits, const Tensor& target, OptT weight,
                              int64_t ignore_index, int64_t reduction, double label_smoothing,
@@ -111,8 +101,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return op.call(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                    softcap);
   });
-  using LinearCrossEntropySig = Tensor(const Tensor&, const Tensor&, OptT, const Tensor&,
-                                       int64_t, int64_t, double, double, double);
   m.def("linear_cross_entropy",
         [op = typed_op<LinearCrossEntropySig>("llmcore::linear_cross_entropy")](
             const Tensor& input, const Tensor& weight, OptT bias, const Tensor& target,
@@ -129,9 +117,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           pybind11::gil_scoped_release no_gil;
           op.call(target, classes, ignore_index);
         });
-  using AttentionSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                  OptT, OptT, OptT, OptT, OptT,
-                                                  at::ArrayRef<double>, at::IntArrayRef);
   m.def("attention", [op = typed_op<AttentionSig>("llmcore::attention")](
                          const Tensor& q, const Tensor& k, const Tensor& v, OptT attn_mask,
                          OptT alibi_slopes, OptT cu_seqlens_q, OptT cu_seqlens_k, OptT seed,
@@ -141,13 +126,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                    ints);
   });
   // swiglu: the differentiable op (autograd in C++, csrc/torch/swiglu_ops.cpp)
-  using SwigluSig = Tensor(const Tensor&);
   m.def("swiglu", [op = typed_op<SwigluSig>("llmcore::swiglu")](const Tensor& x) {
     pybind11::gil_scoped_release no_gil;
     return op.call(x);
   });
   // gelu: the differentiable op (autograd in C++, csrc/torch/gelu_ops.cpp)
-  using GeluSig = Tensor(const Tensor&, c10::string_view);
   m.def("gelu", [op = typed_op<GeluSig>("llmcore::gelu")](const Tensor& x, const std::string& a) {
     pybind11::gil_scoped_release no_gil;
     return op.call(x, a);

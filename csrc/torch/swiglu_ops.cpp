@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "op_handles.h"
 #include "output_alloc.h"
 #include "shapes.h"
 #include "llmcore/swiglu.h"
@@ -75,16 +76,12 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 const auto& swiglu_fwd_op() {
-  static const auto op = c10::Dispatcher::singleton()
-      .findSchemaOrThrow("llmcore::swiglu_fwd", "")
-      .typed<Tensor(const Tensor&)>();
+  static const auto op = typed_op<Tensor(const Tensor&)>("llmcore::swiglu_fwd");
   return op;
 }
 
 const auto& swiglu_bwd_op() {
-  static const auto op = c10::Dispatcher::singleton()
-      .findSchemaOrThrow("llmcore::swiglu_bwd", "")
-      .typed<Tensor(const Tensor&, const Tensor&)>();
+  static const auto op = typed_op<Tensor(const Tensor&, const Tensor&)>("llmcore::swiglu_bwd");
   return op;
 }
 

@@ -27,6 +27,9 @@ _BLOCK_BYTES = 16 << 20
 # went to DRAM and fresh pages on each pass), and GEMMs of 512 rows run at full speed there.
 # Measured in benchmarks/README.md ("linear_cross_entropy's CPU chunks").
 _CPU_CHUNK_ROWS = 512
+# default_chunk_size's rule for CPU tensors is mirrored in C++ by the native eager entry
+# (csrc/torch/eager_entry.cpp, default_cpu_chunk_rows), which takes a call only when its rows
+# fit one chunk; tests/ops/test_eager_entry.py holds the two to the same boundary.
 
 
 # ---------------------------------------------------------------------------- input checks

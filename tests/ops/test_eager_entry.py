@@ -362,3 +362,20 @@ def test_a_target_out_of_range_raises_the_python_checks_error(kind):
             llmcore.cross_entropy(_LG, t, backend="native")
         else:
             llmcore.linear_cross_entropy(_X, torch.randn(10, 8), t, backend="native")
+
+
+@pytest.mark.parametrize("classes,dtype", [(10, torch.float32), (65536, torch.float32),
+                                           (65536, torch.bfloat16), (40000, torch.float64)])
+def test_the_entry_takes_exactly_the_calls_whose_rows_fit_one_default_chunk(classes, dtype):
+    # the C++ entry's copy of default_chunk_size's rule (CPU tensors): one row more than a
+    # default chunk is refused (the chunk loop's business); a whole chunk is taken when small
+    rows = ce_ops.default_chunk_size(1 << 30, classes, dtype.itemsize, device="cpu")
+    entry = getattr(*_ENTRIES["lce"])
+    w = torch.randn(classes, 2, dtype=dtype)
+
+    def call(n):
+        return entry(torch.randn(n, 2, dtype=dtype), w, torch.zeros(n, dtype=torch.long), None,
+                     -100, "mean", 0.0, 0.0, None, None)
+    assert call(rows + 1) is None
+    if rows * classes <= 1 << 16:                 # cheap enough to run here
+        assert call(rows) is not None
