@@ -47,8 +47,10 @@ LLMCORE_ALWAYS_INLINE inline void fwd_rows(const NormFwdParams& p, int64_t r0, i
   T* h = static_cast<T*>(p.h);
   const C* w = static_cast<const C*>(p.weight);
   const C* b = static_cast<const C*>(p.bias);
-  constexpr bool kInPlace = std::is_same<T, C>::value;  // read x's row where it is
-  std::vector<C> buf(kInPlace && res == nullptr ? 0 : n);
+  // fp32/fp64: read x's row where it is, or with a residual the row of h just written (still
+  // in L1); no scratch copy
+  constexpr bool kInPlace = std::is_same<T, C>::value;
+  std::vector<C> buf(kInPlace ? 0 : n);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t off = r * n;
     const C* hb;
@@ -56,8 +58,12 @@ LLMCORE_ALWAYS_INLINE inline void fwd_rows(const NormFwdParams& p, int64_t r0, i
       if (res == nullptr) {
         hb = x + off;
       } else {
-        load_row(x + off, res + off, h + off, buf.data(), n);
-        hb = buf.data();
+        const T* __restrict__ xr = x + off;
+        const T* __restrict__ rr = res + off;
+        T* __restrict__ hr = h + off;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) hr[j] = xr[j] + rr[j];
+        hb = hr;
       }
     } else {
       load_row(x + off, res ? res + off : nullptr, h ? h + off : nullptr, buf.data(), n);
