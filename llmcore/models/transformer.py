@@ -170,16 +170,25 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, layout: _Layout):
-        if self.pre_norm:                        # x + attn(norm1 x), then + mlp(norm2 .)
-            a = self.drop(self.attn(self.norm1(x), layout)).to(x.dtype)   # autocast: keep x's
-            h, x = self.norm2(a, residual=x)     # fused: x <- x + a, h = norm2(x)
-            return x + self.drop(self.mlp(h)).to(x.dtype)
+    def forward(self, x, layout: _Layout, delta=None):
+        """(x, delta) -> (x', delta'): the residual stream is x + delta, its last addition left to
+        the next norm. Pre-norm: the block's input x + delta (delta None: x alone) is added in
+        norm1, attention's output in norm2, and the MLP's output is returned as delta' for the
+        next block's norm1 (or the final norm), so no residual add runs on its own. Post-norm
+        (delta always None): each addition is fused into the norm that follows it anyway."""
+        if self.pre_norm:
+            if delta is None:
+                h = self.norm1(x)
+            else:
+                h, x = self.norm1(delta, residual=x)     # fused: x <- x + delta, h = norm1(x)
+            a = self.drop(self.attn(h, layout)).to(x.dtype)   # autocast: keep x's dtype
+            h, x = self.norm2(a, residual=x)             # fused: x <- x + a, h = norm2(x)
+            return x, self.drop(self.mlp(h)).to(x.dtype)
         a = self.drop(self.attn(x, layout)).to(x.dtype)   # post-norm: x <- norm1(x + attn x)
         x, _ = self.norm1(a, residual=x)
         m = self.drop(self.mlp(x)).to(x.dtype)
         x, _ = self.norm2(m, residual=x)
-        return x
+        return x, None
 
 
 class Transformer(nn.Module):
@@ -328,7 +337,7 @@ class Transformer(nn.Module):
             x = self._blocks(x, _Layout(None, N, rope, cache))
             if cache is not None:
                 cache.length += N
-            return self.final_norm(x) if self.final_norm is not None else x
+            return x
 
         # padded batch: pack the real tokens, run every block on them, scatter back
         keep = attention_mask.reshape(-1).bool()
@@ -341,18 +350,22 @@ class Transformer(nn.Module):
                          for t in rope)                                         # (T, 1, D)
         packed = x.reshape(B * N, cfg.dim)[index]                               # (T, E)
         packed = self._blocks(packed, _Layout(cu_seqlens, N, rope, None))
-        if self.final_norm is not None:
-            packed = self.final_norm(packed)
         out = packed.new_zeros(B * N, cfg.dim).index_copy(0, index, packed)
         return out.view(B, N, cfg.dim)
 
     def _blocks(self, x, layout: _Layout):
+        """The blocks, then the final norm (pre-norm), which also adds the last block's delta."""
+        delta = None
         for block in self.blocks:
             if self.config.activation_checkpointing and self.training:
-                x = checkpoint(block, x, layout, use_reentrant=False)
+                x, delta = checkpoint(block, x, layout, delta, use_reentrant=False)
             else:
-                x = block(x, layout)
-        return x
+                x, delta = block(x, layout, delta)
+        if self.final_norm is None:                 # post-norm: x is the stream
+            return x
+        if delta is None:                           # no blocks
+            return self.final_norm(x)
+        return self.final_norm(delta, residual=x)[0]
 
     def _check_inputs(self, input_ids, attention_mask, token_type_ids, cache, num_tokens):
         cfg = self.config

@@ -169,6 +169,44 @@ def test_activation_checkpointing_same_grads():
 
 
 @pytest.mark.parametrize("flavour", list(FLAVOURS))
+@pytest.mark.parametrize("padded", [False, True])
+def test_residual_adds_run_inside_the_norms(flavour, padded):
+    """No residual add runs on its own: pre-norm blocks hand their MLP output to the next
+    block's norm1 (the last one to the final norm), post-norm adds in its norms. The only adds
+    of (tokens, E) activations left in the forward are the embeddings' (token + position, +
+    type); in a pre-norm backward, one gradient accumulation (the first block's input feeds two
+    norms; every later stream tensor feeds one)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = _model(flavour, backend="native")
+    ids = torch.randint(1, V, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    kw = {"attention_mask": mask} if padded else {}
+    width = model.config.dim
+    tokens = {ids.numel(), int(mask.sum()) if padded else ids.numel()}
+    seen = {"forward": 0, "backward": 0}
+    phase = ["forward"]
+
+    class CountAdds(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.add, torch.ops.aten.add_) and any(
+                    isinstance(a, torch.Tensor) and a.shape[-1:] == (width,)
+                    and a.numel() // width in tokens for a in args[:2]):
+                seen[phase[0]] += 1
+            return func(*args, **(kwargs or {}))
+
+    with CountAdds():
+        loss = model(ids, labels=ids, **kw).loss
+        phase[0] = "backward"
+        loss.backward()
+    embedding_adds = 0 if flavour == "llama" else 1 + (model.type_emb is not None)
+    assert seen["forward"] == embedding_adds
+    if model.config.norm_position == "pre":
+        assert seen["backward"] == 1
+
+
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
 def test_autocast_bf16_trains(flavour):
     """Under autocast the fp32 residual stream meets bf16 projections: the fused norms and the
     loss get one dtype each, and the loss stays close to the fp32 one."""
