@@ -138,19 +138,22 @@ def _rows_cols(x, dims) -> tuple[int, int]:
 # down to them). The kernels see a (rows, cols) matrix; mean and rstd are per-row statistics
 # in fp32 (fp64 for fp64 inputs), the only state kept for backward.
 
+# Both backends' kernel ops return contiguous outputs whatever x's strides (the native ones
+# from a contiguous copy, the Triton launchers reading strided rows), so one pair of fakes
+# serves both; empty_like would keep the strides of a dense transposed x.
 def _norm_fwd_fake(x, residual, weight, bias, eps, rms):
-    rows = x.shape[0]
-    h = torch.empty_like(x) if residual is not None else x.new_empty((0,))
-    mean = x.new_empty((0 if rms else rows,), dtype=_stat_dtype(x))
-    rstd = x.new_empty((rows,), dtype=_stat_dtype(x))
-    return torch.empty_like(x), h, mean, rstd
+    rows, cols = x.shape
+    stat = _stat_dtype(x)
+    h = x.new_empty((rows, cols)) if residual is not None else x.new_empty((0,))
+    return (x.new_empty((rows, cols)), h, x.new_empty((0 if rms else rows,), dtype=stat),
+            x.new_empty((rows,), dtype=stat))
 
 
 def _norm_bwd_fake(dy, dh, h, weight, mean, rstd, rms, weight_grad, bias_grad):
-    cols = h.shape[1]
-    dw = h.new_empty((cols if weight_grad else 0,), dtype=_stat_dtype(h))
-    db = h.new_empty((cols if bias_grad else 0,), dtype=_stat_dtype(h))
-    return torch.empty_like(h), dw, db
+    rows, cols = h.shape
+    stat = _stat_dtype(h)
+    return (h.new_empty((rows, cols)), h.new_empty((cols if weight_grad else 0,), dtype=stat),
+            h.new_empty((cols if bias_grad else 0,), dtype=stat))
 
 
 _native_norm = None  # llmcore._native.norm: llmcore::norm's eager entry point (see ops.cpp)
@@ -257,22 +260,8 @@ def _triton_norm_bwd(dy: torch.Tensor, dh: Optional[torch.Tensor], h: torch.Tens
             db if db is not None else rstd.new_empty((0,)))
 
 
-@_triton_norm_fwd.register_fake
-def _(x, residual, weight, bias, eps, rms):
-    # as the native ops', but the Triton launchers return contiguous tensors whatever x's strides
-    rows, cols = x.shape
-    stat = _stat_dtype(x)
-    h = x.new_empty((rows, cols)) if residual is not None else x.new_empty((0,))
-    return (x.new_empty((rows, cols)), h, x.new_empty((0 if rms else rows,), dtype=stat),
-            x.new_empty((rows,), dtype=stat))
-
-
-@_triton_norm_bwd.register_fake
-def _(dy, dh, h, weight, mean, rstd, rms, weight_grad, bias_grad):
-    rows, cols = h.shape
-    stat = _stat_dtype(h)
-    return (h.new_empty((rows, cols)), h.new_empty((cols if weight_grad else 0,), dtype=stat),
-            h.new_empty((cols if bias_grad else 0,), dtype=stat))
+_triton_norm_fwd.register_fake(_norm_fwd_fake)
+_triton_norm_bwd.register_fake(_norm_bwd_fake)
 
 
 def _triton_norm_op_setup(ctx, inputs, output):

@@ -41,6 +41,19 @@ def test_norm_bwd_opcheck(rms):
     torch.library.opcheck(torch.ops.llmcore.norm_bwd.default, args)
 
 
+@pytest.mark.parametrize("rms", [False, True])
+def test_opcheck_of_a_transposed_input(rms):
+    # the kernel ops return contiguous outputs whatever the input's strides: a dense but
+    # transposed x must get the same strides from the fake impls as from the kernels (the fakes
+    # once kept x's, and a compiled call of layer_norm(x.t()) failed inductor's stride check)
+    x, res, dy, dh = (torch.randn(53, 6).t() for _ in range(4))
+    w = torch.rand(53)
+    torch.library.opcheck(torch.ops.llmcore.norm_fwd.default, (x, res, w, None, 1e-5, rms))
+    _, h, mean, rstd = torch.ops.llmcore.norm_fwd(x, res, w, None, 1e-5, rms)
+    torch.library.opcheck(torch.ops.llmcore.norm_bwd.default,
+                          (dy, dh, h.t().contiguous().t(), w, mean, rstd, rms, True, False))
+
+
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 def test_compile_fullgraph_forward_and_backward(kind):
     torch._dynamo.reset()
