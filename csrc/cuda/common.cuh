@@ -82,10 +82,17 @@ __device__ __forceinline__ float block_max(float v, float* smem) {
 }
 
 // Threads per block for rows of `cols` elements: enough for one pack per thread, 128..1024.
+// The largest block the row kernels launch. The norm kernels say so with
+// __launch_bounds__(kMaxBlock), so ptxas keeps their registers within what a block of this many
+// threads can be given (a debug build or a longer kernel would otherwise fail at launch).
+// ce_kernel does not: under the bound ptxas spills its fp32 fused variant (28 bytes, sm_90,
+// nvcc 13.0), while unbounded it takes 46 registers, within the 64 a 1024-thread block allows.
+constexpr int kMaxBlock = 1024;
+
 inline int threads_for(int64_t cols, int pack) {
   int64_t want = (cols + pack - 1) / pack;
   int t = 128;
-  while (t < want && t < 1024) t <<= 1;
+  while (t < want && t < kMaxBlock) t <<= 1;
   return t;
 }
 

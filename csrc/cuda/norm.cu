@@ -73,7 +73,7 @@ __device__ __forceinline__ void store_n(T* p, int64_t base, const float* in) {
 }
 
 template <typename T, bool VEC>
-__global__ void norm_fwd_kernel(FwdArgs<T> a) {
+__global__ void __launch_bounds__(kMaxBlock) norm_fwd_kernel(FwdArgs<T> a) {
   constexpr int N = VEC ? Pack<T>::N : 1;
   __shared__ float smem[32];
   const int64_t n = a.cols;
@@ -143,7 +143,7 @@ struct BwdArgs {
 
 // dh = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dh_out), g = dy * w (rms: no mean(g)).
 template <typename T, bool VEC>
-__global__ void norm_bwd_kernel(BwdArgs<T> a) {
+__global__ void __launch_bounds__(kMaxBlock) norm_bwd_kernel(BwdArgs<T> a) {
   constexpr int N = VEC ? Pack<T>::N : 1;
   __shared__ float smem[32];
   const int64_t n = a.cols;
@@ -205,14 +205,13 @@ __global__ void norm_bwd_kernel(BwdArgs<T> a) {
 // At most 8 values per thread keeps a 1024-thread block within the 64 registers per thread an
 // SM can give it (sm_80/sm_90: 65536 registers); __launch_bounds__ makes ptxas hold to that.
 constexpr int kMaxValues = 8;
-constexpr int kMaxThreads = 1024;
 
 #define LLMCORE_REG_PACKS(j, base)                                                   \
   _Pragma("unroll") for (int j = 0; j < P; ++j)                                      \
     if (const int64_t base = (int64_t(j) * blockDim.x + threadIdx.x) * N; base < n)
 
 template <typename T, int N, int P>
-__global__ void __launch_bounds__(kMaxThreads) norm_fwd_reg_kernel(FwdArgs<T> a) {
+__global__ void __launch_bounds__(kMaxBlock) norm_fwd_reg_kernel(FwdArgs<T> a) {
   __shared__ float smem[32];
   const int64_t n = a.cols;
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
@@ -258,7 +257,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_fwd_reg_kernel(FwdArgs<T> a)
 // dh = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dh_out), g = dy * w (rms: no mean(g));
 // dweight += dy * xhat, dbias += dy summed in registers over this block's rows.
 template <typename T, int N, int P>
-__global__ void __launch_bounds__(kMaxThreads) norm_bwd_reg_kernel(BwdArgs<T> a) {
+__global__ void __launch_bounds__(kMaxBlock) norm_bwd_reg_kernel(BwdArgs<T> a) {
   __shared__ float smem[32];
   const int64_t n = a.cols;
   float dw[P][N], db[P][N];
@@ -327,7 +326,12 @@ inline int reg_packs(int64_t cols, int threads, int pack) {
 template <int N, typename F>
 void with_packs(int packs, F&& f) {
   const auto run = [&](auto P) {
-    if constexpr (N * decltype(P)::value <= kMaxValues) f(P);
+    if constexpr (N * decltype(P)::value <= kMaxValues) {
+      f(P);
+    } else {  // reg_packs never asks for this; launching nothing would leave the outputs unset
+      throw std::logic_error("llmcore norm (CUDA): " + std::to_string(packs) + " packs of " +
+                             std::to_string(N) + " values exceed a thread's register budget");
+    }
   };
   switch (packs) {
     case 1: return run(std::integral_constant<int, 1>{});
