@@ -141,11 +141,12 @@ __attribute__((always_inline)) inline void vstore(C* p, const V& v) {
 constexpr int kSumLanes = 16;
 constexpr int64_t kFoldLen = 16;  // terms per lane between folds
 
-// The kSumLanes fp64 lane sums added pairwise in a fixed order (lane l with lane l + 8, then
-// l + 4, ...): 4 dependent additions of whole vectors instead of a chain of 16 scalar ones,
-// which bound a short row's reduction (a 128-wide norm row).
-__attribute__((always_inline)) inline double sum_lanes(const double* acc) {
-  double t[kSumLanes];
+// kSumLanes lane sums added pairwise in a fixed order (lane l with lane l + 8, then l + 4,
+// ...): 4 dependent additions of whole vectors instead of a chain of 16 scalar ones, which
+// bound a short row's reduction (a 128-wide norm row; an attention score row of one tile).
+template <typename T>
+__attribute__((always_inline)) inline T sum_lanes(const T* acc) {
+  T t[kSumLanes];
   for (int l = 0; l < kSumLanes; ++l) t[l] = acc[l];
   for (int w = kSumLanes / 2; w > 0; w /= 2)
     for (int l = 0; l < w; ++l) t[l] += t[l + w];
