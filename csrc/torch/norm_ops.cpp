@@ -149,7 +149,10 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& dy_in, const optional<
   if (h.is_cuda()) {
 #ifdef LLMCORE_WITH_CUDA
     const c10::cuda::CUDAGuard guard(h.device());
-    Tensor ws = at::empty({norm_bwd_cuda_workspace_floats(rows, cols)}, grad_opts);
+    // the partial rows of dweight / dbias: none when neither is asked for (frozen norms)
+    Tensor ws = at::empty(
+        {weight_grad || bias_grad ? norm_bwd_cuda_workspace_floats(rows, cols) : int64_t(0)},
+        grad_opts);
     p.workspace = ws.mutable_data_ptr<float>();
     norm_bwd_cuda(p, c10::cuda::getCurrentCUDAStream(h.get_device()).stream());
 #endif
