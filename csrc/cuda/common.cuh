@@ -81,7 +81,6 @@ __device__ __forceinline__ float block_max(float v, float* smem) {
   return warp_max(v);
 }
 
-// Threads per block for rows of `cols` elements: enough for one pack per thread, 128..1024.
 // The largest block the row kernels launch. The norm kernels say so with
 // __launch_bounds__(kMaxBlock), so ptxas keeps their registers within what a block of this many
 // threads can be given (a debug build or a longer kernel would otherwise fail at launch).
@@ -89,6 +88,7 @@ __device__ __forceinline__ float block_max(float v, float* smem) {
 // nvcc 13.0), while unbounded it takes 46 registers, within the 64 a 1024-thread block allows.
 constexpr int kMaxBlock = 1024;
 
+// Threads per block for rows of `cols` elements: enough for one pack per thread, 128..1024.
 inline int threads_for(int64_t cols, int pack) {
   int64_t want = (cols + pack - 1) / pack;
   int t = 128;

@@ -82,6 +82,23 @@ def _config(shape: dict, backend: str):
                 **extra)
 
 
+# The default `llmcore pretrain` run's model and batch shape (the tiny-gpt preset: width 128,
+# 4 layers, 4 heads, 4k vocabulary, B16 T128); llama adds GQA 4:2 and a SwiGLU of 352.
+PRETRAIN_SHAPE = dict(flavour="gpt2", dim=128, n_layers=4, n_heads=4, vocab=4096, B=16, T=128,
+                      n_kv_heads=2, ffn=352)
+
+
+def pretrain_case(backend: str = "auto", flavour: str = "gpt2"):
+    """(model, fused AdamW, batch) at the default pretrain run's shape on the CPU, seeded: the
+    case of the CPU step measurements under benchmarks/results/."""
+    from llmcore.models import Transformer
+
+    torch.manual_seed(0)
+    shape = dict(PRETRAIN_SHAPE, flavour=flavour)
+    model = Transformer(_config(shape, backend))
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True), batch(shape, 0)
+
+
 def peak_flops(device: str, dtype: str) -> float | None:
     if device != "cuda" or dtype not in ("bfloat16", "float16"):
         return None

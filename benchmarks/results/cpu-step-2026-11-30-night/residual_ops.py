@@ -4,15 +4,10 @@
 import collections
 import torch
 from torch.profiler import profile, ProfilerActivity
-from llmcore.benchmarks import train_step as ts
-from llmcore.models import Transformer
+from llmcore.benchmarks.train_step import pretrain_case
 
 torch.set_num_threads(2)
-torch.manual_seed(0)
-shape = dict(flavour="gpt2", dim=128, n_layers=4, n_heads=4, vocab=4096, B=16, T=128)
-model = Transformer(ts._config(shape, "auto"))
-opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-batch = ts.batch(shape, 0)
+model, opt, batch = pretrain_case("auto")
 
 
 def step():

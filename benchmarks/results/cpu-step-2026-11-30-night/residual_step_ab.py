@@ -2,16 +2,12 @@
 # x + mlp add per block, plain norm1) against the new one, steps interleaved in one process, same
 # model, optimizer and extension build. argv: threads, steps, flavour (gpt2 | llama).
 import sys, time, torch, statistics
-from llmcore.benchmarks import train_step as ts
-from llmcore.models import Transformer
+from llmcore.benchmarks.train_step import pretrain_case
 from llmcore.models import transformer as tr
 th = int(sys.argv[1]); steps = int(sys.argv[2])
-torch.set_num_threads(th); torch.manual_seed(0)
+torch.set_num_threads(th)
 fl = sys.argv[3] if len(sys.argv)>3 else "gpt2"
-shape = dict(flavour=fl, dim=128, n_layers=4, n_heads=4, vocab=4096, B=16, T=128, n_kv_heads=2, ffn=352)
-model = Transformer(ts._config(shape, "auto"))
-opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-batch = ts.batch(shape, 0)
+model, opt, batch = pretrain_case("auto", fl)
 new_blocks = tr.Transformer._blocks
 def old_blocks(self, x, layout):
     for block in self.blocks:
@@ -34,4 +30,4 @@ for i in range(steps + 4):
         if i >= 4: res[name].append(dt)
 o, n = statistics.median(res["old"]), statistics.median(res["new"])
 pairs = sorted(a / b for a, b in zip(res["old"], res["new"]))
-print(f"{shape['flavour']} {th}T old {o:.1f} new {n:.1f} ms  old/new median {o/n:.3f}, pair ratios p25 {pairs[len(pairs)//4]:.3f} p50 {pairs[len(pairs)//2]:.3f} p75 {pairs[3*len(pairs)//4]:.3f}")
+print(f"{fl} {th}T old {o:.1f} new {n:.1f} ms  old/new median {o/n:.3f}, pair ratios p25 {pairs[len(pairs)//4]:.3f} p50 {pairs[len(pairs)//2]:.3f} p75 {pairs[3*len(pairs)//4]:.3f}")
