@@ -24,7 +24,8 @@
 #            the compiled providers on gpt2-small (llmcore_compile, hf_compile, torch_compile:
 #            about a minute of compiling each, so the last case started may run past the
 #            budget by that much)                            GPU_CHECK_COMPILE_MINUTES (0.75);
-#            attention (torch, sdpa, llmcore_triton)        GPU_CHECK_ATTENTION_MINUTES (0.25)
+#            attention (torch, sdpa, llmcore_triton and its _nondet and _ordered
+#            backward schedules)                            GPU_CHECK_ATTENTION_MINUTES (0.35)
 #   features llmcore bench: attention_features (window, softcap, ALiBi, documents, bool mask vs
 #            FlexAttention and SDPA), attention_varlen           GPU_CHECK_FEATURES_MINUTES (1)
 # Liger-Kernel is pure Python: put its wheel in .whl/ (see benchmarks/README.md) and carry .whl;
@@ -155,8 +156,8 @@ for stage in $stages; do
             torch,llmcore_auto,hf,llmcore_triton
         bench compile "${GPU_CHECK_COMPILE_MINUTES:-0.75}" train_step \
             llmcore_compile,hf_compile,torch_compile --variants gpt2
-        bench attention "${GPU_CHECK_ATTENTION_MINUTES:-0.25}" attention \
-            torch,sdpa,llmcore_triton,llmcore_triton_nondet
+        bench attention "${GPU_CHECK_ATTENTION_MINUTES:-0.35}" attention \
+            torch,sdpa,llmcore_triton,llmcore_triton_nondet,llmcore_triton_ordered
         ;;
     features)
         bench features "${GPU_CHECK_FEATURES_MINUTES:-1}" attention_features,attention_varlen \

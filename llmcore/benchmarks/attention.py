@@ -9,18 +9,36 @@ The eager baseline ("torch") is the textbook formulation: scores = q @ k^T * D^-
 mask by masked_fill, softmax in fp32, then @ v, with K/V heads repeated for GQA (as Hugging Face
 eager attention does). "sdpa" is F.scaled_dot_product_attention with its default kernel choice.
 "llmcore_triton_nondet" is the Triton kernels with flash-attn's deterministic=False (dq added
-atomically in the backward), next to "llmcore_triton" (the deterministic default).
+atomically in the backward), next to "llmcore_triton" (the deterministic default) and
+"llmcore_triton_ordered" (deterministic, the backward's dq added atomically in a fixed order:
+the Triton attention's BWD_SCHEDULE "ordered").
 For varlen, torch and sdpa loop over the packed sequences.
 """
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
 
 from llmcore.benchmarks.harness import OpBench, Rand
 from llmcore.benchmarks.providers import LLMCORE_BACKEND
+
+
+def _scheduled(fn, schedule):
+    """fn setting the Triton attention's deterministic backward schedule (BWD_SCHEDULE) at every
+    call, for the backward that follows it: `schedule`, or with None the one the process
+    started with (LLMCORE_ATTN_BWD, default "two_pass"). Every Triton provider sets its own, so
+    one provider's choice never carries over to the next."""
+    from llmcore.kernels.triton import attention as tri
+
+    schedule = schedule or os.environ.get("LLMCORE_ATTN_BWD", "two_pass")
+
+    def call(q, k, v):
+        tri.BWD_SCHEDULE = schedule
+        return fn(q, k, v)
+    return call
 
 
 def _variant(causal: bool, d: int, h: int, hkv: int) -> str:
@@ -81,7 +99,7 @@ class AttentionBench(OpBench):
     name = "attention"
     families = ("attention",)
     providers = ("torch", "torch_compile", "sdpa", "llmcore_triton", "llmcore_triton_nondet",
-                 "llmcore_native", "flash_attn")
+                 "llmcore_triton_ordered", "llmcore_native", "flash_attn")
     unit = "TFLOP/s"
     x_key = "N"
     baselines = ("torch", "sdpa")
@@ -126,7 +144,9 @@ class AttentionBench(OpBench):
             def fn(q, k, v):
                 return llmcore.attention(q, k, v, is_causal=causal,
                                          enable_gqa=k.shape[-3] != q.shape[-3], backend=backend)
-            return fn
+            if backend != "triton":
+                return fn
+            return _scheduled(fn, "ordered" if provider == "llmcore_triton_ordered" else None)
         if provider == "flash_attn":
             from flash_attn import flash_attn_func
 

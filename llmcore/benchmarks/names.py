@@ -17,5 +17,5 @@ OPS = tuple(OP_MODULES)
 MODES = ("fwd", "bwd", "fwd+bwd", "step")
 SIZE_SETS = ("tiny", "quick", "full")
 PROVIDERS = ("torch", "torch_compile", "sdpa", "llmcore_triton", "llmcore_native", "llmcore_auto",
-             "llmcore_triton_nondet", "llmcore_compile", "flash_attn", "liger", "hf", "hf_compile",
+             "llmcore_triton_nondet", "llmcore_triton_ordered", "llmcore_compile", "flash_attn", "liger", "hf", "hf_compile",
              "flex_attention")

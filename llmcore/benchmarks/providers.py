@@ -36,9 +36,11 @@ from llmcore.benchmarks.names import PROVIDERS
 
 # llmcore provider -> the backend name it passes to llmcore
 # ("llmcore_triton_nondet": attention's deterministic=False backward, the atomic-dq one;
+# "llmcore_triton_ordered": its deterministic twin, the ordered-dq backward;
 # "llmcore_compile": the model under llmcore.models.compile_model)
 LLMCORE_BACKEND = {"llmcore_triton": "triton", "llmcore_native": "native", "llmcore_auto": "auto",
-                   "llmcore_triton_nondet": "triton", "llmcore_compile": "auto"}
+                   "llmcore_triton_nondet": "triton", "llmcore_triton_ordered": "triton",
+                   "llmcore_compile": "auto"}
 
 
 @functools.lru_cache(maxsize=None)

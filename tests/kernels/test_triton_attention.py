@@ -383,7 +383,13 @@ def test_dropout_reproducible_from_torch_seed():
 ], ids=str)
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
 def test_atomic_dq_backward(dtype, case, layout):
-    # deterministic=False: dq added atomically by the dk/dv kernel; GQA, Nq != Nk, both layouts
+    # deterministic=False: dq added atomically by the dk/dv kernel
+    _check_one_pass(dtype, case, layout, deterministic=False)
+
+
+def _check_one_pass(dtype, case, layout, **kw):
+    """A case of the one-pass backward (dq added by the dK/dV kernel) against the oracle: GQA,
+    Nq != Nk, the (B, H, N, D) or (B, N, H, D) layout; `alibi` and dropout from the case."""
     b, hq, hkv, nq, nk, d = 2, 4, 2, 37, 50, 48
     case = dict(case)
     extra = {}
@@ -391,7 +397,7 @@ def test_atomic_dq_backward(dtype, case, layout):
         extra["alibi_slopes"] = torch.rand(b, hq, device=DEVICE)
     if case.get("dropout_p"):
         case["seed"] = A.draw_seed(DEVICE)
-    kernel, ref = _kw(d, deterministic=False, **case, **extra)
+    kernel, ref = _kw(d, **kw, **case, **extra)
     if "seed" in ref:
         ref.pop("seed")
         ref["keep"] = A.dropout_mask(case["seed"], case["dropout_p"], b, hq, nq, nk)
@@ -426,6 +432,144 @@ def test_atomic_dq_matches_the_deterministic_path_and_skips_the_dq_kernel(monkey
     dmask = A.attention_bwd(do, q, k, v, out, lse, attn_mask=mask, mask_grad=True,
                             deterministic=False, **kw)[3]
     assert launched == [A._dq_kernel, A._dkdv_kernel] and dmask.shape == mask.shape
+
+
+# ---------------------------------------------------------------------------- the ordered dq
+
+@pytest.fixture
+def ordered(monkeypatch):
+    """BWD_SCHEDULE "ordered"; yields the list of (LOCK, LOCK_TILES) of each ordered pass."""
+    turns = []
+    monkeypatch.setattr(A, "BWD_SCHEDULE", "ordered")
+    monkeypatch.setattr(A, "_TURNS_HOOK", lambda lock, tiles: turns.append((lock.clone(), tiles)))
+    return turns
+
+
+def _all_in_turn(turns):
+    # LOCK[0]: set by any add that did not find its turn (under the interpreter, which runs the
+    # programs one by one, that can only be a rank that disagrees with the visiting order)
+    assert turns and all(int(lock[0]) == 0 for lock, _ in turns)
+
+
+@pytest.mark.parametrize("dtype,case", [
+    (torch.float32, dict(window=(-1, 0))),
+    (torch.bfloat16, dict(window=(-1, 0), bottom_right=True)),
+    (torch.float16, dict(window=(6, 2), softcap=5.0)),
+    (torch.float32, dict(window=(-1, 3), alibi=True)),
+    (torch.float16, dict(window=(-1, 0), dropout_p=0.2)),
+    (torch.float32, dict()),
+    (torch.bfloat16, dict(window=(5, -1), softcap=3.0)),
+], ids=str)
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_ordered_dq_backward(ordered, dtype, case, layout):
+    # BWD_SCHEDULE "ordered": one dK/dV pass that also adds dq, key tile by key tile in a
+    # fixed order
+    _check_one_pass(dtype, case, layout)
+    _all_in_turn(ordered)
+
+
+@pytest.mark.parametrize("window,bottom_right", [((-1, 0), False), ((-1, 0), True),
+                                                 ((5, 1), True), ((-1, 7), False),
+                                                 ((-1, -1), False), ((4, -1), True)], ids=str)
+def test_ordered_dq_varlen(ordered, window, bottom_right):
+    # packed sequences: Nq < Nk, a single token, an empty query sequence, Nq > Nk
+    lens_q, lens_k = [17, 1, 0, 40, 9], [23, 1, 5, 33, 9]
+    hq, hkv, d = 4, 2, 40
+    cu_q, cu_k = (torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), dtype=torch.int32,
+                               device=DEVICE) for n in (lens_q, lens_k))
+    q = torch.randn(1, hq, sum(lens_q), d, device=DEVICE)
+    k, v = (torch.randn(1, hkv, sum(lens_k), d, device=DEVICE) for _ in range(2))
+    kw = dict(scale=d ** -0.5, window=window, bottom_right=bottom_right, cu_seqlens_q=cu_q,
+              cu_seqlens_k=cu_k, max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k))
+    out, lse = A.attention_fwd(q, k, v, **kw)
+    do = torch.randn_like(out)
+    got = A.attention_bwd(do, q, k, v, out, lse, **kw)
+    _all_in_turn(ordered)
+    A.BWD_SCHEDULE = "two_pass"
+    want = A.attention_bwd(do, q, k, v, out, lse, **kw)
+    for name, a, w in zip(("dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_ordered_dq_counts_every_key_tile_and_repeats_its_bits(ordered, monkeypatch):
+    # which kernels run for which calls, the turn counters at the end, and the same bits on
+    # every run
+    b, hq, hkv, nq, nk, d = 1, 6, 2, 70, 90, 32
+    q = torch.randn(b, hq, nq, d, device=DEVICE)
+    k, v = (torch.randn(b, hkv, nk, d, device=DEVICE) for _ in range(2))
+    kw = dict(scale=0.2, window=(9, 0), bottom_right=True)
+    out, lse = A.attention_fwd(q, k, v, **kw)
+    do = torch.randn_like(out)
+    launched = []
+    launch = A._launch
+    monkeypatch.setattr(A, "_launch", lambda kernel, *a: launched.append((kernel, a[4])) or
+                        launch(kernel, *a))
+    first = A.attention_bwd(do, q, k, v, out, lse, **kw)
+    assert [(kernel, consts["ORDERED_DQ"]) for kernel, consts in launched] == [
+        (A._dkdv_ordered_kernel, True)]
+    second = A.attention_bwd(do, q, k, v, out, lse, **kw)
+    assert all(torch.equal(x, y) for x, y in zip(first[:3], second[:3]))
+    _all_in_turn(ordered)
+    # each query tile's counter is the number of key tiles that added into it: at least every
+    # key tile holding a key that one of its rows sees, at most every key tile
+    lock, tiles = ordered[0]
+    bm, bn = A._INTERPRET_CONFIG["BLOCK_M"], A._INTERPRET_CONFIG["BLOCK_N"]
+    assert int(lock[1]) == math.ceil(nk / bn) * hkv * b     # one ticket per program
+    counters = lock[2:].view(b, hq, tiles)[..., :math.ceil(nq / bm)]
+    i = torch.arange(nq)[:, None]
+    j = torch.arange(nk)[None, :]
+    seen = (j <= i + nk - nq) & (j >= i + nk - nq - 9)
+    for t in range(math.ceil(nq / bm)):
+        rows = seen[t * bm:(t + 1) * bm].any(0)
+        needed = len({int(x) // bn for x in rows.nonzero()})
+        assert (counters[..., t] >= needed).all() and (counters[..., t] <= math.ceil(nk / bn)).all()
+    assert int(lock[2:].sum()) == int(counters.sum())   # nothing past the sequence's tiles
+    A.BWD_SCHEDULE = "two_pass"
+    want = A.attention_bwd(do, q, k, v, out, lse, **kw)
+    for name, a, w in zip(("dq", "dk", "dv"), first, want):
+        assert a.dtype == w.dtype and a.stride() == w.stride(), name
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_ordered_dq_only_where_it_applies(ordered, monkeypatch):
+    # every deterministic backward takes the ordered pass, a boolean mask's included, except an
+    # additive mask's gradient (the dq kernel writes it: two-pass); deterministic=False keeps
+    # the unordered atomic pass
+    q, k, v = (torch.randn(1, 2, 40, 16, device=DEVICE) for _ in range(3))
+    launched = []
+    launch = A._launch
+    monkeypatch.setattr(A, "_launch", lambda kernel, *a: launched.append(
+        (kernel, a[4].get("ORDERED_DQ"))) or launch(kernel, *a))
+    mask = torch.randn(1, 1, 40, 40, device=DEVICE)
+    bool_mask = torch.rand(1, 2, 40, 40, device=DEVICE) > 0.3
+    ordered_pass = [(A._dkdv_ordered_kernel, True)]
+    for kw, want in [(dict(), ordered_pass), (dict(window=(5, -1)), ordered_pass),
+                     (dict(attn_mask=bool_mask), ordered_pass),
+                     (dict(window=(-1, 0), attn_mask=mask, mask_grad=True),
+                      [(A._dq_kernel, None), (A._dkdv_kernel, False)]),
+                     (dict(window=(-1, 0), deterministic=False),
+                      [(A._dkdv_atomic_kernel, False)])]:
+        fwd_kw = {n: x for n, x in kw.items() if n not in ("mask_grad", "deterministic")}
+        out, lse = A.attention_fwd(q, k, v, scale=0.25, **fwd_kw)
+        do = torch.randn_like(out)
+        launched.clear()
+        got = A.attention_bwd(do, q, k, v, out, lse, scale=0.25, **kw)
+        assert launched == want, kw
+        monkeypatch.setattr(A, "BWD_SCHEDULE", "two_pass")
+        ref = A.attention_bwd(do, q, k, v, out, lse, scale=0.25, **kw)
+        monkeypatch.setattr(A, "BWD_SCHEDULE", "ordered")
+        for name, a, r in zip(("dq", "dk", "dv"), got, ref):
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5, msg=f"{kw}: {name}")
+    assert len(ordered) == 3
+    _all_in_turn(ordered)
+
+
+def test_bwd_schedule_is_checked(monkeypatch):
+    monkeypatch.setattr(A, "BWD_SCHEDULE", "fast")
+    q, k, v = (torch.randn(1, 1, 8, 16, device=DEVICE) for _ in range(3))
+    out, lse = A.attention_fwd(q, k, v, scale=0.25, window=(-1, 0))
+    with pytest.raises(ValueError, match="LLMCORE_ATTN_BWD.*'fast'"):
+        A.attention_bwd(out, q, k, v, out, lse, scale=0.25, window=(-1, 0))
 
 
 def test_the_autotuner_runs_once_per_shape_class(monkeypatch):

@@ -169,3 +169,39 @@ def test_attention_launch_cache(monkeypatch):
     eager = llmcore.flash_attn_func(q.detach(), k.detach(), v2, causal=True, backend="torch")
     assert_close_to_oracle(out, eager, want, name="Dv 64")
     assert len(A._CHOSEN) == chosen + 1
+
+
+@pytest.mark.parametrize("case", [dict(n=2048, hq=16, hkv=16, d=128),
+                                  dict(n=1000, hq=8, hkv=2, d=64),
+                                  dict(n=4096, hq=8, hkv=8, d=128, window=(1024, 0)),
+                                  dict(n=1024, hq=8, hkv=8, d=128, causal=False)], ids=str)
+def test_attention_ordered_dq(monkeypatch, case):
+    # BWD_SCHEDULE "ordered" compiled, with programs truly concurrent (the interpreter runs
+    # them one by one): every add in turn (LOCK[0] stays 0), the same bits on every run, and
+    # the gradients of the two-pass backward within the oracle rule
+    from llmcore.kernels.triton import attention as A
+
+    turns = []
+    monkeypatch.setattr(A, "_TURNS_HOOK", lambda lock, tiles: turns.append(int(lock[0])))
+    n, hq, hkv, d = case["n"], case["hq"], case["hkv"], case["d"]
+    window = case.get("window", (-1, -1))
+    q = torch.randn(2, n, hq, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, n, hkv, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
+    seed = torch.randn(2, n, hq, d, device=DEV, dtype=torch.bfloat16)
+
+    def grads(schedule, leaves, backend="triton"):
+        monkeypatch.setattr(A, "BWD_SCHEDULE", schedule)
+        out = llmcore.flash_attn_func(*leaves, causal=case.get("causal", True),
+                                      window_size=window, backend=backend)
+        return torch.autograd.grad(out, leaves, seed.to(out.dtype))
+
+    runs = [grads("ordered", (q, k, v)) for _ in range(3)]
+    assert turns == [0, 0, 0]
+    for later in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], later))
+    two_pass = grads("two_pass", (q, k, v))
+    wide = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    oracle = grads("two_pass", wide, backend="torch")
+    for name, a, e, o in zip("qkv", runs[0], two_pass, oracle):
+        assert_close_to_oracle(a, e, o, name=f"d{name}")

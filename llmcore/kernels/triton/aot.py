@@ -268,7 +268,7 @@ def _cases(full: bool):
         return torch.empty(shape, device=meta, dtype=dtype)
 
     def attention(b=4, h=16, hkv=None, s=2048, d=128, dv=None, deterministic=True,
-                  mask_grad=False, varlen=False, **kw):
+                  mask_grad=False, varlen=False, schedule="two_pass", **kw):
         hkv, dv = hkv or h, dv or d
         q, k, v = empty(b, h, s, d), empty(b, hkv, s, d), empty(b, hkv, s, dv)
         if varlen:  # b packed sequences of s tokens: (1, H, b * s, D) views
@@ -277,8 +277,12 @@ def _cases(full: bool):
             kw = dict(kw, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=s, max_seqlen_k=s)
         kw.setdefault("scale", d ** -0.5)
         out, lse = A.attention_fwd(q, k, v, **kw)
-        A.attention_bwd(out, q, k, v, out, lse, deterministic=deterministic,
-                        mask_grad=mask_grad, **kw)
+        before, A.BWD_SCHEDULE = A.BWD_SCHEDULE, schedule
+        try:
+            A.attention_bwd(out, q, k, v, out, lse, deterministic=deterministic,
+                            mask_grad=mask_grad, **kw)
+        finally:
+            A.BWD_SCHEDULE = before
 
     def norms(n, rows=16384):
         x, w = empty(rows, n), empty(n)
@@ -320,6 +324,14 @@ def _cases(full: bool):
                                                                   window=causal)),
         ("attention D128 causal, deterministic=False", lambda: attention(window=causal,
                                                                          deterministic=False)),
+        ("attention D128 causal, the ordered dq", lambda: attention(window=causal,
+                                                                   schedule="ordered")),
+        ("attention D128 full, the ordered dq", lambda: attention(schedule="ordered")),
+        ("attention D64 causal, the ordered dq", lambda: attention(b=8, h=32, d=64,
+                                                                  window=causal,
+                                                                  schedule="ordered")),
+        ("attention GQA 32/8 D128 causal S8192, the ordered dq", lambda: attention(
+            b=2, h=32, hkv=8, s=8192, window=causal, schedule="ordered")),
         ("attention D128 window 4096", lambda: attention(b=1, s=16384, window=(4096, 0))),
         ("attention D128 causal softcap 50", lambda: attention(window=causal, softcap=50.0)),
         ("attention D128 causal ALiBi", lambda: attention(

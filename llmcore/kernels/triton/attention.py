@@ -18,6 +18,9 @@ query tiles (and over every query head of its GQA group), another owns a query t
 over key tiles: dq, dk and dv are each written once, deterministically, without atomics. With
 deterministic=False the key-tile kernel also adds each tile's dq share atomically into an fp32
 buffer (FlashAttention-2's backward: 5 tile products, not 7, the order of the sums varying).
+The "ordered" backward schedule (BWD_SCHEDULE) is that one pass made deterministic: the key
+tiles add into each query tile's dq rows one after another in a fixed order, taking turns on a
+counter per query tile.
 An additive attn_mask that needs a gradient gets d mask_ij = ds_ij, written by the dq kernel.
 
 Visibility of key j to query i (indices local to the sequence), all optional:
@@ -526,10 +529,13 @@ def _dkdv_tile(start_m, k, v, dk, dv, q_base, do_base, dq_base, LSE, DELTA, l_ba
                BLOCK_M: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                MASK_KIND: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
                HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-               PAD_D: tl.constexpr, PAD_DV: tl.constexpr, BOUNDARY: tl.constexpr):
+               PAD_D: tl.constexpr, PAD_DV: tl.constexpr, BOUNDARY: tl.constexpr,
+               status, lock_base, n0, BLOCK_N: tl.constexpr, ORDERED_DQ: tl.constexpr,
+               SPIN_LIMIT: tl.constexpr):
     # one query tile of dv += p~^T do and dk += ds'^T q, in transposed (keys x queries) tiles;
     # ATOMIC_DQ: also dq += scale ds' k for this tile, added atomically into fp32 (the order of
-    # the additions varies from run to run: not deterministic). q_tile / do_tile / l_tile: the
+    # the additions varies from run to run: not deterministic), or with ORDERED_DQ in a fixed
+    # order (see "the ordered dq" at _attn_bwd_dkdv_kernel). q_tile / do_tile / l_tile: the
     # tile's element offsets from its first query, computed once per program (as in _fwd_tile).
     # Query rows past Lq (boundary tiles only) load q = do = lse = delta = 0, so they add
     # exactly 0 even unmasked.
@@ -561,9 +567,28 @@ def _dkdv_tile(start_m, k, v, dk, dv, q_base, do_base, dq_base, LSE, DELTA, l_ba
     dsT = _to(dsT, qT.dtype)
     dk = _dot(dsT, tl.trans(qT), dk, DOT_PREC)
     if ATOMIC_DQ:
+        dq_ptrs = _ptrs(dq_base, offs_m[:, None], sdqm, offs_d[None, :], sdqd)
+        if ORDERED_DQ:
+            # this key tile's turn at the query tile: the key tiles that add into it are
+            # [J0, J1] (contiguous), and they add in descending order, J1 first: rank J1 - j.
+            # The wait comes before the dq product, which then holds no registers across it.
+            lock = lock_base + start_m // BLOCK_M
+            last = Lk  # J1 = (last - 1) // BLOCK_N: past the query tile's last visible key
+            if HAS_WR:
+                last = tl.minimum(start_m + BLOCK_M + diag + window_right, Lk)
+            rank = (last - 1) // BLOCK_N - n0 // BLOCK_N
+            spins = 0
+            seen = tl.atomic_add(lock, 0, sem="acquire")
+            while (seen != rank) & (spins < SPIN_LIMIT):
+                spins += 1
+                seen = tl.atomic_add(lock, 0, sem="acquire")
+            if seen != rank:  # out of turn (a bug, or a wait past SPIN_LIMIT): say so
+                tl.atomic_or(status, 1)
         dq = _dot(tl.trans(dsT), k, None, DOT_PREC) * sm_scale  # (BLOCK_M, BLOCK_D)
-        tl.atomic_add(_ptrs(dq_base, offs_m[:, None], sdqm, offs_d[None, :], sdqd), dq,
-                      mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
+        tl.atomic_add(dq_ptrs, dq, mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
+        if ORDERED_DQ:
+            tl.debug_barrier()  # every thread's adds issued before the turn passes on
+            tl.atomic_add(lock, 1, sem="release")
     return dk, dv
 
 
@@ -575,21 +600,43 @@ def _attn_bwd_dkdv_kernel(
     slb, slh, slm, smb, smh, smm, smn, ssb, ssh,
     H, GROUP, N_Q, N_K, HEAD_DIM, HEAD_DIM_V,
     sm_scale, qk_scale2, cap_scale, softcap2, window_left, window_right, align, dropout_p,
-    drop_scale, SEQ_BUCKET,
+    drop_scale, SEQ_BUCKET, LOCK, LOCK_TILES,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
+    PAD_D: tl.constexpr, PAD_DV: tl.constexpr, ORDERED_DQ: tl.constexpr,
+    SPIN_LIMIT: tl.constexpr,
 ):
     # dv_j = sum_i p~_ij do_i, dk_j = scale * sum_i ds'_ij q_i, summed over the GROUP query
     # heads that share kv head `kvh`. grid (cdiv(N_K, BLOCK_N), Hkv, B). Tiles are transposed
     # (keys along rows): sT = k q^T is (BLOCK_N, BLOCK_M). ATOMIC_DQ (deterministic=False):
     # dq too, FlashAttention-2's way: each tile's share added atomically into DQ (fp32, zeroed),
     # so the backward is this one pass (5 tile products instead of 7 with the dq kernel).
+    #
+    # The ordered dq (ATOMIC_DQ and ORDERED_DQ): the same pass, deterministic. Every (sequence,
+    # query head, query tile) has a counter in LOCK (int32, zeroed; LOCK[0] a status word,
+    # LOCK[1] the tickets, then LOCK_TILES counters per head) of the key tiles that have added
+    # into its dq rows. Key tile j adds only when the counter equals its rank, the number of key
+    # tiles after it that also see the query tile, then passes the turn on: the adds into any dq
+    # row come in one fixed order (descending key tiles), so the fp32 sums are the same bits on
+    # every run. A program takes its work from a ticket (LOCK[1], one atomic add as it starts),
+    # in descending key tiles: it waits only on programs that took their tickets before it, so
+    # are running or done, whatever order the GPU starts programs in (no deadlock). Under causal
+    # masking key tile j reaches query tile i one tile after key tile j + 1 did, so in a steady
+    # state nobody waits; without it every key tile starts at query tile 0, and the first adds
+    # there come one after another, after which the key tiles run staggered by one add each. A
+    # wait that outlasts SPIN_LIMIT polls gives up, adds out of turn and sets LOCK[0] (the tests
+    # read it; it stays 0 unless the rank arithmetic is wrong).
     pid_n = tl.program_id(0)
     kvh = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
+    if ORDERED_DQ:
+        n_tiles = tl.num_programs(0)
+        ticket = tl.atomic_add(LOCK + 1, 1, sem="relaxed")
+        pid_n = n_tiles - 1 - ticket % n_tiles
+        kvh = ((ticket // n_tiles) % tl.num_programs(1)).to(tl.int64)
+        b = (ticket // (n_tiles * tl.num_programs(1))).to(tl.int64)
     q_start, k_start, Lq, Lk = _seq_bounds(CU_Q, CU_K, b, N_Q, N_K, IS_VARLEN)
     n0 = pid_n * BLOCK_N
     if n0 >= Lk:
@@ -635,6 +682,7 @@ def _attn_bwd_dkdv_kernel(
         q_base = Q + b * sqb + h * sqh + q_start * sqm
         do_base = DO + b * sdob + h * sdoh + q_start * sdom
         dq_base = DQ + b * sdqb + h * sdqh + q_start * sdqm
+        lock_base = LOCK + 2 + (b * H + h) * LOCK_TILES
         l_base = b * slb + h * slh + q_start * slm
         mask_base = MASK + b * smb + h * smh
         slope2 = 0.0
@@ -650,7 +698,8 @@ def _attn_bwd_dkdv_kernel(
                 diag, sqm, sdom, sdqm, sdqd, slm, smm, smn, N_K, sm_scale, slope2, qk_scale2,
                 cap_scale, softcap2, window_left, window_right, dropout_p, drop_scale, BLOCK_M,
                 HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC,
-                ATOMIC_DQ, PAD_D, PAD_DV, True)
+                ATOMIC_DQ, PAD_D, PAD_DV, True, LOCK, lock_base, n0, BLOCK_N, ORDERED_DQ,
+                SPIN_LIMIT)
         for start_m in range(a, e, BLOCK_M):
             dk, dv = _dkdv_tile(
                 start_m, k, v, dk, dv, q_base, do_base, dq_base, LSE, DELTA, l_base, q_tile,
@@ -658,7 +707,8 @@ def _attn_bwd_dkdv_kernel(
                 diag, sqm, sdom, sdqm, sdqd, slm, smm, smn, N_K, sm_scale, slope2, qk_scale2,
                 cap_scale, softcap2, window_left, window_right, dropout_p, drop_scale, BLOCK_M,
                 HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC,
-                ATOMIC_DQ, PAD_D, PAD_DV, False)
+                ATOMIC_DQ, PAD_D, PAD_DV, False, LOCK, lock_base, n0, BLOCK_N, ORDERED_DQ,
+                SPIN_LIMIT)
         for start_m in range(e, hi, BLOCK_M):
             dk, dv = _dkdv_tile(
                 start_m, k, v, dk, dv, q_base, do_base, dq_base, LSE, DELTA, l_base, q_tile,
@@ -666,7 +716,8 @@ def _attn_bwd_dkdv_kernel(
                 diag, sqm, sdom, sdqm, sdqd, slm, smm, smn, N_K, sm_scale, slope2, qk_scale2,
                 cap_scale, softcap2, window_left, window_right, dropout_p, drop_scale, BLOCK_M,
                 HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_WL, HAS_WR, HAS_DROPOUT, DOT_PREC,
-                ATOMIC_DQ, PAD_D, PAD_DV, True)
+                ATOMIC_DQ, PAD_D, PAD_DV, True, LOCK, lock_base, n0, BLOCK_N, ORDERED_DQ,
+                SPIN_LIMIT)
     dk = dk * sm_scale
     tl.store(_ptrs(DK + b * sdkb + kvh * sdkh + k_start * sdkn, offs_n[:, None], sdkn,
                    offs_d[None, :], sdkd), _to(dk, DK.dtype.element_ty), mask=k_ok)
@@ -745,6 +796,10 @@ _DKDV_TABLE = {64: [(64, 64, 8, 2), (32, 128, 8, 2), (64, 32, 8, 2), (32, 64, 8,
                128: [(32, 128, 8, 3), (16, 128, 8, 2), (64, 32, 8, 1), (32, 32, 8, 2),
                      (32, 128, 8, 2)],
                256: [(32, 32, 8, 2), (16, 32, 8, 2), (32, 16, 8, 1), (64, 32, 8, 1)]}
+# the ordered dq's: the turn-taking holds a few registers more, and under 3.6 the D = 128
+# 32 x 128 tiles then spill (80-96 bytes, MHA and GQA 32/8), so they are out there; the rest
+# compile without a spill under 3.6 at D = 64 and 128, GQA 32/8 included (2026-12-01)
+_DKDV_ORDERED_TABLE = {**_DKDV_TABLE, 128: [(16, 128, 8, 2), (64, 32, 8, 1), (32, 32, 8, 2)]}
 
 
 def _configs(table):
@@ -776,7 +831,7 @@ def _autotuned(kernel, table, **kwargs):
 if _INTERPRET:
     _fwd_kernel, _dq_kernel, _dkdv_kernel = (_attn_fwd_kernel, _attn_bwd_dq_kernel,
                                              _attn_bwd_dkdv_kernel)
-    _dkdv_atomic_kernel = _attn_bwd_dkdv_kernel
+    _dkdv_atomic_kernel = _dkdv_ordered_kernel = _attn_bwd_dkdv_kernel
 else:
     _fwd_kernel = _autotuned(_attn_fwd_kernel, _FWD_TABLE)
     _dq_kernel = _autotuned(_attn_bwd_dq_kernel, _DQ_TABLE)
@@ -784,6 +839,36 @@ else:
     # its own tuning cache, and the dq accumulator zeroed before each timed try (the tries add
     # into it) and again before the real run
     _dkdv_atomic_kernel = _autotuned(_attn_bwd_dkdv_kernel, _DKDV_TABLE, reset_to_zero=["DQ"])
+    # the ordered dq: its turn counters zeroed with the accumulator before each try
+    _dkdv_ordered_kernel = _autotuned(_attn_bwd_dkdv_kernel, _DKDV_ORDERED_TABLE,
+                                      reset_to_zero=["DQ", "LOCK"])
+
+
+# The deterministic backward's schedule (attention_bwd) when no mask gradient is asked for:
+# "two_pass" (the dK/dV kernel, then the dq kernel: 7 tile products per tile
+# pair, no atomics) or "ordered" (one pass, dq added atomically in a fixed order: 5 products,
+# FlashAttention-2's count; see "the ordered dq" at _attn_bwd_dkdv_kernel). Read at every
+# backward from this attribute, which starts as LLMCORE_ATTN_BWD (default "two_pass": the
+# ordered pass has not been timed on a GPU yet; benchmarks/gpu_check.sh times both).
+BWD_SCHEDULES = ("two_pass", "ordered")
+BWD_SCHEDULE = os.environ.get("LLMCORE_ATTN_BWD", "two_pass")
+
+
+def _bwd_schedule() -> str:
+    if BWD_SCHEDULE not in BWD_SCHEDULES:
+        raise ValueError(f"LLMCORE_ATTN_BWD (llmcore.kernels.triton.attention.BWD_SCHEDULE) "
+                         f"must be one of {BWD_SCHEDULES}, got {BWD_SCHEDULE!r}")
+    return BWD_SCHEDULE
+
+
+# The ordered dq's turn counters are sized for the smallest query tile any config has. Polls
+# before a wait gives up: none under the interpreter, which runs programs one after another
+# in launch order, so that a wait there can only be a wrong rank; about a second's worth on
+# a GPU, far past any real wait (one program's remaining tiles).
+_MIN_BLOCK_M = min([_INTERPRET_CONFIG["BLOCK_M"]]
+                   + [e[0] for entries in _DKDV_ORDERED_TABLE.values() for e in entries])
+_SPIN_LIMIT = 0 if _INTERPRET else 1 << 22
+_TURNS_HOOK = None  # tests: called with (LOCK, LOCK_TILES) after an ordered dq pass
 
 
 # The autotuner runs once per shape class, not on every call: its run() costs ~30 us of host
@@ -1008,7 +1093,8 @@ def attention_bwd(grad_out, q, k, v, out, lse, *, scale, window=(-1, -1), bottom
     f = _Features(q, k, v, scale, window, bottom_right, softcap, alibi_slopes, attn_mask,
                   dropout_p, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     mask_grad = bool(mask_grad)
-    atomic_dq = not deterministic and not mask_grad
+    ordered_dq = deterministic and not mask_grad and _bwd_schedule() == "ordered"
+    atomic_dq = (not deterministic and not mask_grad) or ordered_dq
     dq, dk, dv = (_like_layout(t, t.shape) for t in (q, k, v))
     if f.varlen:
         for t in ((dk, dv) if atomic_dq else (dq, dk, dv)):
@@ -1037,21 +1123,30 @@ def attention_bwd(grad_out, q, k, v, out, lse, *, scale, window=(-1, -1), bottom
         # fp32 (B, H, Nq, D) accumulator (varlen: (1, H, total, D)), zeroed: rows outside
         # every sequence stay 0, as dq's do on the deterministic path
         dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-        _launch(_dkdv_atomic_kernel, lambda meta: cdiv(f.Nk, meta["BLOCK_N"]), f.Hkv, f.B,
+        # the ordered dq's status word, ticket and turn counters (B, H, query tiles of the
+        # smallest BLOCK_M a config may have), zeroed; the unordered kernel never reads them
+        lock_tiles = cdiv(f.Nq, _MIN_BLOCK_M)
+        lock = (torch.zeros(2 + f.B * f.H * lock_tiles, device=q.device, dtype=torch.int32)
+                if ordered_dq else dq_acc)
+        _launch(_dkdv_ordered_kernel if ordered_dq else _dkdv_atomic_kernel,
+                lambda meta: cdiv(f.Nk, meta["BLOCK_N"]), f.Hkv, f.B,
                 (q, k, v, grad_out, dk, dv, dq_acc, lse, delta, *common,
                  *_strides4(dk, f.varlen), *_strides4(dv, f.varlen),
-                 *_strides4(dq_acc, f.varlen), *lse_strides, *tail),
-                {**f.consts(), "ATOMIC_DQ": True}, tune_key)
+                 *_strides4(dq_acc, f.varlen), *lse_strides, *tail, lock, lock_tiles),
+                {**f.consts(), "ATOMIC_DQ": True, "ORDERED_DQ": ordered_dq,
+                 "SPIN_LIMIT": _SPIN_LIMIT if ordered_dq else 0}, tune_key)
+        if ordered_dq and _TURNS_HOOK is not None:
+            _TURNS_HOOK(lock, lock_tiles)
         return dq.copy_(dq_acc), dk, dv, None
     _launch(_dq_kernel, lambda meta: cdiv(f.Nq, meta["BLOCK_M"]), f.H, f.B,
             (q, k, v, grad_out, dq, q if dmask is None else dmask, lse, delta, *common,
              *_strides4(dq, f.varlen), *lse_strides, *tail),
             {**f.consts(), "MASK_GRAD": mask_grad}, (*tune_key, mask_grad))
-    # DQ is not read or written without ATOMIC_DQ: dq stands in
+    # DQ and LOCK are not read or written without ATOMIC_DQ: dq stands in
     _launch(_dkdv_kernel, lambda meta: cdiv(f.Nk, meta["BLOCK_N"]), f.Hkv, f.B,
             (q, k, v, grad_out, dk, dv, dq, lse, delta, *common, *_strides4(dk, f.varlen),
-             *_strides4(dv, f.varlen), *_strides4(dq, f.varlen), *lse_strides, *tail),
-            {**f.consts(), "ATOMIC_DQ": False}, tune_key)
+             *_strides4(dv, f.varlen), *_strides4(dq, f.varlen), *lse_strides, *tail, dq, 0),
+            {**f.consts(), "ATOMIC_DQ": False, "ORDERED_DQ": False, "SPIN_LIMIT": 0}, tune_key)
     return dq, dk, dv, _reduce_dmask(dmask, attn_mask)
 
 
