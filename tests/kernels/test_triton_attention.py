@@ -564,6 +564,26 @@ def test_ordered_dq_only_where_it_applies(ordered, monkeypatch):
     _all_in_turn(ordered)
 
 
+def test_ordered_dq_gives_up_waiting_and_says_so(ordered, monkeypatch):
+    # turns that never come (counters that start at 5): the first wait gives up after the
+    # spin limit and sets the status word, the later ones stop at their first look at it, and
+    # every add still lands (out of turn): the gradients are right, the order not guaranteed
+    monkeypatch.setattr(A, "_SPIN_LIMIT", 2048)
+    monkeypatch.setattr(A, "_turn_counters", lambda n, device: torch.tensor(
+        [0, 0] + [5] * (n - 2), device=device, dtype=torch.int32))
+    q, k, v = (torch.randn(1, 2, 40, 16, device=DEVICE) for _ in range(3))
+    kw = dict(scale=0.25, window=(-1, 0))
+    out, lse = A.attention_fwd(q, k, v, **kw)
+    do = torch.randn_like(out)
+    got = A.attention_bwd(do, q, k, v, out, lse, **kw)
+    (lock, _), = ordered
+    assert int(lock[0]) == 1
+    monkeypatch.setattr(A, "BWD_SCHEDULE", "two_pass")
+    want = A.attention_bwd(do, q, k, v, out, lse, **kw)
+    for name, a, w in zip(("dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_bwd_schedule_is_checked(monkeypatch):
     monkeypatch.setattr(A, "BWD_SCHEDULE", "fast")
     q, k, v = (torch.randn(1, 1, 8, 16, device=DEVICE) for _ in range(3))

@@ -582,6 +582,9 @@ def _dkdv_tile(start_m, k, v, dk, dv, q_base, do_base, dq_base, LSE, DELTA, l_ba
             while (seen != rank) & (spins < SPIN_LIMIT):
                 spins += 1
                 seen = tl.atomic_add(lock, 0, sem="acquire")
+                if spins % 1024 == 0:
+                    if tl.atomic_add(status, 0, sem="relaxed") != 0:
+                        spins = SPIN_LIMIT  # a wait gave up already: no more waiting
             if seen != rank:  # out of turn (a bug, or a wait past SPIN_LIMIT): say so
                 tl.atomic_or(status, 1)
         dq = _dot(tl.trans(dsT), k, None, DOT_PREC) * sm_scale  # (BLOCK_M, BLOCK_D)
@@ -863,11 +866,19 @@ def _bwd_schedule() -> str:
 
 # The ordered dq's turn counters are sized for the smallest query tile any config has. Polls
 # before a wait gives up: none under the interpreter, which runs programs one after another
-# in launch order, so that a wait there can only be a wrong rank; about a second's worth on
-# a GPU, far past any real wait (one program's remaining tiles).
+# in launch order, so that a wait there can only be a wrong rank; on a GPU 2^15, several ms
+# of L2 round trips, past any real wait (the longest: without a right window every key tile
+# waits its turn at query tile 0, one add per key tile before it, well under a ms at 16k
+# keys). After one wait gave up the others stop within 1024 polls, so a broken order costs
+# a launch milliseconds, not minutes.
+def _turn_counters(n: int, device) -> torch.Tensor:
+    """The ordered dq's LOCK: status word, ticket and turn counters, zeroed."""
+    return torch.zeros(n, device=device, dtype=torch.int32)
+
+
 _MIN_BLOCK_M = min([_INTERPRET_CONFIG["BLOCK_M"]]
                    + [e[0] for entries in _DKDV_ORDERED_TABLE.values() for e in entries])
-_SPIN_LIMIT = 0 if _INTERPRET else 1 << 22
+_SPIN_LIMIT = 0 if _INTERPRET else 1 << 15
 _TURNS_HOOK = None  # tests: called with (LOCK, LOCK_TILES) after an ordered dq pass
 
 
@@ -1126,8 +1137,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, *, scale, window=(-1, -1), bottom
         # the ordered dq's status word, ticket and turn counters (B, H, query tiles of the
         # smallest BLOCK_M a config may have), zeroed; the unordered kernel never reads them
         lock_tiles = cdiv(f.Nq, _MIN_BLOCK_M)
-        lock = (torch.zeros(2 + f.B * f.H * lock_tiles, device=q.device, dtype=torch.int32)
-                if ordered_dq else dq_acc)
+        lock = _turn_counters(2 + f.B * f.H * lock_tiles, q.device) if ordered_dq else dq_acc
         _launch(_dkdv_ordered_kernel if ordered_dq else _dkdv_atomic_kernel,
                 lambda meta: cdiv(f.Nk, meta["BLOCK_N"]), f.Hkv, f.B,
                 (q, k, v, grad_out, dk, dv, dq_acc, lse, delta, *common,
