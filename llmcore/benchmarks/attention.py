@@ -17,7 +17,6 @@ For varlen, torch and sdpa loop over the packed sequences.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +28,11 @@ from llmcore.benchmarks.providers import LLMCORE_BACKEND
 def _scheduled(fn, schedule):
     """fn setting the Triton attention's deterministic backward schedule (BWD_SCHEDULE) at every
     call, for the backward that follows it: `schedule`, or with None the one the process
-    started with (LLMCORE_ATTN_BWD, default "two_pass"). Every Triton provider sets its own, so
-    one provider's choice never carries over to the next."""
+    started with (BWD_SCHEDULE_AT_START). Every Triton provider sets its own, so one
+    provider's choice never carries over to the next."""
     from llmcore.kernels.triton import attention as tri
 
-    schedule = schedule or os.environ.get("LLMCORE_ATTN_BWD", "two_pass")
+    schedule = schedule or tri.BWD_SCHEDULE_AT_START
 
     def call(q, k, v):
         tri.BWD_SCHEDULE = schedule

@@ -445,6 +445,15 @@ def ordered(monkeypatch):
     return turns
 
 
+def _spy_launches(monkeypatch):
+    """The (kernel, constexpr kwargs) of every attention launch from here on, in order."""
+    launched = []
+    launch = A._launch
+    monkeypatch.setattr(A, "_launch", lambda kernel, *a: launched.append((kernel, a[4])) or
+                        launch(kernel, *a))
+    return launched
+
+
 def _all_in_turn(turns):
     # LOCK[0]: set by any add that did not find its turn (under the interpreter, which runs the
     # programs one by one, that can only be a rank that disagrees with the visiting order)
@@ -500,10 +509,7 @@ def test_ordered_dq_counts_every_key_tile_and_repeats_its_bits(ordered, monkeypa
     kw = dict(scale=0.2, window=(9, 0), bottom_right=True)
     out, lse = A.attention_fwd(q, k, v, **kw)
     do = torch.randn_like(out)
-    launched = []
-    launch = A._launch
-    monkeypatch.setattr(A, "_launch", lambda kernel, *a: launched.append((kernel, a[4])) or
-                        launch(kernel, *a))
+    launched = _spy_launches(monkeypatch)
     first = A.attention_bwd(do, q, k, v, out, lse, **kw)
     assert [(kernel, consts["ORDERED_DQ"]) for kernel, consts in launched] == [
         (A._dkdv_ordered_kernel, True)]
@@ -536,10 +542,7 @@ def test_ordered_dq_only_where_it_applies(ordered, monkeypatch):
     # additive mask's gradient (the dq kernel writes it: two-pass); deterministic=False keeps
     # the unordered atomic pass
     q, k, v = (torch.randn(1, 2, 40, 16, device=DEVICE) for _ in range(3))
-    launched = []
-    launch = A._launch
-    monkeypatch.setattr(A, "_launch", lambda kernel, *a: launched.append(
-        (kernel, a[4].get("ORDERED_DQ"))) or launch(kernel, *a))
+    spied = _spy_launches(monkeypatch)
     mask = torch.randn(1, 1, 40, 40, device=DEVICE)
     bool_mask = torch.rand(1, 2, 40, 40, device=DEVICE) > 0.3
     ordered_pass = [(A._dkdv_ordered_kernel, True)]
@@ -552,9 +555,9 @@ def test_ordered_dq_only_where_it_applies(ordered, monkeypatch):
         fwd_kw = {n: x for n, x in kw.items() if n not in ("mask_grad", "deterministic")}
         out, lse = A.attention_fwd(q, k, v, scale=0.25, **fwd_kw)
         do = torch.randn_like(out)
-        launched.clear()
+        spied.clear()
         got = A.attention_bwd(do, q, k, v, out, lse, scale=0.25, **kw)
-        assert launched == want, kw
+        assert [(kernel, consts.get("ORDERED_DQ")) for kernel, consts in spied] == want, kw
         monkeypatch.setattr(A, "BWD_SCHEDULE", "two_pass")
         ref = A.attention_bwd(do, q, k, v, out, lse, scale=0.25, **kw)
         monkeypatch.setattr(A, "BWD_SCHEDULE", "ordered")

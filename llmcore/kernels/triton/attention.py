@@ -854,7 +854,8 @@ else:
 # backward from this attribute, which starts as LLMCORE_ATTN_BWD (default "two_pass": the
 # ordered pass has not been timed on a GPU yet; benchmarks/gpu_check.sh times both).
 BWD_SCHEDULES = ("two_pass", "ordered")
-BWD_SCHEDULE = os.environ.get("LLMCORE_ATTN_BWD", "two_pass")
+BWD_SCHEDULE_AT_START = os.environ.get("LLMCORE_ATTN_BWD", "two_pass")
+BWD_SCHEDULE = BWD_SCHEDULE_AT_START
 
 
 def _bwd_schedule() -> str:
