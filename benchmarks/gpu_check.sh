@@ -28,6 +28,10 @@
 #            backward schedules)                            GPU_CHECK_ATTENTION_MINUTES (0.35)
 #   features llmcore bench: attention_features (window, softcap, ALiBi, documents, bool mask vs
 #            FlexAttention and SDPA), attention_varlen           GPU_CHECK_FEATURES_MINUTES (1)
+#   sweep    (opt-in, not in the default list: a second call, GPU_CHECK_STAGES=sweep)
+#            benchmarks/triton_sweep.py: every candidate launch configuration of the Triton
+#            norm and cross-entropy kernels and linear_cross_entropy's chunk sizes, timed
+#            against the default's outputs                   GPU_CHECK_SWEEP_MINUTES (3)
 # Liger-Kernel is pure Python: put its wheel in .whl/ (see benchmarks/README.md) and carry .whl;
 # this script installs it to /tmp/site when it is there.
 #
@@ -36,7 +40,7 @@
 # tiny sizes on the CPU, a CPU profile) to check the script itself.
 # Writes: gpu_check.log (the summary), build.log, pytest_gpu.log, info.txt,
 # attention_tuning.jsonl (each attention autotune choice and its candidates' times), overhead/, ops/,
-# steps/, compile/, attention/, features/
+# steps/, compile/, attention/, features/, sweep/ (sweep.jsonl, sweep.md, sweep.log)
 # (results.json, results.md, bench.log each), profile_*.txt. Exit status: 0 when every stage
 # passed, 1 when one failed, 2 when there is no CUDA device (and no dry run).
 set -uo pipefail
@@ -163,8 +167,24 @@ for stage in $stages; do
         bench features "${GPU_CHECK_FEATURES_MINUTES:-1}" attention_features,attention_varlen \
             sdpa,flex_attention,llmcore_triton
         ;;
+    sweep)
+        # opt-in (not in the default stages): the norm / cross-entropy launch configurations,
+        # for a second call right after the first (Triton only: needs no build)
+        mkdir -p "$out/sweep"
+        t0=$SECONDS
+        if [ "$cuda" = 1 ]; then
+            "$py" benchmarks/triton_sweep.py --out "$out/sweep" \
+                --max-minutes "${GPU_CHECK_SWEEP_MINUTES:-3}" >"$out/sweep/sweep.log" 2>&1
+        else
+            TRITON_INTERPRET=1 "$py" benchmarks/triton_sweep.py --out "$out/sweep" --size tiny \
+                --ops norm_fwd,ce --max-minutes 0.5 >"$out/sweep/sweep.log" 2>&1
+        fi
+        status=$?
+        say "sweep: exit $status in $((SECONDS - t0)) s: $(grep -c . "$out/sweep/sweep.jsonl" 2>/dev/null || echo 0) candidates timed"
+        [ "$status" = 0 ] || failed=1
+        ;;
     *)
-        say "unknown stage '$stage' (stages: build tests ops profile steps features)"
+        say "unknown stage '$stage' (stages: build tests ops profile steps features sweep)"
         failed=1
         ;;
     esac
