@@ -18,7 +18,7 @@ import os
 
 import torch
 
-FAMILIES = ("norm", "cross_entropy", "attention", "rope", "swiglu", "gelu")
+FAMILIES = ("norm", "cross_entropy", "attention", "rope", "swiglu", "gelu", "linear")
 BACKENDS = ("triton", "native", "torch", "flash_attn")
 
 # Which backends implement each op family. A backend is listed here once its kernels and
@@ -30,10 +30,11 @@ IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "rope": ("torch", "triton", "native"),
     "swiglu": ("torch", "triton", "native"),
     "gelu": ("torch", "triton", "native"),
+    "linear": ("torch", "native"),      # native: CPU float32 GEMM (F.linear on a GPU)
 }
 
 # Families whose native kernels exist for the CPU only (csrc/cpu, no csrc/cuda kernel yet).
-_NATIVE_CPU_ONLY = ("attention", "rope", "swiglu", "gelu")
+_NATIVE_CPU_ONLY = ("attention", "rope", "swiglu", "gelu", "linear")
 
 _AUTO_ORDER = {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")}
 

@@ -10,7 +10,8 @@ from llmcore import backends
 
 def test_available_backends_reports_every_family_and_reason():
     report = llmcore.available_backends()
-    assert set(report) == {"norm", "cross_entropy", "attention", "rope", "swiglu", "gelu"}
+    assert set(report) == {"norm", "cross_entropy", "attention", "rope", "swiglu", "gelu",
+                           "linear"}
     cpu = report["norm"]["cpu"]
     assert cpu["torch"] == {"available": True, "reason": None}
     assert "flash_attn" in report["attention"]["cpu"]

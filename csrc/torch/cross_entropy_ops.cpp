@@ -18,6 +18,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "gemm_op.h"
 #include "output_alloc.h"
 #include "llmcore/cross_entropy.h"
 
@@ -413,12 +414,12 @@ Tensor cross_entropy_forward_only(const Tensor& logits, const Tensor& target,
 // The logits are this op's own buffer: the backward overwrites them (no second (rows, classes)
 // buffer). A second backward (retain_graph) finds them spent and recomputes them.
 
-// at::linear(input, weight, bias) for a 2-D input (its addmm / mm, the same bits) into an
-// empty_output buffer: the logits are the op's largest tensor.
+// linear(input, weight, bias) for a 2-D input through llmcore::gemm (llmcore's GEMM for fp32,
+// at::addmm / at::mm otherwise: what the chunk loop's native mm_into calls, the same bits) into
+// an empty_output buffer: the logits are the op's largest tensor.
 Tensor linear_logits(const Tensor& input, const Tensor& weight, const optional<Tensor>& bias) {
-  Tensor out = empty_output({input.size(0), weight.size(0)}, input.options());
-  if (bias.has_value() && bias->defined()) return at::addmm_out(out, *bias, input, weight.t());
-  return at::mm_out(out, input, weight.t());
+  return gemm_call(input, weight.t(),
+                   bias.has_value() && bias->defined() ? bias : std::nullopt);
 }
 
 using RowsSig = Tensor(Tensor&, const Tensor&, const optional<Tensor>&, int64_t, double, double,
@@ -470,8 +471,8 @@ class LinearCrossEntropyFunction
                            .typed<RowsSig>();
     rows.call(logits, target, std::nullopt, int64_t(o[0]), o[2], o[3], o[4], scale);
     const Tensor& dlogits = logits;  // (rows, classes), in the input's dtype
-    if (want_x) out[0] = at::mm(dlogits, weight);
-    if (want_w) out[1] = at::mm(dlogits.t(), input);
+    if (want_x) out[0] = gemm_call(dlogits, weight, std::nullopt);
+    if (want_w) out[1] = gemm_call(dlogits.t(), input, std::nullopt);
     if (want_b) out[2] = to_dtype(dlogits.sum(0, /*keepdim=*/false, cdtype), bias.scalar_type());
     return out;
   }

@@ -35,6 +35,7 @@ using AttentionSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const
                                                         at::IntArrayRef);
 using GeluSig = at::Tensor(const at::Tensor&, c10::string_view);
 using SwigluSig = at::Tensor(const at::Tensor&);
+using GemmSig = at::Tensor(const at::Tensor&, const at::Tensor&, OptT);
 
 }  // namespace ops
 }  // namespace llmcore

@@ -135,6 +135,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     pybind11::gil_scoped_release no_gil;
     return op.call(x, a);
   });
+  // gemm: llmcore.linear's matrix product (csrc/torch/linear_ops.cpp)
+  m.def("gemm", [op = typed_op<GemmSig>("llmcore::gemm")](const Tensor& a, const Tensor& b,
+                                                          OptT bias) {
+    pybind11::gil_scoped_release no_gil;
+    return op.call(a, b, bias);
+  });
   // The public functions' ordinary calls in one crossing each (eager_entry.cpp): None for any
   // call they do not admit, which then takes the Python path above.
   llmcore::ops::def_eager_entries(m);

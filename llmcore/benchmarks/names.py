@@ -10,6 +10,7 @@ OP_MODULES = {
     "rope": "rope",
     "swiglu": "swiglu",
     "gelu": "gelu",
+    "linear": "linear",
     "train_step": "train_step",
     "overhead": "overhead",
 }

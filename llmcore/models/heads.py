@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmcore.models.config import TransformerConfig
-from llmcore.nn import LayerNorm, RMSNorm
+from llmcore.nn import LayerNorm, Linear, RMSNorm
 from llmcore.ops.cross_entropy import cross_entropy, linear_cross_entropy
 from llmcore.ops.gelu import gelu
 
@@ -122,7 +122,7 @@ class MaskedLMHead(_DecoderWeight):
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__(cfg)
-        self.dense = nn.Linear(cfg.dim, cfg.dim)
+        self.dense = Linear(cfg.dim, cfg.dim)
         self.approximate = "tanh" if cfg.mlp == "gelu_tanh" else "none"
         self.norm = (RMSNorm if cfg.norm == "rms" else LayerNorm)(cfg.dim, eps=cfg.norm_eps)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))

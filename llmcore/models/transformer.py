@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from llmcore import backends
 from llmcore.models import heads
 from llmcore.models.config import TransformerConfig
-from llmcore.nn import LayerNorm, RMSNorm
+from llmcore.nn import LayerNorm, Linear, RMSNorm
 from llmcore.ops.attention import flash_attn_func, flash_attn_varlen_func
 from llmcore.ops.gelu import gelu
 from llmcore.ops.rope import rope
@@ -111,8 +111,8 @@ class Attention(nn.Module):
         self.layer, self.causal, self.dropout = layer, cfg.causal, cfg.attn_dropout
         self.hq, self.hkv, self.d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         # rows: [q (Hq*D) | k (Hkv*D) | v (Hkv*D)], heads outer, head dim inner
-        self.qkv = nn.Linear(cfg.dim, (self.hq + 2 * self.hkv) * self.d, bias=cfg.attn_bias)
-        self.out = nn.Linear(self.hq * self.d, cfg.dim, bias=cfg.attn_bias)
+        self.qkv = Linear(cfg.dim, (self.hq + 2 * self.hkv) * self.d, bias=cfg.attn_bias)
+        self.out = Linear(self.hq * self.d, cfg.dim, bias=cfg.attn_bias)
         self.backend = self.rope_backend = cfg.backend
 
     def forward(self, x: torch.Tensor, layout: _Layout) -> torch.Tensor:
@@ -147,8 +147,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.gated = cfg.mlp == "swiglu"
-        self.fc1 = nn.Linear(cfg.dim, cfg.ffn_dim * (2 if self.gated else 1), bias=cfg.mlp_bias)
-        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
+        self.fc1 = Linear(cfg.dim, cfg.ffn_dim * (2 if self.gated else 1), bias=cfg.mlp_bias)
+        self.fc2 = Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
         self.approximate = GELU_FORMS.get(cfg.mlp)          # None: relu or swiglu
         self.backend = cfg.backend
 
@@ -261,6 +261,10 @@ class Transformer(nn.Module):
         for m in self.modules():
             if isinstance(m, (LayerNorm, RMSNorm)):
                 m.backend = pick("norm")
+            elif isinstance(m, Linear):
+                # llmcore's linear exists on the native backend alone (a CPU GEMM): any other
+                # choice (triton, flash_attn, torch) keeps F.linear for the projections
+                m.backend = "native" if pick("linear") == "native" else "torch"
             elif isinstance(m, Attention):
                 m.backend = pick("attention")
                 m.rope_backend = pick("rope")

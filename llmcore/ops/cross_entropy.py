@@ -360,15 +360,22 @@ def _row_scale(base, grad_out, dtype):
     return g if base is None else base * g
 
 
-def _linear_into(xc, weight, bias, buf):
-    """F.linear(xc, weight, bias) for a 2-D chunk, written into the first rows of `buf`: the
-    same GEMM (addmm with a bias, mm without, as F.linear calls them), so the same bits. A chunk
+def torch_mm_into(a, b, out, accumulate=False, bias=None):
+    """out = a @ b [+ bias], or out += a @ b with accumulate: the chunk loop's GEMMs, here
+    torch's (addmm with a bias, mm without, as F.linear calls them: the same bits). A backend
+    may bring its own (the native one: llmcore's CPU GEMM)."""
+    if accumulate:
+        return out.addmm_(a, b)
+    if bias is None:
+        return torch.mm(a, b, out=out)
+    return torch.addmm(bias, a, b, out=out)
+
+
+def _linear_into(xc, weight, bias, buf, mm_into=torch_mm_into):
+    """linear(xc, weight, bias) for a 2-D chunk, written into the first rows of `buf`. A chunk
     loop reuses one logits buffer instead of allocating one per chunk, which on the CPU meant
     fresh pages, and a page fault per 4 KiB, for every chunk of 32 MiB or more."""
-    out = buf[: xc.shape[0]]
-    if bias is None:
-        return torch.mm(xc, weight.t(), out=out)
-    return torch.addmm(bias, xc, weight.t(), out=out)
+    return mm_into(xc, weight.t(), buf[: xc.shape[0]], bias=bias)
 
 
 def _logits_buffer(x, weight, chunk_size):
@@ -376,7 +383,8 @@ def _logits_buffer(x, weight, chunk_size):
     return x.new_empty((max(1, min(chunk_size, x.shape[0])), weight.shape[0]))
 
 
-def _token_pass(x, weight, bias, target, rows_fn, options, chunk_size, scale, want, losses=None):
+def _token_pass(x, weight, bias, target, rows_fn, options, chunk_size, scale, want, losses=None,
+                mm_into=torch_mm_into):
     """fp32/fp64 schedule: one pass over token chunks. Fills `losses` (N,) when given; with
     `scale` (0-dim or (N,)) also returns (dx, dW, db) for the flags in `want`."""
     want_dx, want_dw, want_db = want if scale is not None else (False, False, False)
@@ -391,7 +399,7 @@ def _token_pass(x, weight, bias, target, rows_fn, options, chunk_size, scale, wa
     for start in range(0, n_rows, chunk_size):
         end = min(start + chunk_size, n_rows)
         xc = x[start:end]                                             # (n, H)
-        logits = _linear_into(xc, weight, bias, buf)                  # (n, V)
+        logits = _linear_into(xc, weight, bias, buf, mm_into)         # (n, V)
         rows_scale = None if scale is None else (scale if scale.dim() == 0 else scale[start:end])
         loss, dlogits = rows_fn(logits, target[start:end], *options, grad_scale=rows_scale)
         if losses is not None:
@@ -401,12 +409,9 @@ def _token_pass(x, weight, bias, target, rows_fn, options, chunk_size, scale, wa
             continue
         dlogits = dlogits.to(weight.dtype)                            # a no-op for the kernels
         if dx is not None:
-            torch.mm(dlogits, weight, out=dx[start:end])
+            mm_into(dlogits, weight, dx[start:end])
         if dweight is not None:
-            if start == 0:
-                torch.mm(dlogits.t(), xc, out=dweight)
-            else:
-                dweight.addmm_(dlogits.t(), xc)
+            mm_into(dlogits.t(), xc, dweight, accumulate=start > 0)
         if dbias is not None:
             if start == 0:
                 torch.sum(dlogits, 0, out=dbias)
@@ -495,7 +500,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # config: ((ignore_index, label_smoothing, z_loss, softcap), reduction, chunk_size,
         # need_grad): plain values, one argument so backward returns few Nones
         options, reduction, chunk_size, need_grad = config
-        rows_fn, rows_lse_fn, _ = kernels
+        rows_fn, rows_lse_fn, _, mm_into = kernels
         n_rows, acc, blocked = x.shape[0], _acc(x.dtype), _vocab_blocked(x.dtype)
         want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                 bias is not None and ctx.needs_input_grad[2])
@@ -506,7 +511,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         lse = stash = None
         if need_grad and 0 < n_rows <= chunk_size:
             # one chunk: keep its logits (N, V) for the backward
-            logits = F.linear(x, weight, bias)                        # (N, V)
+            logits = _linear_into(x, weight, bias, _logits_buffer(x, weight, n_rows),
+                                  mm_into)                            # (N, V)
             losses, lse, _ = rows_lse_fn(logits, target, *options)
             stash = ("logits", logits)
         elif blocked:
@@ -518,7 +524,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         else:
             losses = x.new_empty((n_rows,), dtype=acc)                # (N,)
             grads = _token_pass(x, weight, bias, target, rows_fn, options, chunk_size, scale,
-                                want, losses)
+                                want, losses, mm_into)
             stash = None if scale is None else ("grads", list(grads))
         ctx.save_for_backward(x, weight, bias, target, lse)
         ctx.kernels, ctx.config, ctx.base, ctx.stash = kernels, config, base, stash
@@ -530,7 +536,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         options, reduction, chunk_size, _ = ctx.config
-        rows_fn, _, grad_block_fn = ctx.kernels
+        rows_fn, _, grad_block_fn, mm_into = ctx.kernels
         x, weight, bias, target, lse = ctx.saved_tensors
         want = list(ctx.needs_input_grad[:3])
         want[2] = want[2] and bias is not None
@@ -545,9 +551,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 ctx.stash = None    # overwritten: a second backward (retain_graph) recomputes
             dlogits = dlogits.to(weight.dtype)                        # eager rounds it too
             if want[0]:
-                grads[0] = torch.mm(dlogits, weight)                  # (N, H)
+                grads[0] = mm_into(dlogits, weight, x.new_empty(x.shape))          # (N, H)
             if want[1]:
-                grads[1] = torch.mm(dlogits.t(), x)                   # (V, H)
+                grads[1] = mm_into(dlogits.t(), x, weight.new_empty(weight.shape))  # (V, H)
             if want[2]:
                 grads[2] = dlogits.sum(0, dtype=acc).to(bias.dtype)   # (V,)
             return grads[0], grads[1], grads[2], None, None, None
@@ -562,7 +568,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             return grads[0], grads[1], grads[2], None, None, None
         if not _vocab_blocked(x.dtype):
             new = _token_pass(x, weight, bias, target, rows_fn, options, chunk_size, scale,
-                              want)
+                              want, mm_into=mm_into)
             grads = [fresh if w else old for old, fresh, w in zip(grads, new, want)]
             return grads[0], grads[1], grads[2], None, None, None
         if want[0]:
@@ -577,14 +583,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grads[0], grads[1], grads[2], None, None, None
 
 
-def chunked_linear_cross_entropy(rows_fn, rows_lse_fn=None, grad_block_fn=None):
+def chunked_linear_cross_entropy(rows_fn, rows_lse_fn=None, grad_block_fn=None, mm_into=None):
     """A linear_cross_entropy backend from a backend's per-chunk kernels: `rows_fn` (the
     contract of llmcore.kernels.reference.cross_entropy_rows, the fp32/fp64 schedule), and for
     the bf16/fp16 schedule `rows_lse_fn` and `grad_block_fn` (contracts of
     reference.cross_entropy_rows_lse and reference.cross_entropy_grad_block; the reference
-    ones when a backend has none)."""
+    ones when a backend has none); `mm_into`, the GEMMs of the one-chunk and fp32/fp64
+    schedules (torch_mm_into's contract; torch's when None)."""
     kernels = (rows_fn, rows_lse_fn or reference.cross_entropy_rows_lse,
-               grad_block_fn or reference.cross_entropy_grad_block)
+               grad_block_fn or reference.cross_entropy_grad_block, mm_into or torch_mm_into)
 
     def run(x, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
             chunk_size):
@@ -1172,6 +1179,19 @@ def _native_linear_cross_entropy(chunked):
     return run
 
 
+def _native_mm_into(a, b, out, accumulate=False, bias=None):
+    """torch_mm_into on llmcore's CPU GEMM (llmcore::gemm_into) for float32 CPU tensors in
+    eager mode; torch's GEMMs otherwise (and under torch.compile, which sees no mutating op of
+    ours). The C++ one-chunk op calls the same GEMM: both routes keep the same bits."""
+    if (a.dtype != torch.float32 or not a.is_cpu or torch.compiler.is_compiling()
+            or not _NATIVE_GEMM):
+        return torch_mm_into(a, b, out, accumulate, bias)
+    torch.ops.llmcore.gemm_into(out, a, b, bias, accumulate)
+    return out
+
+
+_NATIVE_GEMM = hasattr(torch.ops.llmcore, "gemm_into") if backends.native_module() else False
+
 if "native" in _CROSS_ENTROPY:
     _LINEAR_CROSS_ENTROPY["native"] = _native_linear_cross_entropy(chunked_linear_cross_entropy(
-        _native_cross_entropy_rows, _native_rows_lse, _native_grad_block))
+        _native_cross_entropy_rows, _native_rows_lse, _native_grad_block, _native_mm_into))

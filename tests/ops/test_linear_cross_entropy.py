@@ -130,7 +130,8 @@ def test_chunk_size_is_a_function_of_shapes_only(monkeypatch):
 # ---------------------------------------------------------------------------- GEMM dtypes
 
 _GEMMS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "mv", "addmv", "dot", "addbmm",
-          "_addmm_activation", "addmm_", "baddbmm_"}
+          "_addmm_activation", "addmm_", "baddbmm_",
+          "gemm", "gemm_into"}  # llmcore::gemm / gemm_into: the native backend's CPU GEMM
 
 
 class _GemmDtypes(TorchDispatchMode):
