@@ -8,6 +8,9 @@ on AVX-512), forward and backward (dx = dy W, dW = dy^T x, db = sum dy); any oth
 through at::mm's kernels, so the op is total and only float32 is faster. "torch": F.linear. There are no Triton or CUDA kernels: on a GPU, "auto" is F.linear
 (cuBLAS), and the model calls this op only where "auto" (or a named "native") picks native.
 
+Under torch.autocast the call is F.linear (autocast casts it to bf16 / fp16, where the native
+GEMM, float32, has nothing to add).
+
 Each element of the result is summed by one thread in one fixed order, so the bits do not
 depend on the thread count; they differ from F.linear's (another summation order) by fp32
 roundings. Measured against MKL's sgemm on the CI VM in benchmarks/README.md ("the native
@@ -48,6 +51,11 @@ def _check(input, weight, bias) -> None:
 
 def linear(input, weight, bias=None, *, backend="auto"):
     """input @ weight.T + bias, as F.linear(input, weight, bias); see the module docstring."""
+    if (isinstance(input, torch.Tensor) and torch.is_autocast_enabled(input.device.type)
+            and backend in ("auto", "native", "torch")):
+        # autocast runs F.linear in its lower precision (bf16 / fp16), where the native GEMM
+        # (float32) has nothing to add: F.linear, with autocast's casts, as before this op
+        return F.linear(input, weight, bias)
     _check(input, weight, bias)
     name = backends.resolve("linear", backend, input.device)
     if name == "native":

@@ -105,6 +105,31 @@ def test_only_float32_cpu_takes_llmcore_gemm():
     got = torch.ops.llmcore.gemm(a32, b32, None)
     torch.testing.assert_close(got, torch.mm(a32, b32), rtol=1e-4, atol=1e-4)
     assert not torch.equal(got, torch.mm(a32, b32))  # another summation order than MKL's
+    # too few rows to pay for packing B: at::mm's (a decoding step's x W^T, a single row)
+    w = torch.randn(50, 300)
+    for rows in (1, 8, 63):
+        x = torch.randn(rows, 300)
+        assert torch.equal(torch.ops.llmcore.gemm(x, w.t(), None), torch.mm(x, w.t()))
+    x = torch.randn(64, 300)
+    assert not torch.equal(torch.ops.llmcore.gemm(x, w.t(), None), torch.mm(x, w.t()))
+    b = torch.randn(300, 40)                            # row-major B: from 4 rows on
+    assert torch.equal(torch.ops.llmcore.gemm(x[:3], b, None), torch.mm(x[:3], b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_runs_f_linear_in_its_dtype(backend):
+    x = torch.randn(6, 16, requires_grad=True)
+    w = torch.randn(8, 16, requires_grad=True)
+    b = torch.randn(8, requires_grad=True)
+    h = torch.randn(6, 16).bfloat16()       # a bf16 activation meeting fp32 weights, as in the model
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = llmcore.linear(x, w, b, backend=backend)
+        want = F.linear(x, w, b)
+        assert torch.equal(llmcore.linear(h, w, b, backend=backend), F.linear(h, w, b))
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    g = torch.autograd.grad(got.float().sum(), (x, w, b))
+    ge = torch.autograd.grad(want.float().sum(), (x, w, b))
+    assert all(torch.equal(p, q) for p, q in zip(g, ge))
 
 
 def test_bad_input_is_refused_naming_the_argument():
