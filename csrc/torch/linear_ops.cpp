@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include "checks.h"
@@ -76,9 +77,20 @@ void run_gemm(Tensor& c, const Tensor& a, const Tensor& b, const optional<Tensor
 }  // namespace
 
 // a (m, k) @ b (k, n) [+ bias (n,)] -> (m, n) contiguous, in a's dtype; any strides
+// at::mm / at::addmm below compute in the inputs' dtype, as llmcore's GEMM does, whether or not
+// an autocast region is active (its dispatch keys are still set under this kernel): one op, one
+// dtype, whichever of the two runs a call.
+static c10::impl::ExcludeDispatchKeyGuard no_autocast() {
+  return c10::impl::ExcludeDispatchKeyGuard(
+      c10::DispatchKeySet({c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA}));
+}
+
 Tensor gemm(const Tensor& a, const Tensor& b, const optional<Tensor>& bias) {
   check_gemm(a, b, bias);
-  if (!ours(a, b)) return given(bias) ? at::addmm(*bias, a, b) : at::mm(a, b);
+  if (!ours(a, b)) {
+    const auto guard = no_autocast();
+    return given(bias) ? at::addmm(*bias, a, b) : at::mm(a, b);
+  }
   Tensor c = empty_output({a.size(0), b.size(1)}, a.options());
   run_gemm(c, a, b, bias, false);
   return c;
@@ -98,6 +110,7 @@ void gemm_into(Tensor& out, const Tensor& a, const Tensor& b, const optional<Ten
   TORCH_CHECK_VALUE(!(accumulate && given(bias)), "gemm_into adds a bias only when it does not "
                     "accumulate");
   if (!ours(a, b) || (out.numel() > 0 && out.stride(1) != 1)) {
+    const auto guard = no_autocast();
     if (accumulate) out.addmm_(a, b);
     else if (given(bias)) at::addmm_out(out, *bias, a, b);
     else at::mm_out(out, a, b);

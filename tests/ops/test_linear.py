@@ -127,6 +127,16 @@ def test_autocast_runs_f_linear_in_its_dtype(backend):
         want = F.linear(x, w, b)
         assert torch.equal(llmcore.linear(h, w, b, backend=backend), F.linear(h, w, b))
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    if NATIVE:  # the kernel ops compute in their inputs' dtype, autocast or not, at any size
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for rows in (3, 80):     # at::mm's route and llmcore's own
+                a = torch.randn(rows, 16)
+                assert torch.ops.llmcore.gemm(a, w.detach().t(), None).dtype == torch.float32
+                out = torch.empty(rows, 8)
+                torch.ops.llmcore.gemm_into(out, a, w.detach().t(), None, False)
+                with torch.autocast("cpu", enabled=False):
+                    ref = a @ w.detach().t()
+                torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     g = torch.autograd.grad(got.float().sum(), (x, w, b))
     ge = torch.autograd.grad(want.float().sum(), (x, w, b))
     assert all(torch.equal(p, q) for p, q in zip(g, ge))
