@@ -199,6 +199,8 @@ bool wide_registers() {
 
 }  // namespace
 
+bool sgemm_cpu_preferred() { return wide_registers(); }
+
 void sgemm_cpu(const GemmParams& p) {
   if (p.m <= 0 || p.n <= 0) return;
   const bool wide = wide_registers();

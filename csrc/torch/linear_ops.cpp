@@ -24,14 +24,17 @@ namespace {
 using at::Tensor;
 using std::optional;
 
-// Whether llmcore's GEMM takes a (m, k) @ b (k, n): float32 CPU tensors, unless the rows are too
-// few to pay for packing B. A transposed B (x W^T, every projection's forward) is transposed
+// Whether llmcore's GEMM takes a (m, k) @ b (k, n): float32 CPU tensors on an AVX-512 CPU (the
+// only kind it was measured on; sgemm_cpu_preferred), unless the rows are too few to pay for
+// packing B. A transposed B (x W^T, every projection's forward) is transposed
 // into panels, which loses to MKL's sgemm below ~48 rows (at 1 row, a decoding step, it ran at
 // 0.23-0.43x MKL's speed; measured in benchmarks/results/cpu-gemm-2026-12-01/gemm_small_m.txt);
 // a row-major B is copied, which pays from 4 rows.
 bool ours(const Tensor& a, const Tensor& b) {
   if (!(a.device().is_cpu() && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat))
     return false;
+  static const bool preferred = sgemm_cpu_preferred();  // AVX-512: the measured path
+  if (!preferred) return false;
   const bool b_transposed = b.stride(0) == 1 && b.stride(1) != 1;
   return a.size(0) >= (b_transposed ? 64 : 4);
 }

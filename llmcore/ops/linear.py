@@ -4,8 +4,9 @@
 
 The arguments and result of torch.nn.functional.linear. Backends: "native" (CPU): float32
 through llmcore's own GEMM (csrc/cpu/gemm.cpp: packed panels of B, 8 x 32 register blocks of C
-on AVX-512), forward and backward (dx = dy W, dW = dy^T x, db = sum dy); any other dtype
-through at::mm's kernels, so the op is total and only float32 is faster. "torch": F.linear. There are no Triton or CUDA kernels: on a GPU, "auto" is F.linear
+on AVX-512), forward and backward (dx = dy W, dW = dy^T x, db = sum dy); any other dtype, a
+CPU without AVX-512 (never measured) and products of few rows go through at::mm's kernels, so
+the op is total and only float32 on AVX-512 is faster. "torch": F.linear. There are no Triton or CUDA kernels: on a GPU, "auto" is F.linear
 (cuBLAS), and the model calls this op only where "auto" (or a named "native") picks native.
 
 Under torch.autocast the call is F.linear (autocast casts it to bf16 / fp16, where the native

@@ -27,4 +27,9 @@ struct GemmParams {
 
 void sgemm_cpu(const GemmParams& p);
 
+// Whether this CPU runs sgemm_cpu's measured path: AVX-512 (32 vector registers for its 8 x 32
+// register blocks). Elsewhere the 4-row blocks were never timed and, with 16 registers, hold 20
+// vectors live, so callers prefer the BLAS there (llmcore::gemm does).
+bool sgemm_cpu_preferred();
+
 }  // namespace llmcore
