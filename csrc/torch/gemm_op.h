@@ -5,18 +5,17 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <optional>
+
+#include "op_handles.h"
 
 namespace llmcore {
 namespace ops {
 
 inline at::Tensor gemm_call(const at::Tensor& a, const at::Tensor& b,
                             const std::optional<at::Tensor>& bias) {
-  static const auto op = c10::Dispatcher::singleton()
-      .findSchemaOrThrow("llmcore::gemm", "")
-      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>();
+  static const auto op = typed_op<GemmSig>("llmcore::gemm");
   return op.call(a, b, bias);
 }
 

@@ -12,7 +12,6 @@
 #include <torch/library.h>
 
 #include "checks.h"
-#include "gemm_op.h"
 #include "output_alloc.h"
 #include "shapes.h"
 #include "llmcore/gemm.h"

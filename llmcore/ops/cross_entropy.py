@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from llmcore import backends
 from llmcore.kernels import reference
 from llmcore.ops import _checks
+from llmcore.ops import linear as _linear  # its NATIVE: llmcore::gemm / gemm_into registered
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -1184,13 +1185,11 @@ def _native_mm_into(a, b, out, accumulate=False, bias=None):
     eager mode; torch's GEMMs otherwise (and under torch.compile, which sees no mutating op of
     ours). The C++ one-chunk op calls the same GEMM: both routes keep the same bits."""
     if (a.dtype != torch.float32 or not a.is_cpu or torch.compiler.is_compiling()
-            or not _NATIVE_GEMM):
+            or not _linear.NATIVE):
         return torch_mm_into(a, b, out, accumulate, bias)
     torch.ops.llmcore.gemm_into(out, a, b, bias, accumulate)
     return out
 
-
-_NATIVE_GEMM = hasattr(torch.ops.llmcore, "gemm_into") if backends.native_module() else False
 
 if "native" in _CROSS_ENTROPY:
     _LINEAR_CROSS_ENTROPY["native"] = _native_linear_cross_entropy(chunked_linear_cross_entropy(

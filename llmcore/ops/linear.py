@@ -6,8 +6,9 @@ The arguments and result of torch.nn.functional.linear. Backends: "native" (CPU)
 through llmcore's own GEMM (csrc/cpu/gemm.cpp: packed panels of B, 8 x 32 register blocks of C
 on AVX-512), forward and backward (dx = dy W, dW = dy^T x, db = sum dy); any other dtype, a
 CPU without AVX-512 (never measured) and products of few rows go through at::mm's kernels, so
-the op is total and only float32 on AVX-512 is faster. "torch": F.linear. There are no Triton or CUDA kernels: on a GPU, "auto" is F.linear
-(cuBLAS), and the model calls this op only where "auto" (or a named "native") picks native.
+the op is total and only float32 on AVX-512 is faster. "torch": F.linear. There are no Triton
+or CUDA kernels: on a GPU, "auto" is F.linear (cuBLAS), and the model calls this op only where
+"auto" (or a named "native") picks native.
 
 Under torch.autocast the call is F.linear (autocast casts it to bf16 / fp16, where the native
 GEMM, float32, has nothing to add).
@@ -52,7 +53,9 @@ def _check(input, weight, bias) -> None:
 
 def linear(input, weight, bias=None, *, backend="auto"):
     """input @ weight.T + bias, as F.linear(input, weight, bias); see the module docstring."""
-    if (isinstance(input, torch.Tensor) and torch.is_autocast_enabled(input.device.type)
+    # is_cpu first: a tensor's .device builds a device object (a microsecond a call)
+    if (isinstance(input, torch.Tensor)
+            and torch.is_autocast_enabled("cpu" if input.is_cpu else input.device.type)
             and backend in ("auto", "native", "torch")):
         # autocast runs F.linear in its lower precision (bf16 / fp16), where the native GEMM
         # (float32) has nothing to add: F.linear, with autocast's casts, as before this op
